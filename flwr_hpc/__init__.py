@@ -1,0 +1,37 @@
+"""flwr-hpc: run Flower apps across HPC facilities.
+
+The public API is small: :class:`HPCGrid` (the Flower ``Grid`` that turns messages into
+site tasks), :func:`load_federation` (validated federation config) and the errors in
+:mod:`flwr_hpc.errors`.
+"""
+
+from flwr_hpc.config import FederationConfig, SiteConfig, load_federation
+from flwr_hpc.errors import (
+    ConfigError,
+    FlwrHpcError,
+    InvalidObjectIdError,
+    PayloadIntegrityError,
+    PayloadMissingError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "FederationConfig",
+    "FlwrHpcError",
+    "InvalidObjectIdError",
+    "PayloadIntegrityError",
+    "PayloadMissingError",
+    "SiteConfig",
+    "load_federation",
+    "HPCGrid",
+]
+
+
+def __getattr__(name: str):  # lazy: importing the grid pulls in flwr's server stack
+    if name == "HPCGrid":
+        from flwr_hpc.grid import HPCGrid
+
+        return HPCGrid
+    raise AttributeError(name)

@@ -1,0 +1,25 @@
+"""Compute backends, one per site, chosen by the site's ``compute.type``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr_hpc.compute.base import ComputeBackend
+from flwr_hpc.config import SiteConfig
+
+
+def make_backend(site: SiteConfig, run_dir: Path) -> ComputeBackend:
+    kind = site.compute["type"]
+    if kind == "local":
+        from flwr_hpc.compute.local import LocalEngineBackend
+
+        return LocalEngineBackend(
+            site.name,
+            engine=site.compute["engine"],
+            workers=site.compute["workers"],
+            run_dir=run_dir,
+        )
+    raise ValueError(f"site '{site.name}': unsupported compute type {kind!r}")
+
+
+__all__ = ["ComputeBackend", "make_backend"]

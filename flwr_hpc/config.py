@@ -1,0 +1,344 @@
+"""Federation configuration: Hydra composition plus strict validation.
+
+A federation is a set of *sites*. Each site composes three independent choices, in the
+spirit of Parsl's executor / provider / launcher split: a compute backend (how tasks run),
+a payload store (how bytes reach the site) and a launcher (how ranks start). A new facility
+is a YAML file under ``conf/federation/``, not new code.
+
+Validation is strict on purpose: an unknown key, a wrong type or a missing field stops
+start-up with a :class:`~flwr_hpc.errors.ConfigError` naming the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flwr_hpc.errors import ConfigError
+
+PACKAGE_CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+COMPUTE_TYPES = ("local",)
+LOCAL_ENGINES = ("process-pool", "thread-pool", "htex")
+PAYLOAD_TYPES = ("filesystem",)
+LAUNCHER_TYPES = ("none", "torchrun", "mpiexec", "srun", "parsl")
+
+SUPERLINK_NODE_ID = 1  # Flower reserves 1 for the ServerApp side
+
+
+# ----------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True)
+class _Field:
+    kind: str  # "str", "int", "float", "bool", "scalar-map", "str|null", "section", "sites"
+    required: bool = False
+    default: Any = None
+    choices: tuple[str, ...] = ()
+    minimum: int | None = None
+    section: Mapping[str, _Field] | None = None
+
+
+_COMPUTE = {
+    "type": _Field("str", default="local", choices=COMPUTE_TYPES),
+    "engine": _Field("str", default="process-pool", choices=LOCAL_ENGINES),
+    "workers": _Field("int", default=1, minimum=1),
+}
+_PAYLOAD = {
+    "type": _Field("str", default="filesystem", choices=PAYLOAD_TYPES),
+    "path": _Field("str|null", default=None),
+}
+_LAUNCHER = {
+    "type": _Field("str", default="none", choices=LAUNCHER_TYPES),
+    "ranks": _Field("int", default=1, minimum=1),
+}
+_SITE = {
+    "clients": _Field("int", default=1, minimum=1),
+    "compute": _Field("section", section=_COMPUTE),
+    "payload": _Field("section", section=_PAYLOAD),
+    "launcher": _Field("section", section=_LAUNCHER),
+    "node_config": _Field("scalar-map", default={}),
+}
+_FEDERATION = {
+    "name": _Field("str", required=True),
+    "description": _Field("str", default=""),
+    "workdir": _Field("str|null", default=None),
+    "sites": _Field("sites", required=True),
+}
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _check_value(f: _Field, value: Any, key: str, file: str) -> Any:
+    if f.kind == "section":
+        return _check_section(f.section or {}, value, key, file)
+    if f.kind == "sites":
+        if not isinstance(value, Mapping) or not value:
+            raise ConfigError(file, key, "expected a non-empty mapping of site name -> site")
+        out = {}
+        for name, site in value.items():
+            if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
+                raise ConfigError(
+                    file, f"{key}.{name}", "site names may use letters, digits, '-' and '_'"
+                )
+            out[name] = _check_section(_SITE, site, f"{key}.{name}", file)
+        return out
+    if f.kind == "scalar-map":
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(file, key, f"expected a mapping, got {_describe(value)}")
+        for k, v in value.items():
+            if not isinstance(v, bool | int | float | str):
+                raise ConfigError(
+                    file, f"{key}.{k}", f"expected a bool, int, float or str, got {_describe(v)}"
+                )
+        return dict(value)
+    if f.kind == "str|null":
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(file, key, f"expected a string or null, got {_describe(value)}")
+        return value
+    if f.kind == "str":
+        if not isinstance(value, str):
+            raise ConfigError(file, key, f"expected a string, got {_describe(value)}")
+        if f.choices and value not in f.choices:
+            raise ConfigError(
+                file, key, f"unsupported value {value!r}; choose one of {', '.join(f.choices)}"
+            )
+        return value
+    if f.kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(file, key, f"expected an integer, got {_describe(value)}")
+        if f.minimum is not None and value < f.minimum:
+            raise ConfigError(file, key, f"must be >= {f.minimum}, got {value}")
+        return value
+    raise AssertionError(f"unknown field kind {f.kind}")  # pragma: no cover
+
+
+def _check_section(schema: Mapping[str, _Field], raw: Any, key: str, file: str) -> dict:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(file, key, f"expected a mapping, got {_describe(raw)}")
+    unknown = sorted(set(raw) - set(schema))
+    if unknown:
+        prefix = f"{key}." if key else ""
+        raise ConfigError(
+            file,
+            f"{prefix}{unknown[0]}",
+            f"unknown key; allowed keys here are {', '.join(sorted(schema))}",
+        )
+    out: dict[str, Any] = {}
+    for name, f in schema.items():
+        sub = f"{key}.{name}" if key else name
+        if name not in raw or (raw[name] is None and f.kind not in ("str|null", "section")):
+            if f.required:
+                raise ConfigError(file, sub, "missing required key")
+            out[name] = (
+                _check_section(f.section or {}, {}, sub, file)
+                if f.kind == "section"
+                else (dict(f.default) if isinstance(f.default, dict) else f.default)
+            )
+            continue
+        out[name] = _check_value(f, raw[name], sub, file)
+    return out
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class ClientSlot:
+    """One Flower node: slot ``slot`` of site ``site``."""
+
+    node_id: int
+    site: str
+    slot: int
+    partition_id: int
+    node_config: dict[str, bool | int | float | str]
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    name: str
+    clients: int
+    compute: dict[str, Any]
+    payload: dict[str, Any]
+    launcher: dict[str, Any]
+    node_config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    name: str
+    sites: tuple[SiteConfig, ...]
+    description: str = ""
+    workdir: str | None = None
+    source: str = "<memory>"
+
+    @property
+    def num_clients(self) -> int:
+        return sum(s.clients for s in self.sites)
+
+    def site(self, name: str) -> SiteConfig:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def clients(self) -> list[ClientSlot]:
+        """All Flower nodes, numbered across the federation as Flower's simulation does."""
+        total = self.num_clients
+        out: list[ClientSlot] = []
+        pid = 0
+        for s in self.sites:
+            for slot in range(s.clients):
+                cfg = dict(s.node_config)
+                cfg["partition-id"] = pid
+                cfg["num-partitions"] = total
+                out.append(
+                    ClientSlot(
+                        node_id=node_id_for(self.name, s.name, slot),
+                        site=s.name,
+                        slot=slot,
+                        partition_id=pid,
+                        node_config=cfg,
+                    )
+                )
+                pid += 1
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "workdir": self.workdir,
+            "source": self.source,
+            "sites": {s.name: {k: v for k, v in asdict(s).items() if k != "name"}
+                      for s in self.sites},
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "<memory>") -> FederationConfig:
+        raw = dict(raw)
+        source = raw.pop("source", source) or source
+        checked = _check_section(_FEDERATION, raw, "", source)
+        sites = tuple(
+            SiteConfig(name=name, **values) for name, values in checked["sites"].items()
+        )
+        return cls(
+            name=checked["name"],
+            sites=sites,
+            description=checked["description"],
+            workdir=checked["workdir"],
+            source=source,
+        )
+
+
+def node_id_for(federation: str, site: str, slot: int) -> int:
+    """Stable, random-looking 63-bit node id for (federation, site, slot); never 0 or 1."""
+    digest = hashlib.sha256(f"{federation}\0{site}\0{slot}".encode()).digest()
+    value = int.from_bytes(digest[:8], "big") & (2**63 - 1)
+    return value if value > SUPERLINK_NODE_ID else value + 2
+
+
+# ----------------------------------------------------------------------------- hydra
+
+
+def _search_dirs(config_dirs: Sequence[str | Path]) -> list[Path]:
+    return [Path(d).resolve() for d in config_dirs] + [PACKAGE_CONF_DIR]
+
+
+def _group_options(group: str, config_dirs: Sequence[str | Path]) -> list[str]:
+    names: set[str] = set()
+    for d in _search_dirs(config_dirs):
+        names.update(p.stem for p in (d / group).glob("*.yaml"))
+    return sorted(names)
+
+
+def compose(overrides: Sequence[str] = (), config_dirs: Sequence[str | Path] = ()) -> dict:
+    """Compose ``conf/config.yaml`` with Hydra and return it as a plain dict.
+
+    ``config_dirs`` are searched before the package's own ``conf/`` so a user can add
+    ``federation/<name>.yaml`` files of their own.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf, open_dict
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = list(overrides)
+    extra = [f"file://{d}" for d in _search_dirs(config_dirs)[:-1]]
+    if extra:
+        overrides.append(f"hydra.searchpath=[{','.join(extra)}]")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(PACKAGE_CONF_DIR), version_base=None):
+            cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as err:
+        text = str(err).splitlines()[0]
+        hint = ""
+        if "federation" in text:
+            hint = f" (available federations: {', '.join(_group_options('federation', config_dirs))})"
+        raise ConfigError("command line", " ".join(overrides), f"{text}{hint}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    choices = dict(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    try:
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError("config", str(getattr(err, "full_key", "")), str(err).splitlines()[0])
+    assert isinstance(data, dict)
+    data["_choices"] = {k: v for k, v in choices.items() if not k.startswith("hydra")}
+    return data
+
+
+def _federation_file(choice: str, config_dirs: Sequence[str | Path]) -> str:
+    for d in _search_dirs(config_dirs):
+        p = d / "federation" / f"{choice}.yaml"
+        if p.exists():
+            try:
+                return str(p.relative_to(Path.cwd()))
+            except ValueError:
+                return str(p)
+    return f"federation/{choice}.yaml"
+
+
+def load_federation(
+    overrides: Sequence[str] = (), config_dirs: Sequence[str | Path] = ()
+) -> FederationConfig:
+    """Compose the config and validate its ``federation`` node.
+
+    Raises :class:`ConfigError` naming the file and key of the first problem found.
+    """
+    data = compose(overrides, config_dirs)
+    choice = data["_choices"].get("federation") or "?"
+    source = _federation_file(choice, config_dirs)
+    raw = data.get("federation")
+    if raw is None:
+        raise ConfigError(source, "federation", "no federation selected (use federation=<name>)")
+    if not isinstance(raw, dict):
+        raise ConfigError(source, "federation", "expected a mapping")
+    raw = dict(raw)
+    raw.pop("source", None)
+    # Keys are reported relative to the federation node, e.g. ``sites.alpha.clients``.
+    return FederationConfig.from_dict(raw, source=source)
+
+
+def dump_federation(fed: FederationConfig, path: Path) -> None:
+    path.write_text(json.dumps(fed.to_dict(), indent=2, sort_keys=True))
+
+
+def read_federation(path: Path) -> FederationConfig:
+    raw = json.loads(path.read_text())
+    return FederationConfig.from_dict(raw, source=raw.get("source") or str(path))

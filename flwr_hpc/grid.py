@@ -1,0 +1,517 @@
+"""``HPCGrid``: a Flower ``Grid`` whose nodes are client slots at HPC sites.
+
+Every message a strategy sends becomes one site-worker task. For each phase the grid:
+
+1. sets the message metadata the way Flower's own grids do (``message_id`` = object id,
+   ``run_id``, ``src_node_id`` = 1);
+2. *stages* the payloads: the union of the phase's objects per site, written once per site
+   (the global model crosses to a site once per round, however many clients it hosts;
+   objects the site already holds are skipped), plus each node's ``Context`` and the FAB;
+3. submits all tasks of the phase at once, then returns replies as they arrive until all
+   are in or the deadline passes. A task that fails becomes a Flower ``Error`` reply; a
+   task that misses the deadline is dropped from the round and its late result discarded.
+
+Per-node ``Context`` objects live here, so ``context.state`` persists across rounds as it
+does on a SuperNode.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+from flwr_hpc.compute import ComputeBackend, make_backend
+from flwr_hpc.config import SUPERLINK_NODE_ID, ClientSlot, FederationConfig
+from flwr_hpc.errors import FlwrHpcError, RemoteTaskError, WorkerLostError
+from flwr_hpc.payload.objects import inflate_message, message_objects, sha256_hex
+from flwr_hpc.payload.store import FilesystemStore, PayloadStore
+from flwr_hpc.telemetry import Progress, TaskLog
+from flwr_hpc.worker import JOB_VERSION, context_from_bytes, context_to_bytes, run_task
+
+log = logging.getLogger("flwr_hpc")
+
+_ERROR_NAMES = {
+    getattr(ErrorCode, n): n for n in dir(ErrorCode) if n.isupper()
+}
+
+
+def round_of(message: Message) -> str:
+    """The round a message belongs to: its group id, else the ``server-round`` it carries."""
+    if message.metadata.group_id:
+        return message.metadata.group_id
+    if not message.has_error():
+        for record in message.content.config_records.values():
+            if "server-round" in record:
+                return str(record["server-round"])
+    return ""
+
+
+@dataclass
+class _Task:
+    message: Message
+    message_id: str
+    node: ClientSlot
+    submitted_at: float = 0.0
+    stage_s: float = 0.0
+    bytes_to_site: int = 0
+    future: Future | None = None
+    immediate: Message | None = None  # reply known without running (e.g. unknown node)
+    abandoned: bool = False
+    context_id: str = ""
+
+    @property
+    def phase(self) -> str:
+        return self.message.metadata.message_type
+
+    @property
+    def round(self) -> str:
+        return round_of(self.message)
+
+
+@dataclass
+class SiteRuntime:
+    """What the grid holds for one site: its backend, its store, its apps dir."""
+
+    backend: ComputeBackend
+    store: PayloadStore
+    apps_dir: Path
+    staged_bytes_by_round: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+def site_root(federation: FederationConfig, site: str, flwr_home: Path) -> Path:
+    base = Path(federation.workdir) if federation.workdir else flwr_home / "hpc" / "sites"
+    if not federation.workdir:
+        base = base / federation.name
+    return base / site
+
+
+class HPCGrid(Grid):
+    """Flower ``Grid`` over the sites of a federation.
+
+    Parameters
+    ----------
+    federation : FederationConfig
+        The validated federation.
+    sites : dict[str, SiteRuntime]
+        Backend, store and apps dir of every site (see :meth:`from_federation`).
+    fab_bytes : bytes
+        The run's FAB; staged to each site once and installed there by hash.
+    run_config : dict
+        The fused run config given to every node's ``Context``.
+    task_log : TaskLog, optional
+        Receives one record per task (``tasks.jsonl``).
+    progress : Progress, optional
+        Receives phase/task events.
+    worker_fn : callable, optional
+        The site-worker entry point; a module-level function of an installed package.
+    """
+
+    def __init__(
+        self,
+        federation: FederationConfig,
+        sites: dict[str, SiteRuntime],
+        fab_bytes: bytes,
+        run_config: dict[str, Any] | None = None,
+        task_log: TaskLog | None = None,
+        progress: Progress | None = None,
+        worker_fn: Callable[[dict], dict] = run_task,
+    ) -> None:
+        self.federation = federation
+        self.sites = sites
+        self._fab_bytes = fab_bytes
+        self.fab_hash = sha256_hex(fab_bytes)
+        self._run_config = dict(run_config or {})
+        self.task_log = task_log or TaskLog(None)
+        self.progress = progress or Progress()
+        self._worker_fn = worker_fn
+        self._run: Run | None = None
+        self._nodes = {c.node_id: c for c in federation.clients()}
+        self._contexts: dict[int, Context] = {}
+        self._tasks: dict[str, _Task] = {}
+        self._completed: queue.Queue[str] = queue.Queue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._stage_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="flwr-hpc-stage")
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_federation(
+        cls,
+        federation: FederationConfig,
+        fab_bytes: bytes,
+        *,
+        run_dir: Path,
+        flwr_home: Path,
+        run_config: dict[str, Any] | None = None,
+        progress: Progress | None = None,
+    ) -> HPCGrid:
+        """Build backends and stores for every site and return a ready grid."""
+        sites: dict[str, SiteRuntime] = {}
+        try:
+            for s in federation.sites:
+                root = site_root(federation, s.name, flwr_home)
+                store_path = Path(s.payload["path"]) if s.payload.get("path") else root / "store"
+                store = FilesystemStore(store_path, site=s.name)
+                backend = make_backend(s, run_dir / "sites" / s.name)
+                sites[s.name] = SiteRuntime(backend=backend, store=store, apps_dir=root / "apps")
+        except BaseException:
+            for rt in sites.values():
+                rt.backend.close()
+            raise
+        return cls(federation, sites, fab_bytes, run_config=run_config,
+                   task_log=TaskLog(run_dir / "tasks.jsonl"), progress=progress)
+
+    # ------------------------------------------------------------------ Grid API
+
+    def set_run(self, run: Run) -> None:
+        if not isinstance(run, Run):
+            raise TypeError(f"`run` must be an instance of Run, got {type(run).__name__}")
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        if self._run is None:
+            raise RuntimeError("HPCGrid.set_run() has not been called")
+        return Run(**vars(self._run))
+
+    def create_message(  # noqa: PLR0913 - Flower's signature
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self._nodes)
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return [NodeInfo(node_id=nid, name=f"{c.site}/{c.slot}", location=c.site)
+                for nid, c in self._nodes.items()]
+
+    def node_context(self, node_id: int) -> Context:
+        """The node's current ``Context`` (what its ClientApp will receive next)."""
+        ctx = self._contexts.get(node_id)
+        if ctx is None:
+            node = self._nodes[node_id]
+            ctx = Context(
+                run_id=self.run.run_id, node_id=node_id, node_config=dict(node.node_config),
+                state=RecordDict(), run_config=dict(self._run_config),
+            )
+            self._contexts[node_id] = ctx
+        return ctx
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        if self._closed:
+            raise RuntimeError("HPCGrid is closed")
+        run_id = self.run.run_id
+        tasks: list[_Task] = []
+        for msg in messages:
+            md = msg.metadata
+            if md.reply_to_message_id:
+                raise ValueError("HPCGrid.push_messages: a reply cannot be pushed")
+            md.__dict__["_run_id"] = run_id
+            md.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+            md.__dict__["_message_id"] = msg.object_id
+            node = self._nodes.get(md.dst_node_id)
+            if node is None:
+                task = _Task(msg, md.message_id, ClientSlot(md.dst_node_id, "?", -1, -1, {}))
+                task.immediate = Message(
+                    Error(ErrorCode.NODE_UNAVAILABLE,
+                          f"node {md.dst_node_id} is not part of federation "
+                          f"'{self.federation.name}'"),
+                    reply_to=msg,
+                )
+            else:
+                task = _Task(msg, md.message_id, node)
+            tasks.append(task)
+
+        by_site: dict[str, list[_Task]] = defaultdict(list)
+        for t in tasks:
+            if t.immediate is None:
+                by_site[t.node.site].append(t)
+        # Stage every site in parallel (I/O bound), then submit everything at once.
+        staged = {site: self._stage_pool.submit(self._stage_site, site, ts)
+                  for site, ts in by_site.items()}
+        for site, fut in staged.items():
+            try:
+                fut.result()
+            except Exception as err:  # noqa: BLE001 - a staging failure fails that site's tasks
+                log.error("staging to site '%s' failed: %s", site, err)
+                for t in by_site[site]:
+                    t.immediate = Message(
+                        Error(ErrorCode.MESSAGE_UNAVAILABLE, f"staging to site '{site}' failed: {err}"),
+                        reply_to=t.message,
+                    )
+        with self._lock:
+            for t in tasks:
+                self._tasks[t.message_id] = t
+        for t in tasks:
+            if t.immediate is None:
+                self._submit(t)
+            else:
+                self._completed.put(t.message_id)
+        if tasks:
+            self.progress.phase_started(tasks[0].round, tasks[0].phase, len(tasks))
+        return [t.message_id for t in tasks]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies: list[Message] = []
+        for mid in message_ids:
+            with self._lock:
+                task = self._tasks.get(mid)
+                ready = task is not None and not task.abandoned and (
+                    task.immediate is not None or (task.future is not None and task.future.done())
+                )
+                if ready:
+                    del self._tasks[mid]
+            if ready:
+                replies.append(self._collect(task))
+        return replies
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        started = time.monotonic()
+        ids = list(self.push_messages(messages))
+        total = len(ids)
+        if not total:
+            return []
+        first = self._tasks.get(ids[0])
+        round_, phase = (first.round, first.phase) if first else ("?", "?")
+        pending = set(ids)
+        deadline = None if timeout is None else started + timeout
+        replies: list[Message] = []
+        while pending:
+            wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+            if wait <= 0:
+                break
+            try:
+                mid = self._completed.get(timeout=wait)
+            except queue.Empty:
+                continue
+            if mid not in pending:
+                continue
+            got = list(self.pull_messages([mid]))
+            if got:
+                pending.discard(mid)
+                replies.extend(got)
+                outcome = "error" if got[0].has_error() else "ok"
+                self.progress.task_finished(round_, phase, len(replies), total,
+                                            self._site_of(got[0]), outcome)
+        for mid in pending:
+            self._abandon(mid, timeout)
+        self.progress.phase_finished(round_, phase, len(replies), total,
+                                     time.monotonic() - started)
+        return replies
+
+    # ------------------------------------------------------------------ internals
+
+    def _site_of(self, reply: Message) -> str:
+        node = self._nodes.get(reply.metadata.src_node_id)
+        return node.site if node else "?"
+
+    def _stage_site(self, site: str, tasks: list[_Task]) -> None:
+        """Write everything ``site`` lacks for these tasks, each object once."""
+        rt = self.sites[site]
+        t0 = time.monotonic()
+        written = 0
+        if not rt.store.has(self.fab_hash):  # attributed to the first task of the site
+            written += rt.store.put(self.fab_hash, self._fab_bytes)
+        before = 0
+        for t in tasks:
+            for oid, data in message_objects(t.message).items():
+                if not rt.store.has(oid):
+                    written += rt.store.put(oid, data)
+            ctx_bytes = context_to_bytes(self.node_context(t.node.node_id))
+            t.context_id = sha256_hex(ctx_bytes)
+            written += rt.store.put(t.context_id, ctx_bytes)
+            t.bytes_to_site = written - before
+            before = written
+        if tasks:
+            rt.staged_bytes_by_round[tasks[0].round] += written
+        elapsed = time.monotonic() - t0
+        for t in tasks:
+            t.stage_s = elapsed
+
+    def _submit(self, task: _Task) -> None:
+        rt = self.sites[task.node.site]
+        job = {
+            "v": JOB_VERSION,
+            "run_id": self.run.run_id,
+            "node_id": task.node.node_id,
+            "site": task.node.site,
+            "message_id": task.message_id,
+            "context_id": task.context_id,
+            "fab_hash": self.fab_hash,
+            "store": rt.store.spec(),
+            "apps_dir": str(rt.apps_dir),
+        }
+        task.submitted_at = time.time()
+        try:
+            task.future = rt.backend.submit(self._worker_fn, job)
+        except Exception as err:  # noqa: BLE001
+            task.immediate = Message(
+                Error(ErrorCode.NODE_UNAVAILABLE, f"submit to site '{task.node.site}' failed: {err}"),
+                reply_to=task.message,
+            )
+            self._completed.put(task.message_id)
+            return
+        task.future.add_done_callback(lambda _f, mid=task.message_id: self._on_done(mid))
+
+    def _on_done(self, message_id: str) -> None:
+        with self._lock:
+            task = self._tasks.get(message_id)
+            late = task is not None and task.abandoned
+            if late:
+                del self._tasks[message_id]
+        if late:
+            log.info("discarded late result of node %s (site %s, round %s, %s)",
+                     task.node.node_id, task.node.site, task.round, task.phase)
+            self._record(task, "late-discarded", result=self._safe_result(task))
+            return
+        self._completed.put(message_id)
+
+    def _abandon(self, message_id: str, timeout: float | None) -> None:
+        with self._lock:
+            task = self._tasks.get(message_id)
+            if task is None:
+                return
+            task.abandoned = True
+        log.warning("node %s (site %s) missed the %s s deadline of round %s (%s); "
+                    "dropped from the round, its late result will be discarded",
+                    task.node.node_id, task.node.site, timeout, task.round, task.phase)
+        self._record(task, "timeout")
+
+    @staticmethod
+    def _safe_result(task: _Task) -> dict | None:
+        try:
+            return task.future.result(timeout=0) if task.future else None
+        except Exception:  # noqa: BLE001
+            return None
+
+    def _error_reply(self, task: _Task, code: int, reason: str) -> Message:
+        reply = Message(Error(code=code, reason=reason), reply_to=task.message)
+        reply.metadata.__dict__["_message_id"] = reply.object_id
+        return reply
+
+    def _collect(self, task: _Task) -> Message:
+        """Turn a finished task into the reply the strategy sees (never raises)."""
+        if task.immediate is not None:
+            reply = task.immediate
+            reply.metadata.__dict__["_message_id"] = reply.object_id
+            self._record(task, f"error:{_ERROR_NAMES.get(reply.error.code, reply.error.code)}",
+                         error=reply.error.reason)
+            return reply
+        assert task.future is not None
+        try:
+            result = task.future.result()
+        except WorkerLostError as err:
+            self._record(task, "error:CLIENT_APP_CRASHED", error=str(err))
+            return self._error_reply(task, ErrorCode.CLIENT_APP_CRASHED, str(err))
+        except RemoteTaskError as err:
+            self._record(task, "error:UNKNOWN", error=err.remote_traceback[-2000:])
+            return self._error_reply(task, ErrorCode.UNKNOWN, str(err))
+        except Exception as err:  # noqa: BLE001
+            self._record(task, "error:UNKNOWN", error=repr(err))
+            return self._error_reply(task, ErrorCode.UNKNOWN, repr(err))
+        if not isinstance(result, dict) or result.get("message_id") != task.message_id:
+            self._record(task, "error:UNKNOWN", error="mismatched task result")
+            return self._error_reply(task, ErrorCode.UNKNOWN,
+                                     "site returned a result for a different message")
+        if not result.get("ok"):
+            code = int(result.get("error_code", ErrorCode.UNKNOWN))
+            self._record(task, f"error:{_ERROR_NAMES.get(code, code)}", result=result,
+                         error=result.get("reason"))
+            return self._error_reply(task, code, str(result.get("reason")))
+
+        store = self.sites[task.node.site].store
+        t0 = time.monotonic()
+        read_bytes = 0
+
+        def read(oid: str) -> bytes:
+            nonlocal read_bytes
+            data = store.get(oid)
+            read_bytes += len(data)
+            return data
+
+        try:
+            reply = inflate_message(result["reply_id"], read)
+            md = reply.metadata
+            if md.reply_to_message_id != task.message_id or md.src_node_id != task.node.node_id:
+                raise FlwrHpcError(
+                    f"reply {result['reply_id'][:16]}… answers message "
+                    f"{md.reply_to_message_id[:16]}… from node {md.src_node_id}, not "
+                    f"{task.message_id[:16]}… from node {task.node.node_id}"
+                )
+            if result.get("context_id"):
+                self._contexts[task.node.node_id] = context_from_bytes(read(result["context_id"]))
+        except Exception as err:  # noqa: BLE001 - corrupted/mismatched replies are never used
+            log.error("rejected reply of node %s (site %s): %s",
+                      task.node.node_id, task.node.site, err)
+            self._record(task, "error:REPLY_MESSAGE_UNAVAILABLE", result=result, error=str(err))
+            return self._error_reply(task, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, str(err))
+        fetch_s = time.monotonic() - t0
+        outcome = "ok"
+        err_text = None
+        if reply.has_error():
+            outcome = f"error:{_ERROR_NAMES.get(reply.error.code, reply.error.code)}"
+            err_text = reply.error.reason
+        self._record(task, outcome, result=result, bytes_from_site=read_bytes,
+                     fetch_s=fetch_s, error=err_text)
+        return reply
+
+    def _record(self, task: _Task, outcome: str, *, result: dict | None = None,
+                bytes_from_site: int = 0, fetch_s: float = 0.0, error: str | None = None) -> None:
+        started = (result or {}).get("started_at")
+        finished = (result or {}).get("finished_at")
+        self.task_log.write({
+            "run_id": self._run.run_id if self._run else None,
+            "message_id": task.message_id,
+            "node_id": task.node.node_id,
+            "site": task.node.site,
+            "phase": task.phase,
+            "round": task.round,
+            "outcome": outcome,
+            "bytes_to_site": task.bytes_to_site,
+            "bytes_from_site": bytes_from_site,
+            "stage_s": round(task.stage_s, 6),
+            "queue_wait_s": (round(started - task.submitted_at, 6)
+                             if started and task.submitted_at else None),
+            "run_s": round(finished - started, 6) if started and finished else None,
+            "fetch_s": round(fetch_s, 6),
+            "submitted_at": task.submitted_at,
+            "error": (error or None) and str(error)[-1000:],
+        })
+
+    def close(self) -> None:
+        """Drop in-flight tasks and shut every site backend down (kills local workers)."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            inflight = [mid for mid, t in self._tasks.items() if not t.abandoned]
+        for mid in inflight:
+            self._abandon(mid, None)
+        with ThreadPoolExecutor(max_workers=max(1, len(self.sites))) as pool:
+            list(pool.map(lambda rt: rt.backend.close(), self.sites.values()))
+        self._stage_pool.shutdown(wait=False)
+
+    def __enter__(self) -> HPCGrid:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,114 @@
+"""Payload stores: where a site's objects live.
+
+A store is one site's object space (a storage collection, a shared filesystem path, or a
+local directory standing in for either). Both the server and the site worker open it from
+the same small ``spec`` dict, so a task carries only a reference, never the bytes.
+
+Guarantees of every store:
+- writes are atomic (temp file, fsync, rename): a reader never sees a partial object;
+- an object is stored only if its bytes hash to its id;
+- every read is verified against the id; a mismatching object is quarantined (moved aside,
+  so a later stage can replace it) and :class:`PayloadIntegrityError` is raised;
+- ids are validated as hex sha256 before any path is built from them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, Protocol
+
+from flwr_hpc.errors import PayloadIntegrityError, PayloadMissingError
+from flwr_hpc.payload.objects import check_object_id, sha256_hex, verify_object
+
+
+class PayloadStore(Protocol):
+    site: str
+
+    def spec(self) -> dict[str, Any]:
+        """Plain-JSON description from which :func:`open_store` reopens this store."""
+
+    def has(self, object_id: str) -> bool: ...
+
+    def put(self, object_id: str, data: bytes) -> int:
+        """Store ``data`` under ``object_id``; return bytes written (0 if already held)."""
+
+    def get(self, object_id: str) -> bytes:
+        """Return the verified bytes of ``object_id``."""
+
+
+class FilesystemStore:
+    """Objects as files under ``<root>/objects/<id[:2]>/<id>``."""
+
+    def __init__(self, root: str | Path, site: str = "") -> None:
+        self.root = Path(root)
+        self.site = site or self.root.name
+        self.objects_dir = self.root / "objects"
+        self.objects_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self.bytes_written = 0
+        self.objects_written = 0
+
+    def __repr__(self) -> str:
+        return f"FilesystemStore(site={self.site!r}, root={str(self.root)!r})"
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": "filesystem", "path": str(self.root), "site": self.site}
+
+    def _path(self, object_id: str) -> Path:
+        oid = check_object_id(object_id)
+        return self.objects_dir / oid[:2] / oid
+
+    def has(self, object_id: str) -> bool:
+        return self._path(object_id).is_file()
+
+    def put(self, object_id: str, data: bytes | memoryview) -> int:
+        path = self._path(object_id)
+        if path.is_file():
+            return 0
+        verify_object(object_id, data, f"data staged for {self}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".tmp-{object_id[:16]}-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        with self._lock:
+            self.bytes_written += len(data)
+            self.objects_written += 1
+        return len(data)
+
+    def get(self, object_id: str) -> bytes:
+        path = self._path(object_id)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise PayloadMissingError(object_id, str(self)) from None
+        try:
+            return verify_object(object_id, data, str(self))
+        except PayloadIntegrityError:
+            self._quarantine(path)
+            raise
+
+    def _quarantine(self, path: Path) -> None:
+        dest = self.root / "quarantine"
+        dest.mkdir(exist_ok=True)
+        try:
+            os.replace(path, dest / f"{path.name}.{uuid.uuid4().hex[:8]}")
+        except FileNotFoundError:
+            pass
+
+
+def open_store(spec: dict[str, Any]) -> PayloadStore:
+    """Reopen a store from its :meth:`PayloadStore.spec`."""
+    kind = spec.get("type")
+    if kind == "filesystem":
+        return FilesystemStore(spec["path"], site=spec.get("site", ""))
+    raise ValueError(f"unknown payload store type {kind!r} in {spec!r}")

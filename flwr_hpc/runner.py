@@ -1,0 +1,214 @@
+"""The runner: one process per run, executing a ServerApp over an ``HPCGrid``.
+
+It does what Flower's ``flwr-serverapp`` does, with ``HPCGrid`` instead of ``HttpGrid``:
+install the FAB (Flower's ``install_from_fab``), fuse the run config
+(``get_fused_config_from_dir``), set ``TaskIdentity``, and call
+``flwr.server.run_serverapp.run``. Everything about a run lives in its run directory:
+
+    run.json      what to run (FAB hash, overrides, federation)     -- written at start
+    app.fab       the FAB bytes (sha256-verified before use)
+    status.json   pending / starting / running / finished:{completed,failed,stopped}
+    log.txt       the run's log (what ``flwr log`` / ``--stream`` show)
+    tasks.jsonl   one record per task (see ``flwr_hpc.telemetry``)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from flwr_hpc.config import SUPERLINK_NODE_ID, FederationConfig, dump_federation, read_federation
+from flwr_hpc.payload.objects import sha256_hex
+from flwr_hpc.telemetry import Progress
+
+log = logging.getLogger("flwr_hpc")
+
+LOG_FORMAT = "%(levelname)-8s %(message)s"
+
+
+class RunStopped(Exception):
+    """Raised in the runner's main thread when the run is asked to stop (SIGTERM)."""
+
+
+def now_iso() -> str:
+    return datetime.now(tz=UTC).isoformat()
+
+
+def flwr_home() -> Path:
+    from flwr.common.config import get_flwr_home
+
+    return Path(get_flwr_home())
+
+
+def runs_dir(home: Path | None = None) -> Path:
+    return (home or flwr_home()) / "hpc" / "runs"
+
+
+def new_run_id() -> int:
+    return random.SystemRandom().getrandbits(63) | 1 << 40  # wide, positive, never 0/1
+
+
+def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_status(run_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((run_dir / "status.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def update_status(run_dir: Path, **fields: Any) -> dict[str, Any]:
+    status = read_status(run_dir)
+    status.update(fields)
+    _atomic_write_json(run_dir / "status.json", status)
+    return status
+
+
+def prepare_run(
+    fab_bytes: bytes,
+    override_config: dict[str, Any],
+    federation: FederationConfig,
+    *,
+    home: Path | None = None,
+    run_id: int | None = None,
+) -> Path:
+    """Create the run directory of a new run (status ``pending``) and return it."""
+    from flwr.cli.config_utils import get_fab_metadata
+
+    run_id = run_id or new_run_id()
+    run_dir = runs_dir(home) / str(run_id)
+    run_dir.mkdir(parents=True, exist_ok=False)
+    fab_hash = sha256_hex(fab_bytes)
+    (run_dir / "app.fab").write_bytes(fab_bytes)
+    dump_federation(federation, run_dir / "federation.json")
+    fab_id, fab_version = get_fab_metadata(fab_bytes)
+    _atomic_write_json(run_dir / "run.json", {
+        "run_id": run_id,
+        "fab_hash": fab_hash,
+        "fab_id": fab_id,
+        "fab_version": fab_version,
+        "override_config": override_config,
+        "federation": federation.name,
+    })
+    update_status(run_dir, run_id=run_id, fab_id=fab_id, fab_version=fab_version,
+                  fab_hash=fab_hash, override_config=override_config,
+                  federation=federation.name, status="pending", sub_status="",
+                  details="", pending_at=now_iso(), starting_at="", running_at="",
+                  finished_at="")
+    return run_dir
+
+
+def _setup_logging(run_dir: Path, console: bool) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "log.txt")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    for name in ("flwr", "flwr_hpc"):
+        lg = logging.getLogger(name)
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+    hpc = logging.getLogger("flwr_hpc")
+    if console and not any(getattr(h, "_flwr_hpc_console", False) for h in hpc.handlers):
+        ch = logging.StreamHandler(sys.stderr)
+        ch.setFormatter(logging.Formatter(LOG_FORMAT))
+        ch._flwr_hpc_console = True  # type: ignore[attr-defined]
+        hpc.addHandler(ch)
+        hpc.propagate = False
+    return handler
+
+
+def execute_run(run_dir: Path, *, progress: Progress | None = None, console: bool = False) -> str:
+    """Run the ServerApp of ``run_dir`` to the end; return the final status text."""
+    from flwr.app import Context, RecordDict
+    from flwr.cli.install import install_from_fab
+    from flwr.common.config import get_fused_config_from_dir, get_project_config
+    from flwr.server.run_serverapp import run as run_serverapp
+    from flwr.supercore.run import Run, RunStatus
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from flwr_hpc.grid import HPCGrid
+
+    handler = _setup_logging(run_dir, console)
+    spec = json.loads((run_dir / "run.json").read_text())
+    run_id = int(spec["run_id"])
+    update_status(run_dir, status="starting", starting_at=now_iso(), pid=os.getpid())
+    grid: HPCGrid | None = None
+    sub_status, details = "completed", ""
+    try:
+        fab_bytes = (run_dir / "app.fab").read_bytes()
+        if sha256_hex(fab_bytes) != spec["fab_hash"]:
+            raise RuntimeError(f"{run_dir / 'app.fab'} does not match its sha256; not running it")
+        federation = read_federation(run_dir / "federation.json")
+        home = flwr_home()
+        app_dir = install_from_fab(fab_bytes, install_dir=home, skip_prompt=True)
+        run_config = get_fused_config_from_dir(app_dir, spec["override_config"])
+        server_app_attr = get_project_config(app_dir)["tool"]["flwr"]["app"]["components"][
+            "serverapp"]
+
+        TaskIdentity.run_id = run_id
+        TaskIdentity.node_id = SUPERLINK_NODE_ID
+        TaskIdentity.task_id = random.getrandbits(63)
+        log.info("run %s: %s==%s on federation '%s' (%d sites, %d clients); run dir %s",
+                 run_id, spec["fab_id"], spec["fab_version"], federation.name,
+                 len(federation.sites), federation.num_clients, run_dir)
+        grid = HPCGrid.from_federation(federation, fab_bytes, run_dir=run_dir, flwr_home=home,
+                                       run_config=run_config, progress=progress)
+        run = Run.create_empty(run_id)
+        run.fab_id, run.fab_version, run.fab_hash = (
+            spec["fab_id"], spec["fab_version"], spec["fab_hash"])
+        run.override_config = spec["override_config"]
+        run.status = RunStatus("running", "", "")
+        grid.set_run(run)
+        context = Context(run_id=run_id, node_id=SUPERLINK_NODE_ID, node_config={},
+                          state=RecordDict(), run_config=run_config)
+        update_status(run_dir, status="running", running_at=now_iso())
+        run_serverapp(grid=grid, context=context, server_app_dir=str(app_dir),
+                      server_app_attr=server_app_attr)
+        log.info("run %s finished; tasks: %s", run_id, run_dir / "tasks.jsonl")
+    except (RunStopped, KeyboardInterrupt):
+        sub_status, details = "stopped", "stopped by request"
+        log.warning("run %s stopped by request", run_id)
+    except BaseException as err:  # noqa: BLE001 - any failure ends the run as failed
+        sub_status = "failed"
+        details = f"{type(err).__name__}: {err}"
+        log.error("run %s failed: %s\n%s", run_id, details, traceback.format_exc())
+    finally:
+        if grid is not None:
+            grid.close()
+        update_status(run_dir, status="finished", sub_status=sub_status, details=details,
+                      finished_at=now_iso())
+        handler.close()
+        for name in ("flwr", "flwr_hpc"):
+            logging.getLogger(name).removeHandler(handler)
+    return f"finished:{sub_status}"
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise RunStopped()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m flwr_hpc.runner RUN_DIR", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    status = execute_run(Path(args[0]))
+    return 0 if status == "finished:completed" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Per-task records (``tasks.jsonl``) and progress reporting."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("flwr_hpc")
+
+TASK_FIELDS = (
+    "run_id", "message_id", "node_id", "site", "phase", "round", "outcome",
+    "bytes_to_site", "bytes_from_site", "stage_s", "queue_wait_s", "run_s", "fetch_s",
+    "submitted_at", "error",
+)
+
+
+class TaskLog:
+    """Appends one JSON object per finished (or abandoned) task to ``tasks.jsonl``."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self.records: list[dict[str, Any]] = []
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self._lock:
+            self.records.append(record)
+            if self.path is not None:
+                with open(self.path, "a") as fh:
+                    fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+class Progress:
+    """Receives phase/task events from the grid. The default logs one line per event."""
+
+    def phase_started(self, round_: str, phase: str, total: int) -> None:
+        log.info("[round %s] %s: submitted %d task(s)", round_, phase, total)
+
+    def task_finished(self, round_: str, phase: str, done: int, total: int,
+                      site: str, outcome: str) -> None:
+        log.info("[round %s] %s: %d/%d tasks done (site %s: %s)",
+                 round_, phase, done, total, site, outcome)
+
+    def phase_finished(self, round_: str, phase: str, done: int, total: int,
+                       elapsed_s: float) -> None:
+        missing = total - done
+        extra = f", {missing} dropped at the deadline" if missing else ""
+        log.info("[round %s] %s: %d/%d replies in %.2f s%s",
+                 round_, phase, done, total, elapsed_s, extra)
+
+
+class RichProgress(Progress):
+    """A live progress bar for the foreground ``flwr-hpc run``; also logs like ``Progress``."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RP, TextColumn
+        from rich.progress import TimeElapsedColumn
+
+        self._rp = RP(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), transient=False)
+        self._task = None
+        self._rp.start()
+
+    def phase_started(self, round_: str, phase: str, total: int) -> None:
+        self._task = self._rp.add_task(f"round {round_} · {phase}", total=total)
+
+    def task_finished(self, round_: str, phase: str, done: int, total: int,
+                      site: str, outcome: str) -> None:
+        if self._task is not None:
+            self._rp.update(self._task, completed=done)
+
+    def phase_finished(self, round_: str, phase: str, done: int, total: int,
+                       elapsed_s: float) -> None:
+        if self._task is not None:
+            self._rp.update(self._task, completed=done)
+        super().phase_finished(round_, phase, done, total, elapsed_s)
+
+    def stop(self) -> None:
+        self._rp.stop()

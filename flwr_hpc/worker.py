@@ -1,0 +1,167 @@
+"""The site worker: what runs at a facility for every Flower message.
+
+``run_task`` is shipped to the endpoint *by reference* (a ~40-byte dill import reference),
+so a site runs only code from its installed flwr-hpc, never code objects from the wire. Its
+argument and return value are plain JSON. For each task it:
+
+1. opens the site's payload store and fetches + verifies (sha256) the message objects and
+   the node's ``Context``;
+2. loads the ClientApp from the run's FAB (installed once per site and cached by hash);
+3. runs ``app(message, context)``; an exception becomes a Flower ``Error`` reply, exactly as
+   a SuperNode would report it;
+4. writes the reply objects and the updated ``Context`` to the store and returns their ids
+   plus timings.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import random
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Error, Message
+from flwr.app.error import Error as _Error  # noqa: F401  (re-exported name check)
+from flwr.common.constant import ErrorCode
+from flwr.common.serde import context_from_proto, context_to_proto
+from flwr.proto.message_pb2 import Context as ProtoContext  # pylint: disable=E0611
+
+from flwr_hpc.errors import FlwrHpcError
+from flwr_hpc.payload.objects import (
+    check_object_id,
+    inflate_message,
+    message_objects,
+    sha256_hex,
+)
+from flwr_hpc.payload.store import open_store
+
+JOB_VERSION = 1
+
+_APP_CACHE: dict[str, Any] = {}
+
+
+def context_to_bytes(context: Context) -> bytes:
+    return context_to_proto(context).SerializeToString()
+
+
+def context_from_bytes(data: bytes) -> Context:
+    return context_from_proto(ProtoContext.FromString(data))
+
+
+def _install_fab(fab_hash: str, fab_bytes: bytes, apps_dir: Path) -> Path:
+    from flwr.cli.config_utils import get_fab_metadata
+    from flwr.cli.install import install_from_fab
+
+    apps_dir.mkdir(parents=True, exist_ok=True)
+    marker = apps_dir / f"{fab_hash}.installed"
+    with open(apps_dir / ".install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # several workers of a site may start at once
+        if marker.exists():
+            return Path(marker.read_text())
+        fab_id, version = get_fab_metadata(fab_bytes)
+        app_dir = install_from_fab(fab_bytes, install_dir=apps_dir, skip_prompt=True)
+        marker.write_text(str(app_dir))
+        del fab_id, version
+        return app_dir
+
+
+def load_client_app(fab_hash: str, fab_bytes_fn, apps_dir: Path):
+    """ClientApp of the FAB ``fab_hash``; installed and imported once per worker process."""
+    if fab_hash in _APP_CACHE:
+        return _APP_CACHE[fab_hash]
+    from flwr.cli.config_utils import get_fab_metadata
+    from flwr.clientapp.utils import get_load_client_app_fn
+
+    fab_bytes = fab_bytes_fn()
+    app_dir = _install_fab(fab_hash, fab_bytes, apps_dir)
+    fab_id, version = get_fab_metadata(fab_bytes)
+    app = get_load_client_app_fn("", str(app_dir), multi_app=True)(fab_id, version, fab_hash)
+    _APP_CACHE[fab_hash] = app
+    return app
+
+
+def _failure(job: dict, code: int, reason: str, started_at: float) -> dict[str, Any]:
+    return {
+        "ok": False,
+        "message_id": job.get("message_id"),
+        "error_code": int(code),
+        "reason": reason[-4000:],
+        "started_at": started_at,
+        "finished_at": time.time(),
+        "pid": os.getpid(),
+    }
+
+
+def run_task(job: dict[str, Any]) -> dict[str, Any]:
+    """Run one Flower message at this site (see module docstring)."""
+    started_at = time.time()
+    if job.get("v") != JOB_VERSION:
+        return _failure(job, ErrorCode.UNKNOWN,
+                        f"job format v{job.get('v')} not understood by this flwr-hpc "
+                        f"(expects v{JOB_VERSION}); install the same flwr-hpc version at "
+                        "the server and the site", started_at)
+    try:
+        store = open_store(job["store"])
+        message_id = check_object_id(job["message_id"])
+        context_id = check_object_id(job["context_id"])
+        fab_hash = check_object_id(job["fab_hash"])
+        message = inflate_message(message_id, store.get)
+        context = context_from_bytes(store.get(context_id))
+    except FlwrHpcError as err:
+        return _failure(job, ErrorCode.MESSAGE_UNAVAILABLE, str(err), started_at)
+    fetched_at = time.time()
+
+    try:
+        from flwr.supercore.task_identity import TaskIdentity
+
+        TaskIdentity.run_id = int(job["run_id"])
+        TaskIdentity.node_id = int(job["node_id"])
+        TaskIdentity.task_id = random.getrandbits(63)
+        app = load_client_app(fab_hash, lambda: store.get(fab_hash), Path(job["apps_dir"]))
+    except Exception as err:  # noqa: BLE001
+        return _failure(
+            job, ErrorCode.LOAD_CLIENT_APP_EXCEPTION,
+            f"could not load the ClientApp: {type(err).__name__}: {err}", started_at,
+        )
+    loaded_at = time.time()
+
+    context_out: Context | None
+    try:
+        reply = app(message, context)
+        context_out = context
+    except Exception as err:  # noqa: BLE001 - a ClientApp error is the node's reply
+        reason = (
+            f"ClientApp raised {type(err).__name__}: {err}\n"
+            + "".join(traceback.format_exception(err)[-6:])
+        )
+        reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                        reply_to=message)
+        context_out = None
+    app_done_at = time.time()
+
+    objects = message_objects(reply)
+    reply_bytes = 0
+    for oid, data in objects.items():
+        reply_bytes += store.put(oid, data)
+    result: dict[str, Any] = {
+        "ok": True,
+        "message_id": message_id,
+        "reply_id": reply.object_id,
+        "reply_bytes": reply_bytes,
+        "context_id": None,
+        "started_at": started_at,
+        "fetch_s": fetched_at - started_at,
+        "load_s": loaded_at - fetched_at,
+        "app_s": app_done_at - loaded_at,
+        "pid": os.getpid(),
+    }
+    if context_out is not None:
+        ctx_bytes = context_to_bytes(context_out)
+        ctx_id = sha256_hex(ctx_bytes)
+        store.put(ctx_id, ctx_bytes)
+        result["context_id"] = ctx_id
+    result["finished_at"] = time.time()
+    return result

@@ -1,0 +1,1 @@
+"""quickstart-numpy: a Flower Message-API app with a NumPy "model"."""
