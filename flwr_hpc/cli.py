@@ -1,0 +1,293 @@
+"""The ``flwr-hpc`` command line.
+
+    flwr-hpc up [--port P] [--config-dir DIR] [OVERRIDES...]   start the HPC SuperLink
+    flwr-hpc down                                               stop it (and its runs)
+    flwr-hpc status                                             sites and runs
+    flwr-hpc run APP [-c KEY=VALUE ...] [OVERRIDES...]          one run, in the foreground
+
+OVERRIDES are Hydra overrides, e.g. ``federation=local federation.sites.beta.clients=3``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from flwr_hpc.errors import ConfigError, FlwrHpcError
+
+DEFAULT_PORT = 39300
+CONNECTION_NAME = "hpc"
+
+
+def _home() -> Path:
+    from flwr_hpc.runner import flwr_home
+
+    return flwr_home()
+
+
+def _state_path(home: Path) -> Path:
+    return home / "hpc" / "superlink.json"
+
+
+def _read_state(home: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(_state_path(home).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _healthy(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=timeout) as res:
+            return res.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_connection(home: Path, address: str, name: str = CONNECTION_NAME) -> Path:
+    """Add/replace ``[superlink.<name>]`` in ``$FLWR_HOME/config.toml``, keeping the rest."""
+    from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
+
+    path = home / "config.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = path.read_text() if path.exists() else DEFAULT_FLOWER_CONFIG_TOML
+    header = f"[superlink.{name}]"
+    lines = text.splitlines()
+    out: list[str] = []
+    skipping = False
+    for line in lines:
+        stripped = line.strip()
+        if stripped == header:
+            skipping = True
+            continue
+        if skipping and stripped.startswith("["):
+            skipping = False
+        if not skipping:
+            out.append(line)
+    while out and not out[-1].strip():
+        out.pop()
+    out += ["", header, f'address = "{address}"', "insecure = true", ""]
+    path.write_text("\n".join(out))
+    return path
+
+
+def _load_federation(overrides: list[str], config_dirs: list[str]):
+    from flwr_hpc.config import load_federation
+
+    return load_federation(overrides, config_dirs)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from flwr_hpc.config import dump_federation
+
+    home = _home()
+    host = args.host
+    if not ipaddress.ip_address(host).is_loopback:
+        print(f"error: refusing to bind {host}: the HPC SuperLink serves loopback only; "
+              "binding another address needs TLS and a token, which this version does not "
+              "support yet. Use an SSH tunnel to reach it from elsewhere.", file=sys.stderr)
+        return 2
+    federation = _load_federation(args.overrides, args.config_dir)
+    state = _read_state(home)
+    if state and _pid_alive(int(state["pid"])) and _healthy(state["host"], state["port"]):
+        print(f"HPC SuperLink already running at {state['host']}:{state['port']} "
+              f"(federation '{state['federation']}', pid {state['pid']}).")
+        if state["federation"] != federation.name:
+            print(f"note: it serves federation '{state['federation']}', not "
+                  f"'{federation.name}'; run `flwr-hpc down` first to switch.")
+        return 0
+    hpc_dir = home / "hpc"
+    hpc_dir.mkdir(parents=True, exist_ok=True)
+    fed_json = hpc_dir / "federation.json"
+    dump_federation(federation, fed_json)
+    log_path = hpc_dir / "superlink.log"
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flwr_hpc.service", "--host", host, "--port",
+             str(args.port), "--federation-json", str(fed_json), "--home", str(home)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, env={**os.environ, "FLWR_HOME": str(home)},
+        )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace").splitlines()[-15:]
+            print("error: the HPC SuperLink exited during start-up:\n  " + "\n  ".join(tail),
+                  file=sys.stderr)
+            return 1
+        if _healthy(host, args.port, timeout=0.5):
+            break
+        time.sleep(0.2)
+    else:
+        proc.terminate()
+        print(f"error: the HPC SuperLink did not answer on {host}:{args.port} within 30 s; "
+              f"see {log_path}", file=sys.stderr)
+        return 1
+    _state_path(home).write_text(json.dumps({
+        "pid": proc.pid, "host": host, "port": args.port, "federation": federation.name,
+    }))
+    cfg = write_connection(home, f"{host}:{args.port}")
+    print(f"HPC SuperLink up at {host}:{args.port} for federation '{federation.name}' "
+          f"({len(federation.sites)} sites, {federation.num_clients} clients).")
+    print(f"Wrote [superlink.{CONNECTION_NAME}] to {cfg}. Next: flwr run <app> "
+          f"{CONNECTION_NAME} --stream")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    home = _home()
+    state = _read_state(home)
+    if not state or not _pid_alive(int(state["pid"])):
+        print("HPC SuperLink is not running.")
+        _state_path(home).unlink(missing_ok=True)
+        return 0
+    pid = int(state["pid"])
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline and _pid_alive(pid):
+        time.sleep(0.2)
+        try:  # reap if it is our child (tests start it from this process)
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+    if _pid_alive(pid):
+        try:
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    _state_path(home).unlink(missing_ok=True)
+    print(f"HPC SuperLink (pid {pid}) stopped.")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from flwr_hpc.config import read_federation
+    from flwr_hpc.runner import read_status, runs_dir
+
+    home = _home()
+    console = Console()
+    state = _read_state(home)
+    up = bool(state and _pid_alive(int(state["pid"])) and _healthy(state["host"], state["port"]))
+    if up:
+        console.print(f"HPC SuperLink: [green]up[/green] at {state['host']}:{state['port']} "
+                      f"(pid {state['pid']}, federation '{state['federation']}')")
+    else:
+        console.print("HPC SuperLink: [yellow]down[/yellow] (start it with `flwr-hpc up`)")
+    fed_json = home / "hpc" / "federation.json"
+    if fed_json.exists():
+        fed = read_federation(fed_json)
+        table = Table(title=f"Sites of federation '{fed.name}'")
+        for col in ("site", "clients", "compute", "payload", "launcher", "partition ids"):
+            table.add_column(col)
+        for s in fed.sites:
+            pids = [str(c.partition_id) for c in fed.clients() if c.site == s.name]
+            table.add_row(s.name, str(s.clients), f"{s.compute['type']}/{s.compute['engine']}",
+                          s.payload["type"], f"{s.launcher['type']} x{s.launcher['ranks']}",
+                          ",".join(pids))
+        console.print(table)
+    rdir = runs_dir(home)
+    runs = [read_status(d) for d in sorted(rdir.iterdir())] if rdir.exists() else []
+    runs = sorted((r for r in runs if r), key=lambda r: r.get("pending_at", ""))
+    table = Table(title="Runs")
+    for col in ("run id", "app", "status", "started", "finished"):
+        table.add_column(col)
+    for r in runs[-20:]:
+        st = r.get("status", "?") + (f":{r['sub_status']}" if r.get("sub_status") else "")
+        table.add_row(str(r.get("run_id")), f"{r.get('fab_id')}=={r.get('fab_version')}", st,
+                      r.get("running_at") or r.get("pending_at", ""), r.get("finished_at", ""))
+    console.print(table)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.common.config import parse_config_args
+
+    from flwr_hpc.runner import execute_run, prepare_run
+    from flwr_hpc.telemetry import Progress, RichProgress
+
+    app = Path(args.app)
+    if not (app / "pyproject.toml").exists():
+        print(f"error: {app} is not a Flower app (no pyproject.toml)", file=sys.stderr)
+        return 2
+    federation = _load_federation(args.overrides, args.config_dir)
+    fab = build_fab_from_disk(app)
+    run_dir = prepare_run(fab, parse_config_args(args.run_config), federation)
+    print(f"run {run_dir.name}: run directory {run_dir}", flush=True)
+    progress = RichProgress() if sys.stderr.isatty() else Progress()
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        status = execute_run(run_dir, progress=progress, console=True)
+    finally:
+        if isinstance(progress, RichProgress):
+            progress.stop()
+    print(f"run {run_dir.name}: {status}; tasks in {run_dir / 'tasks.jsonl'}")
+    return 0 if status == "finished:completed" else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flwr-hpc", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config-dir", action="append", default=[],
+                       help="extra directory searched for federation/<name>.yaml (repeatable)")
+        p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. federation=local")
+
+    up = sub.add_parser("up", help="start the HPC SuperLink in the background")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=DEFAULT_PORT)
+    add_config(up)
+    sub.add_parser("down", help="stop the HPC SuperLink and its runs")
+    sub.add_parser("status", help="show the SuperLink, its sites and runs")
+    run = sub.add_parser("run", help="run a Flower app in the foreground")
+    run.add_argument("app", help="path to the Flower app (directory with pyproject.toml)")
+    run.add_argument("-c", "--run-config", action="append", default=[],
+                     help="run config override KEY=VALUE (as `flwr run -c`)")
+    add_config(run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "run": cmd_run}
+    try:
+        return handlers[args.command](args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except FlwrHpcError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""The HPC SuperLink: a small loopback service speaking Flower's Control API.
+
+It answers the HTTP-protobuf routes that the stock ``flwr`` CLI (>= 1.37) uses, so
+``flwr run . hpc``, ``flwr ls hpc``, ``flwr log RUN hpc`` and ``flwr stop RUN hpc`` work
+unchanged. Its fleet is the federation's sites, not SuperNodes: each run is a runner
+process (``python -m flwr_hpc.runner RUN_DIR``) driving an ``HPCGrid``.
+
+Routes: ``POST /v1/control/{start-run,stream-logs,list-runs,stop-run}`` and ``GET /health``.
+Every other Control API route answers 501 with a message saying it is not supported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from flwr.common.serde import fab_from_proto, run_to_proto, user_config_from_proto
+from flwr.proto.control_pb2 import (  # pylint: disable=E0611
+    ListRunsRequest,
+    ListRunsResponse,
+    StartRunRequest,
+    StartRunResponse,
+    StopRunRequest,
+    StopRunResponse,
+    StreamLogsRequest,
+    StreamLogsResponse,
+)
+from flwr.supercore.run import Run, RunStatus
+
+from flwr_hpc.config import FederationConfig, read_federation
+from flwr_hpc.payload.objects import sha256_hex
+from flwr_hpc.runner import now_iso, prepare_run, read_status, runs_dir, update_status
+
+log = logging.getLogger("flwr_hpc.service")
+
+PROTOBUF = "application/protobuf"
+PROTOBUF_STREAM = "application/flower-protobuf-stream"
+STOP_GRACE_S = 15.0
+
+
+def run_from_status(status: dict[str, Any], run_dir: Path) -> Run:
+    run = Run.create_empty(int(status["run_id"]))
+    run.fab_id = status.get("fab_id", "")
+    run.fab_version = status.get("fab_version", "")
+    run.fab_hash = status.get("fab_hash", "")
+    run.override_config = status.get("override_config", {})
+    run.pending_at = status.get("pending_at", "")
+    run.starting_at = status.get("starting_at", "")
+    run.running_at = status.get("running_at", "")
+    run.finished_at = status.get("finished_at", "")
+    run.status = RunStatus(status.get("status", "pending"), status.get("sub_status", ""),
+                           status.get("details", ""))
+    run.federation_id = status.get("federation", "")
+    sent = recv = 0
+    tasks = run_dir / "tasks.jsonl"
+    if tasks.exists():
+        for line in tasks.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            sent += int(rec.get("bytes_to_site") or 0)
+            recv += int(rec.get("bytes_from_site") or 0)
+    run.bytes_sent, run.bytes_recv = sent, recv
+    return run
+
+
+class HPCSuperLink:
+    """Run registry + process management behind the HTTP handler."""
+
+    def __init__(self, federation: FederationConfig, home: Path) -> None:
+        self.federation = federation
+        self.home = home
+        self.runs_dir = runs_dir(home)
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self._procs: dict[int, subprocess.Popen] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._reaper = threading.Thread(target=self._reap_loop, daemon=True)
+        self._reaper.start()
+        self._mark_orphans()
+
+    # -- runs ------------------------------------------------------------------
+
+    def _mark_orphans(self) -> None:
+        """Runs left unfinished by a previous service process did not survive it."""
+        for run_dir in self.runs_dir.iterdir():
+            status = read_status(run_dir)
+            if status and status.get("status") != "finished":
+                pid = status.get("pid")
+                if pid and _alive(int(pid)):
+                    continue
+                update_status(run_dir, status="finished", sub_status="failed",
+                              details="the HPC SuperLink stopped while this run was active",
+                              finished_at=now_iso())
+
+    def start_run(self, fab_bytes: bytes, fab_hash: str, override: dict[str, Any]) -> int:
+        if fab_hash and sha256_hex(fab_bytes) != fab_hash:
+            raise ValueError("FAB bytes do not match the FAB hash sent with them")
+        run_dir = prepare_run(fab_bytes, override, self.federation, home=self.home)
+        run_id = int(run_dir.name)
+        out = open(run_dir / "runner.out", "wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flwr_hpc.runner", str(run_dir)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: stop kills the whole tree
+        )
+        out.close()
+        with self._lock:
+            self._procs[run_id] = proc
+        update_status(run_dir, pid=proc.pid)
+        log.info("started run %s (pid %s)", run_id, proc.pid)
+        return run_id
+
+    def run_dir(self, run_id: int) -> Path | None:
+        path = self.runs_dir / str(run_id)
+        return path if (path / "status.json").exists() else None
+
+    def list_runs(self, run_id: int | None = None) -> dict[int, Run]:
+        out: dict[int, Run] = {}
+        dirs = [self.run_dir(run_id)] if run_id is not None else sorted(self.runs_dir.iterdir())
+        for d in dirs:
+            if d is None:
+                continue
+            status = read_status(d)
+            if status:
+                out[int(status["run_id"])] = run_from_status(status, d)
+        return out
+
+    def stop_run(self, run_id: int) -> bool:
+        run_dir = self.run_dir(run_id)
+        if run_dir is None:
+            return False
+        if read_status(run_dir).get("status") == "finished":
+            return False
+        with self._lock:
+            proc = self._procs.get(run_id)
+        if proc is not None:
+            _terminate_group(proc, STOP_GRACE_S)
+        if read_status(run_dir).get("status") != "finished":
+            update_status(run_dir, status="finished", sub_status="stopped",
+                          details="stopped by request", finished_at=now_iso())
+        return True
+
+    def _reap_loop(self) -> None:
+        while not self._stopping.wait(1.0):
+            with self._lock:
+                items = list(self._procs.items())
+            for run_id, proc in items:
+                code = proc.poll()
+                if code is None:
+                    continue
+                with self._lock:
+                    self._procs.pop(run_id, None)
+                run_dir = self.run_dir(run_id)
+                if run_dir and read_status(run_dir).get("status") != "finished":
+                    update_status(run_dir, status="finished", sub_status="failed",
+                                  details=f"runner exited with code {code}",
+                                  finished_at=now_iso())
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        with self._lock:
+            procs = list(self._procs.items())
+        for run_id, proc in procs:
+            log.info("stopping run %s", run_id)
+            _terminate_group(proc, STOP_GRACE_S)
+            run_dir = self.run_dir(run_id)
+            if run_dir and read_status(run_dir).get("status") != "finished":
+                update_status(run_dir, status="finished", sub_status="stopped",
+                              details="the HPC SuperLink was shut down", finished_at=now_iso())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _terminate_group(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM the process group (runner + its site workers), SIGKILL after ``grace_s``."""
+    try:
+        pgid = os.getpgid(proc.pid)
+    except ProcessLookupError:
+        return
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(pgid, signal.SIGKILL)  # whatever the runner did not clean up
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def make_handler(link: HPCSuperLink) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "flwr-hpc"
+
+        def log_message(self, fmt: str, *args: Any) -> None:  # route to logging
+            log.debug("%s " + fmt, self.address_string(), *args)
+
+        def _body(self) -> bytes:
+            length = int(self.headers.get("content-length") or 0)
+            return self.rfile.read(length) if length else b""
+
+        def _reply(self, status: int, body: bytes, ctype: str = PROTOBUF) -> None:
+            self.send_response(status)
+            self.send_header("content-type", ctype)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _fail(self, status: int, text: str) -> None:
+            self._reply(status, text.encode(), "text/plain; charset=utf-8")
+
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path == "/health":
+                self._reply(200, json.dumps({"status": "ok",
+                                             "federation": link.federation.name}).encode(),
+                            "application/json")
+            else:
+                self._fail(404, "not found")
+
+        def do_POST(self) -> None:  # noqa: N802
+            route = self.path.rstrip("/")
+            try:
+                if route == "/v1/control/start-run":
+                    req = StartRunRequest.FromString(self._body())
+                    if not req.fab.content:
+                        self._fail(400, "flwr-hpc runs only local apps: the request has no FAB")
+                        return
+                    fab = fab_from_proto(req.fab)
+                    run_id = link.start_run(fab.content, fab.hash_str,
+                                            user_config_from_proto(req.override_config))
+                    self._reply(200, StartRunResponse(run_id=run_id).SerializeToString())
+                elif route == "/v1/control/list-runs":
+                    req = ListRunsRequest.FromString(self._body())
+                    runs = link.list_runs(req.run_id if req.HasField("run_id") else None)
+                    res = ListRunsResponse(
+                        run_dict={rid: run_to_proto(r) for rid, r in runs.items()},
+                        now=now_iso())
+                    self._reply(200, res.SerializeToString())
+                elif route == "/v1/control/stop-run":
+                    req = StopRunRequest.FromString(self._body())
+                    ok = link.stop_run(req.run_id)
+                    self._reply(200, StopRunResponse(success=ok).SerializeToString())
+                elif route == "/v1/control/stream-logs":
+                    self._stream_logs(StreamLogsRequest.FromString(self._body()))
+                else:
+                    self._fail(501, f"{route} is not supported by the flwr-hpc SuperLink "
+                                    "(supported: start-run, stream-logs, list-runs, stop-run)")
+            except Exception as err:  # noqa: BLE001 - report to the CLI instead of hanging up
+                log.exception("request %s failed", route)
+                self._fail(500, f"{type(err).__name__}: {err}")
+
+        def _stream_logs(self, req: StreamLogsRequest) -> None:
+            run_dir = link.run_dir(req.run_id)
+            if run_dir is None:
+                self._fail(404, f"run {req.run_id} not found")
+                return
+            self.send_response(200)
+            self.send_header("content-type", PROTOBUF_STREAM)
+            self.end_headers()  # no content-length: the stream ends when we close
+            log_path = run_dir / "log.txt"
+            offset = 0
+            while True:
+                finished = read_status(run_dir).get("status") == "finished"
+                chunk = b""
+                if log_path.exists():
+                    with open(log_path, "rb") as fh:
+                        fh.seek(offset)
+                        chunk = fh.read()
+                if chunk:
+                    # only whole lines, so a frame never splits a UTF-8 character
+                    cut = chunk.rfind(b"\n") + 1 if not finished else len(chunk)
+                    chunk = chunk[:cut]
+                if chunk:
+                    offset += len(chunk)
+                    frame = StreamLogsResponse(log_output=chunk.decode(errors="replace"),
+                                               latest_timestamp=time.time()).SerializeToString()
+                    try:
+                        self.wfile.write(len(frame).to_bytes(4, "big") + frame)
+                        self.wfile.flush()
+                    except (BrokenPipeError, ConnectionResetError):
+                        return
+                elif finished:
+                    return
+                else:
+                    time.sleep(0.25)
+
+    return Handler
+
+
+def serve(federation: FederationConfig, home: Path, host: str, port: int) -> None:
+    link = HPCSuperLink(federation, home)
+    server = ThreadingHTTPServer((host, port), make_handler(link))
+    server.daemon_threads = True
+
+    def _stop(signum: int, frame: Any) -> None:
+        threading.Thread(target=lambda: (link.shutdown(), server.shutdown()), daemon=True).start()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    log.info("HPC SuperLink for federation '%s' listening on %s:%s", federation.name, host, port)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+        log.info("HPC SuperLink stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flwr_hpc.service")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--federation-json", type=Path, required=True)
+    parser.add_argument("--home", type=Path, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    serve(read_federation(args.federation_json), args.home, args.host, args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
