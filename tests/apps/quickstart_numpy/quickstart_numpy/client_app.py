@@ -14,7 +14,9 @@ def train(msg: Message, context: Context) -> Message:
     pid = int(context.node_config["partition-id"])
     if pid == int(context.run_config["fail-partition"]):
         raise RuntimeError(f"partition {pid} fails on purpose")
-    if pid == int(context.run_config["sleep-partition"]):
+    server_round = int(msg.content["config"]["server-round"])
+    sleep_round = int(context.run_config["sleep-round"])
+    if pid == int(context.run_config["sleep-partition"]) and sleep_round in (-1, server_round):
         time.sleep(float(context.run_config["sleep-s"]))
 
     # context.state persists across rounds on the same node

@@ -1,0 +1,86 @@
+"""Shared fixtures: an isolated FLWR_HOME, the fixture app's FAB, and a run helper."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+APP_DIR = TESTS_DIR / "apps" / "quickstart_numpy"
+sys.path.insert(0, str(TESTS_DIR))  # helpers importable in spawned site workers too
+
+
+@pytest.fixture
+def flwr_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "flwr_home"
+    home.mkdir()
+    monkeypatch.setenv("FLWR_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def quickstart_fab() -> bytes:
+    from flwr.cli.build import build_fab_from_disk
+
+    return build_fab_from_disk(APP_DIR)
+
+
+def child_python_processes() -> list[psutil.Process]:
+    """Live (non-zombie) descendants of this test process."""
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                continue
+            # multiprocessing's shared resource tracker lives as long as the interpreter
+            if "multiprocessing.resource_tracker" in " ".join(p.cmdline()):
+                continue
+            out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def read_tasks(run_dir: Path) -> list[dict]:
+    path = run_dir / "tasks.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture
+def run_quickstart(flwr_home, quickstart_fab, tmp_path):
+    """Run the fixture app through the real runner; return (status, run_dir, summary)."""
+    from flwr_hpc.config import FederationConfig, load_federation
+    from flwr_hpc.runner import execute_run, prepare_run
+
+    def _run(run_config: dict | None = None, overrides: list[str] | None = None,
+             federation: FederationConfig | None = None):
+        result_file = tmp_path / f"result-{len(list(tmp_path.glob('result-*')))}.json"
+        cfg = {"result-file": str(result_file)}
+        cfg.update(run_config or {})
+        fed = federation or load_federation(overrides or [])
+        run_dir = prepare_run(quickstart_fab, cfg, fed)
+        status = execute_run(run_dir)
+        summary = json.loads(result_file.read_text()) if result_file.exists() else None
+        return status, run_dir, summary
+
+    return _run
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes():
+    yield
+    leftovers = child_python_processes()
+    for p in leftovers:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    assert not leftovers, f"processes left behind: {[p.pid for p in leftovers]}"
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
