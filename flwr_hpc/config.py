@@ -287,7 +287,8 @@ def compose(overrides: Sequence[str] = (), config_dirs: Sequence[str | Path] = (
         text = str(err).splitlines()[0]
         hint = ""
         if "federation" in text:
-            hint = f" (available federations: {', '.join(_group_options('federation', config_dirs))})"
+            names = ", ".join(_group_options("federation", config_dirs))
+            hint = f" (available federations: {names})"
         raise ConfigError("command line", " ".join(overrides), f"{text}{hint}") from None
     finally:
         GlobalHydra.instance().clear()
@@ -297,7 +298,8 @@ def compose(overrides: Sequence[str] = (), config_dirs: Sequence[str | Path] = (
     try:
         data = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as err:
-        raise ConfigError("config", str(getattr(err, "full_key", "")), str(err).splitlines()[0])
+        key = str(getattr(err, "full_key", ""))
+        raise ConfigError("config", key, str(err).splitlines()[0]) from None
     assert isinstance(data, dict)
     data["_choices"] = {k: v for k, v in choices.items() if not k.startswith("hydra")}
     return data

@@ -28,7 +28,8 @@ class InvalidObjectIdError(FlwrHpcError):
     def __init__(self, object_id: object) -> None:
         self.object_id = object_id
         shown = repr(object_id)[:80]
-        super().__init__(f"invalid object id {shown}: expected 64 lowercase hex characters (sha256)")
+        super().__init__(
+            f"invalid object id {shown}: expected 64 lowercase hex characters (sha256)")
 
 
 class PayloadIntegrityError(FlwrHpcError):

@@ -253,7 +253,8 @@ class HPCGrid(Grid):
                 log.error("staging to site '%s' failed: %s", site, err)
                 for t in by_site[site]:
                     t.immediate = Message(
-                        Error(ErrorCode.MESSAGE_UNAVAILABLE, f"staging to site '{site}' failed: {err}"),
+                        Error(ErrorCode.MESSAGE_UNAVAILABLE,
+                              f"staging to site '{site}' failed: {err}"),
                         reply_to=t.message,
                     )
         with self._lock:
@@ -365,7 +366,8 @@ class HPCGrid(Grid):
             task.future = rt.backend.submit(self._worker_fn, job)
         except Exception as err:  # noqa: BLE001
             task.immediate = Message(
-                Error(ErrorCode.NODE_UNAVAILABLE, f"submit to site '{task.node.site}' failed: {err}"),
+                Error(ErrorCode.NODE_UNAVAILABLE,
+                      f"submit to site '{task.node.site}' failed: {err}"),
                 reply_to=task.message,
             )
             self._completed.put(task.message_id)

@@ -56,8 +56,8 @@ class RichProgress(Progress):
     """A live progress bar for the foreground ``flwr-hpc run``; also logs like ``Progress``."""
 
     def __init__(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RP, TextColumn
-        from rich.progress import TimeElapsedColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as RP
 
         self._rp = RP(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), transient=False)

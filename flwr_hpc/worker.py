@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Error, Message
-from flwr.app.error import Error as _Error  # noqa: F401  (re-exported name check)
 from flwr.common.constant import ErrorCode
 from flwr.common.serde import context_from_proto, context_to_proto
 from flwr.proto.message_pb2 import Context as ProtoContext  # pylint: disable=E0611

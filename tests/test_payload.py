@@ -7,7 +7,6 @@ import os
 
 import numpy as np
 import pytest
-
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 

@@ -69,7 +69,8 @@ def collect_tree(root_id: str, read: Callable[[str], bytes]) -> dict[str, bytes]
         data = read(oid)
         validate_object_content(data)
         contents[oid] = data
-        pending.extend(check_object_id(c) for c in get_object_children_ids_from_object_content(data))
+        children = get_object_children_ids_from_object_content(data)
+        pending.extend(check_object_id(c) for c in children)
     return contents
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from flwr_hpc.errors import PayloadIntegrityError, PayloadMissingError
-from flwr_hpc.payload.objects import check_object_id, sha256_hex, verify_object
+from flwr_hpc.payload.objects import check_object_id, verify_object
 
 
 class PayloadStore(Protocol):
