@@ -32,12 +32,13 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.run import Run
 
 from flwr_hpc.compute import ComputeBackend, make_backend
 from flwr_hpc.config import SUPERLINK_NODE_ID, ClientSlot, FederationConfig
 from flwr_hpc.errors import FlwrHpcError, RemoteTaskError, WorkerLostError
-from flwr_hpc.payload.objects import inflate_message, message_objects, sha256_hex
+from flwr_hpc.payload.objects import inflate_message, sha256_hex
 from flwr_hpc.payload.store import FilesystemStore, PayloadStore
 from flwr_hpc.telemetry import Progress, TaskLog
 from flwr_hpc.worker import JOB_VERSION, context_from_bytes, context_to_bytes, run_task
@@ -333,10 +334,13 @@ class HPCGrid(Grid):
         if not rt.store.has(self.fab_hash):  # attributed to the first task of the site
             written += rt.store.put(self.fab_hash, self._fab_bytes)
         before = 0
+        seen: set[str] = set()
         for t in tasks:
-            for oid, data in message_objects(t.message).items():
-                if not rt.store.has(oid):
-                    written += rt.store.put(oid, data)
+            # Messages of a phase share their records: deflate each object once per site.
+            for oid, obj in get_all_nested_objects(t.message).items():
+                if oid not in seen and not rt.store.has(oid):
+                    written += rt.store.put(oid, obj.deflate())
+                seen.add(oid)
             ctx_bytes = context_to_bytes(self.node_context(t.node.node_id))
             t.context_id = sha256_hex(ctx_bytes)
             written += rt.store.put(t.context_id, ctx_bytes)

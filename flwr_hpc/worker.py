@@ -51,7 +51,6 @@ def context_from_bytes(data: bytes) -> Context:
 
 
 def _install_fab(fab_hash: str, fab_bytes: bytes, apps_dir: Path) -> Path:
-    from flwr.cli.config_utils import get_fab_metadata
     from flwr.cli.install import install_from_fab
 
     apps_dir.mkdir(parents=True, exist_ok=True)
@@ -60,10 +59,8 @@ def _install_fab(fab_hash: str, fab_bytes: bytes, apps_dir: Path) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # several workers of a site may start at once
         if marker.exists():
             return Path(marker.read_text())
-        fab_id, version = get_fab_metadata(fab_bytes)
         app_dir = install_from_fab(fab_bytes, install_dir=apps_dir, skip_prompt=True)
         marker.write_text(str(app_dir))
-        del fab_id, version
         return app_dir
 
 
