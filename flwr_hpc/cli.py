@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from flwr_hpc._proc import pid_alive
 from flwr_hpc.errors import ConfigError, FlwrHpcError
 
 DEFAULT_PORT = 39300
@@ -52,16 +53,6 @@ def _healthy(host: str, port: int, timeout: float = 1.0) -> bool:
             return res.status == 200
     except (urllib.error.URLError, OSError):
         return False
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def write_connection(home: Path, address: str, name: str = CONNECTION_NAME) -> Path:
@@ -112,7 +103,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 2
     federation = _load_federation(args.overrides, args.config_dir)
     state = _read_state(home)
-    if state and _pid_alive(int(state["pid"])) and _healthy(state["host"], state["port"]):
+    if state and pid_alive(int(state["pid"])) and _healthy(state["host"], state["port"]):
         print(f"HPC SuperLink already running at {state['host']}:{state['port']} "
               f"(federation '{state['federation']}', pid {state['pid']}).")
         if state["federation"] != federation.name:
@@ -160,20 +151,20 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_down(args: argparse.Namespace) -> int:
     home = _home()
     state = _read_state(home)
-    if not state or not _pid_alive(int(state["pid"])):
+    if not state or not pid_alive(int(state["pid"])):
         print("HPC SuperLink is not running.")
         _state_path(home).unlink(missing_ok=True)
         return 0
     pid = int(state["pid"])
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 40
-    while time.monotonic() < deadline and _pid_alive(pid):
+    while time.monotonic() < deadline and pid_alive(pid):
         time.sleep(0.2)
         try:  # reap if it is our child (tests start it from this process)
             os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             pass
-    if _pid_alive(pid):
+    if pid_alive(pid):
         try:
             os.killpg(os.getpgid(pid), signal.SIGKILL)
         except ProcessLookupError:
@@ -193,7 +184,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     home = _home()
     console = Console()
     state = _read_state(home)
-    up = bool(state and _pid_alive(int(state["pid"])) and _healthy(state["host"], state["port"]))
+    up = bool(state and pid_alive(int(state["pid"])) and _healthy(state["host"], state["port"]))
     if up:
         console.print(f"HPC SuperLink: [green]up[/green] at {state['host']}:{state['port']} "
                       f"(pid {state['pid']}, federation '{state['federation']}')")

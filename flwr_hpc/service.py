@@ -37,6 +37,7 @@ from flwr.proto.control_pb2 import (  # pylint: disable=E0611
 )
 from flwr.supercore.run import Run, RunStatus
 
+from flwr_hpc._proc import pid_alive
 from flwr_hpc.config import FederationConfig, read_federation
 from flwr_hpc.payload.objects import sha256_hex
 from flwr_hpc.runner import now_iso, prepare_run, read_status, runs_dir, update_status
@@ -98,7 +99,7 @@ class HPCSuperLink:
             status = read_status(run_dir)
             if status and status.get("status") != "finished":
                 pid = status.get("pid")
-                if pid and _alive(int(pid)):
+                if pid and pid_alive(int(pid)):
                     continue
                 update_status(run_dir, status="finished", sub_status="failed",
                               details="the HPC SuperLink stopped while this run was active",
@@ -179,16 +180,6 @@ class HPCSuperLink:
             if run_dir and read_status(run_dir).get("status") != "finished":
                 update_status(run_dir, status="finished", sub_status="stopped",
                               details="the HPC SuperLink was shut down", finished_at=now_iso())
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _terminate_group(proc: subprocess.Popen, grace_s: float) -> None:
