@@ -25,7 +25,8 @@ PACKAGE_CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 COMPUTE_TYPES = ("local",)
 LOCAL_ENGINES = ("process-pool", "thread-pool", "htex")
 PAYLOAD_TYPES = ("filesystem",)
-LAUNCHER_TYPES = ("none", "torchrun", "mpiexec", "srun", "parsl")
+# Multi-rank launchers (torchrun, mpiexec, srun, $PARSL_MPI_PREFIX) arrive with issue #3.
+LAUNCHER_TYPES = ("none",)
 
 SUPERLINK_NODE_ID = 1  # Flower reserves 1 for the ServerApp side
 
@@ -232,6 +233,11 @@ class FederationConfig:
         sites = tuple(
             SiteConfig(name=name, **values) for name, values in checked["sites"].items()
         )
+        for s in sites:
+            if s.launcher["type"] == "none" and s.launcher["ranks"] != 1:
+                raise ConfigError(source, f"sites.{s.name}.launcher.ranks",
+                                  "more than one rank needs a launcher; launcher 'none' "
+                                  "runs exactly 1 rank")
         return cls(
             name=checked["name"],
             sites=sites,

@@ -84,6 +84,16 @@ def _write(dir_, name, text):
          name: bad
          sites: {}
          """, "sites", "non-empty"),
+        ("""
+         name: bad
+         sites:
+           a: {launcher: {type: none, ranks: 2}}
+         """, "sites.a.launcher.ranks", "needs a launcher"),
+        ("""
+         name: bad
+         sites:
+           a: {launcher: {type: torchrun}}
+         """, "sites.a.launcher.type", "unsupported value 'torchrun'"),
     ],
 )
 def test_malformed_federation_names_key_and_file(tmp_path, body, key, problem):
