@@ -24,7 +24,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,11 @@ log = logging.getLogger("flwr_hpc")
 _ERROR_NAMES = {
     getattr(ErrorCode, n): n for n in dir(ErrorCode) if n.isupper()
 }
+
+
+def _error_outcome(code: int) -> str:
+    """The ``tasks.jsonl`` outcome of an error reply, e.g. ``error:NODE_UNAVAILABLE``."""
+    return f"error:{_ERROR_NAMES.get(code, code)}"
 
 
 def round_of(message: Message) -> str:
@@ -90,7 +95,6 @@ class SiteRuntime:
     backend: ComputeBackend
     store: PayloadStore
     apps_dir: Path
-    staged_bytes_by_round: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
 def site_root(federation: FederationConfig, site: str, flwr_home: Path) -> Path:
@@ -346,8 +350,6 @@ class HPCGrid(Grid):
             written += rt.store.put(t.context_id, ctx_bytes)
             t.bytes_to_site = written - before
             before = written
-        if tasks:
-            rt.staged_bytes_by_round[tasks[0].round] += written
         elapsed = time.monotonic() - t0
         for t in tasks:
             t.stage_s = elapsed
@@ -419,7 +421,7 @@ class HPCGrid(Grid):
         if task.immediate is not None:
             reply = task.immediate
             reply.metadata.__dict__["_message_id"] = reply.object_id
-            self._record(task, f"error:{_ERROR_NAMES.get(reply.error.code, reply.error.code)}",
+            self._record(task, _error_outcome(reply.error.code),
                          error=reply.error.reason)
             return reply
         assert task.future is not None
@@ -440,7 +442,7 @@ class HPCGrid(Grid):
                                      "site returned a result for a different message")
         if not result.get("ok"):
             code = int(result.get("error_code", ErrorCode.UNKNOWN))
-            self._record(task, f"error:{_ERROR_NAMES.get(code, code)}", result=result,
+            self._record(task, _error_outcome(code), result=result,
                          error=result.get("reason"))
             return self._error_reply(task, code, str(result.get("reason")))
 
@@ -474,7 +476,7 @@ class HPCGrid(Grid):
         outcome = "ok"
         err_text = None
         if reply.has_error():
-            outcome = f"error:{_ERROR_NAMES.get(reply.error.code, reply.error.code)}"
+            outcome = _error_outcome(reply.error.code)
             err_text = reply.error.reason
         self._record(task, outcome, result=result, bytes_from_site=read_bytes,
                      fetch_s=fetch_s, error=err_text)
