@@ -10,6 +10,7 @@ shared file and its node's ``partition-id`` / ``num-partitions``.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -21,9 +22,11 @@ DEMO_DATA = Path(__file__).resolve().parent / "data" / "chem_demo.jsonl"
 REQUIRED_FIELDS = ("input", "output", "task", "split")
 
 
-def load_instructions(path: str | Path = DEMO_DATA, split: str | None = None) -> Dataset:
-    """Load a JSONL or Parquet file in SMolInstruct form, optionally one ``split``."""
-    path = Path(path)
+def load_instructions(path: str | Path | None = DEMO_DATA, split: str | None = None,
+                      tasks: Sequence[str] = ()) -> Dataset:
+    """Load a JSONL or Parquet file in SMolInstruct form, optionally one ``split`` and only
+    rows of ``tasks``. ``path=None`` means the bundled demo set."""
+    path = Path(path) if path else DEMO_DATA
     if not path.exists():
         raise FileNotFoundError(f"instruction data not found: {path}")
     kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
@@ -33,8 +36,13 @@ def load_instructions(path: str | Path = DEMO_DATA, split: str | None = None) ->
     missing = [f for f in REQUIRED_FIELDS if f not in ds.column_names]
     if missing:
         raise ValueError(f"{path}: missing SMolInstruct field(s) {', '.join(missing)}")
-    if split is not None:
-        ds = ds.filter(lambda row: row["split"] == split)
+    if split is not None or tasks:
+        wanted = set(tasks)
+        ds = ds.filter(lambda row: (split is None or row["split"] == split)
+                       and (not wanted or row["task"] in wanted))
+    if len(ds) == 0:
+        raise ValueError(f"{path}: no rows with split={split!r}"
+                         + (f" and task in {sorted(tasks)}" if tasks else ""))
     return ds
 
 
@@ -51,11 +59,12 @@ def make_partitioner(kind: str, num_partitions: int, *, alpha: float = 0.3, seed
     raise ValueError(f"unknown partitioner {kind!r}; choose iid or dirichlet")
 
 
-def load_partition(partition_id: int, num_partitions: int, *, path: str | Path = DEMO_DATA,
-                   kind: str = "iid", alpha: float = 0.3, seed: int = 42) -> Dataset:
-    """The training shard of node ``partition_id`` out of ``num_partitions``."""
+def load_partition(partition_id: int, num_partitions: int, *,
+                   path: str | Path | None = DEMO_DATA, kind: str = "iid", alpha: float = 0.3,
+                   seed: int = 42, split: str = "train", tasks: Sequence[str] = ()) -> Dataset:
+    """The ``split`` shard of node ``partition_id`` out of ``num_partitions``."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
     partitioner = make_partitioner(kind, num_partitions, alpha=alpha, seed=seed)
-    partitioner.dataset = load_instructions(path, split="train")
+    partitioner.dataset = load_instructions(path, split=split, tasks=tasks)
     return partitioner.load_partition(partition_id)

@@ -25,8 +25,8 @@ PACKAGE_CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 COMPUTE_TYPES = ("local",)
 LOCAL_ENGINES = ("process-pool", "thread-pool", "htex")
 PAYLOAD_TYPES = ("filesystem",)
-# Multi-rank launchers (torchrun, mpiexec, srun, $PARSL_MPI_PREFIX) arrive with issue #3.
-LAUNCHER_TYPES = ("none",)
+# How the ClientApp's ranks start at a site (see flwr_hpc.launch).
+LAUNCHER_TYPES = ("none", "torchrun", "mpirun", "mpiexec", "srun", "parsl")
 
 SUPERLINK_NODE_ID = 1  # Flower reserves 1 for the ServerApp side
 
@@ -35,40 +35,43 @@ SUPERLINK_NODE_ID = 1  # Flower reserves 1 for the ServerApp side
 
 
 @dataclass(frozen=True)
-class _Field:
-    kind: str  # "str", "int", "float", "bool", "scalar-map", "str|null", "section", "sites"
+class Field:
+    kind: str  # str, int, float, bool, scalar-map, any-map, str|null, str-list, section, sites
     required: bool = False
     default: Any = None
     choices: tuple[str, ...] = ()
-    minimum: int | None = None
-    section: Mapping[str, _Field] | None = None
+    minimum: float | None = None
+    section: Mapping[str, Field] | None = None
 
 
 _COMPUTE = {
-    "type": _Field("str", default="local", choices=COMPUTE_TYPES),
-    "engine": _Field("str", default="process-pool", choices=LOCAL_ENGINES),
-    "workers": _Field("int", default=1, minimum=1),
+    "type": Field("str", default="local", choices=COMPUTE_TYPES),
+    "engine": Field("str", default="process-pool", choices=LOCAL_ENGINES),
+    "workers": Field("int", default=1, minimum=1),
 }
 _PAYLOAD = {
-    "type": _Field("str", default="filesystem", choices=PAYLOAD_TYPES),
-    "path": _Field("str|null", default=None),
+    "type": Field("str", default="filesystem", choices=PAYLOAD_TYPES),
+    "path": Field("str|null", default=None),
 }
 _LAUNCHER = {
-    "type": _Field("str", default="none", choices=LAUNCHER_TYPES),
-    "ranks": _Field("int", default=1, minimum=1),
+    "type": Field("str", default="none", choices=LAUNCHER_TYPES),
+    "ranks": Field("int", default=1, minimum=1),
+    "args": Field("str-list", default=[]),     # extra launcher arguments
+    "command": Field("str|null", default=None),  # full prefix override, "{ranks}" substituted
+    "env": Field("scalar-map", default={}),    # extra environment for the ranks
 }
 _SITE = {
-    "clients": _Field("int", default=1, minimum=1),
-    "compute": _Field("section", section=_COMPUTE),
-    "payload": _Field("section", section=_PAYLOAD),
-    "launcher": _Field("section", section=_LAUNCHER),
-    "node_config": _Field("scalar-map", default={}),
+    "clients": Field("int", default=1, minimum=1),
+    "compute": Field("section", section=_COMPUTE),
+    "payload": Field("section", section=_PAYLOAD),
+    "launcher": Field("section", section=_LAUNCHER),
+    "node_config": Field("scalar-map", default={}),
 }
 _FEDERATION = {
-    "name": _Field("str", required=True),
-    "description": _Field("str", default=""),
-    "workdir": _Field("str|null", default=None),
-    "sites": _Field("sites", required=True),
+    "name": Field("str", required=True),
+    "description": Field("str", default=""),
+    "workdir": Field("str|null", default=None),
+    "sites": Field("sites", required=True),
 }
 
 
@@ -76,9 +79,9 @@ def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
-def _check_value(f: _Field, value: Any, key: str, file: str) -> Any:
+def _check_value(f: Field, value: Any, key: str, file: str) -> Any:
     if f.kind == "section":
-        return _check_section(f.section or {}, value, key, file)
+        return check_section(f.section or {}, value, key, file)
     if f.kind == "sites":
         if not isinstance(value, Mapping) or not value:
             raise ConfigError(file, key, "expected a non-empty mapping of site name -> site")
@@ -88,7 +91,7 @@ def _check_value(f: _Field, value: Any, key: str, file: str) -> Any:
                 raise ConfigError(
                     file, f"{key}.{name}", "site names may use letters, digits, '-' and '_'"
                 )
-            out[name] = _check_section(_SITE, site, f"{key}.{name}", file)
+            out[name] = check_section(_SITE, site, f"{key}.{name}", file)
         return out
     if f.kind == "scalar-map":
         if value is None:
@@ -113,16 +116,31 @@ def _check_value(f: _Field, value: Any, key: str, file: str) -> Any:
                 file, key, f"unsupported value {value!r}; choose one of {', '.join(f.choices)}"
             )
         return value
-    if f.kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(file, key, f"expected an integer, got {_describe(value)}")
+    if f.kind in ("int", "float"):
+        ok = isinstance(value, int | float) if f.kind == "float" else isinstance(value, int)
+        if isinstance(value, bool) or not ok:
+            article = "an integer" if f.kind == "int" else "a number"
+            raise ConfigError(file, key, f"expected {article}, got {_describe(value)}")
         if f.minimum is not None and value < f.minimum:
             raise ConfigError(file, key, f"must be >= {f.minimum}, got {value}")
+        return float(value) if f.kind == "float" else value
+    if f.kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(file, key, f"expected true or false, got {_describe(value)}")
         return value
+    if f.kind == "str-list":
+        if not isinstance(value, Sequence) or isinstance(value, str) or not all(
+                isinstance(v, str) for v in value):
+            raise ConfigError(file, key, f"expected a list of strings, got {_describe(value)}")
+        return list(value)
+    if f.kind == "any-map":
+        if not isinstance(value, Mapping):
+            raise ConfigError(file, key, f"expected a mapping, got {_describe(value)}")
+        return dict(value)
     raise AssertionError(f"unknown field kind {f.kind}")  # pragma: no cover
 
 
-def _check_section(schema: Mapping[str, _Field], raw: Any, key: str, file: str) -> dict:
+def check_section(schema: Mapping[str, Field], raw: Any, key: str, file: str) -> dict:
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
@@ -142,9 +160,10 @@ def _check_section(schema: Mapping[str, _Field], raw: Any, key: str, file: str) 
             if f.required:
                 raise ConfigError(file, sub, "missing required key")
             out[name] = (
-                _check_section(f.section or {}, {}, sub, file)
+                check_section(f.section or {}, {}, sub, file)
                 if f.kind == "section"
-                else (dict(f.default) if isinstance(f.default, dict) else f.default)
+                else (type(f.default)(f.default) if isinstance(f.default, dict | list)
+                      else f.default)
             )
             continue
         out[name] = _check_value(f, raw[name], sub, file)
@@ -229,7 +248,7 @@ class FederationConfig:
     def from_dict(cls, raw: Mapping[str, Any], source: str = "<memory>") -> FederationConfig:
         raw = dict(raw)
         source = raw.pop("source", source) or source
-        checked = _check_section(_FEDERATION, raw, "", source)
+        checked = check_section(_FEDERATION, raw, "", source)
         sites = tuple(
             SiteConfig(name=name, **values) for name, values in checked["sites"].items()
         )
@@ -282,12 +301,16 @@ def compose(overrides: Sequence[str] = (), config_dirs: Sequence[str | Path] = (
     from omegaconf.errors import OmegaConfBaseException
 
     overrides = list(overrides)
-    extra = [f"file://{d}" for d in _search_dirs(config_dirs)[:-1]]
+    given = " ".join(overrides)
+    # A user/app conf dir with its own config.yaml is the primary one (its defaults win).
+    primary = next((Path(d).resolve() for d in config_dirs
+                    if (Path(d) / "config.yaml").exists()), PACKAGE_CONF_DIR)
+    extra = [f"file://{d}" for d in _search_dirs(config_dirs) if d != primary]
     if extra:
         overrides.append(f"hydra.searchpath=[{','.join(extra)}]")
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(PACKAGE_CONF_DIR), version_base=None):
+        with initialize_config_dir(config_dir=str(primary), version_base=None):
             cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as err:
         text = str(err).splitlines()[0]
@@ -295,7 +318,7 @@ def compose(overrides: Sequence[str] = (), config_dirs: Sequence[str | Path] = (
         if "federation" in text:
             names = ", ".join(_group_options("federation", config_dirs))
             hint = f" (available federations: {names})"
-        raise ConfigError("command line", " ".join(overrides), f"{text}{hint}") from None
+        raise ConfigError("command line", given, f"{text}{hint}") from None
     finally:
         GlobalHydra.instance().clear()
     choices = dict(cfg.hydra.runtime.choices)

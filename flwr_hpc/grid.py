@@ -18,13 +18,14 @@ does on a SuperNode.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,14 @@ class SiteRuntime:
     backend: ComputeBackend
     store: PayloadStore
     apps_dir: Path
+    job_extras: dict[str, Any] = field(default_factory=dict)  # launcher, thread share
+
+
+def local_thread_share(federation: FederationConfig) -> int:
+    """CPU threads per rank when all local sites' workers share this machine's cores."""
+    ranks = sum(s.compute["workers"] * s.launcher["ranks"] for s in federation.sites
+                if s.compute["type"] == "local")
+    return max(1, (os.cpu_count() or 1) // max(ranks, 1))
 
 
 def site_root(federation: FederationConfig, site: str, flwr_home: Path) -> Path:
@@ -167,13 +176,18 @@ class HPCGrid(Grid):
     ) -> HPCGrid:
         """Build backends and stores for every site and return a ready grid."""
         sites: dict[str, SiteRuntime] = {}
+        threads = local_thread_share(federation)
         try:
             for s in federation.sites:
                 root = site_root(federation, s.name, flwr_home)
                 store_path = Path(s.payload["path"]) if s.payload.get("path") else root / "store"
                 store = FilesystemStore(store_path, site=s.name)
                 backend = make_backend(s, run_dir / "sites" / s.name)
-                sites[s.name] = SiteRuntime(backend=backend, store=store, apps_dir=root / "apps")
+                extras: dict[str, Any] = {"launcher": dict(s.launcher)}
+                if s.compute["type"] == "local":
+                    extras["threads"] = threads
+                sites[s.name] = SiteRuntime(backend=backend, store=store, apps_dir=root / "apps",
+                                            job_extras=extras)
         except BaseException:
             for rt in sites.values():
                 rt.backend.close()
@@ -366,6 +380,7 @@ class HPCGrid(Grid):
             "fab_hash": self.fab_hash,
             "store": rt.store.spec(),
             "apps_dir": str(rt.apps_dir),
+            **rt.job_extras,
         }
         task.submitted_at = time.time()
         try:

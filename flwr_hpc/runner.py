@@ -32,6 +32,8 @@ from flwr_hpc.telemetry import Progress
 log = logging.getLogger("flwr_hpc")
 
 LOG_FORMAT = "%(levelname)-8s %(message)s"
+# Set for the ServerApp while it runs: where it may write outputs (adapters, metrics).
+ENV_RUN_DIR = "FLWR_HPC_RUN_DIR"
 
 
 class RunStopped(Exception):
@@ -175,6 +177,7 @@ def execute_run(run_dir: Path, *, progress: Progress | None = None, console: boo
         context = Context(run_id=run_id, node_id=SUPERLINK_NODE_ID, node_config={},
                           state=RecordDict(), run_config=run_config)
         update_status(run_dir, status="running", running_at=now_iso())
+        os.environ[ENV_RUN_DIR] = str(run_dir)
         run_serverapp(grid=grid, context=context, server_app_dir=str(app_dir),
                       server_app_attr=server_app_attr)
         log.info("run %s finished; tasks: %s", run_id, run_dir / "tasks.jsonl")

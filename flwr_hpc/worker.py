@@ -7,8 +7,9 @@ argument and return value are plain JSON. For each task it:
 1. opens the site's payload store and fetches + verifies (sha256) the message objects and
    the node's ``Context``;
 2. loads the ClientApp from the run's FAB (installed once per site and cached by hash);
-3. runs ``app(message, context)``; an exception becomes a Flower ``Error`` reply, exactly as
-   a SuperNode would report it;
+3. runs ``app(message, context)`` -- in this process, or, when the site has a launcher,
+   on every rank of a data-parallel group (:mod:`flwr_hpc.launch`); an exception becomes a
+   Flower ``Error`` reply, exactly as a SuperNode would report it;
 4. writes the reply objects and the updated ``Context`` to the store and returns their ids
    plus timings.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import os
 import random
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -99,6 +101,31 @@ def run_task(job: dict[str, Any]) -> dict[str, Any]:
                         f"job format v{job.get('v')} not understood by this flwr-hpc "
                         f"(expects v{JOB_VERSION}); install the same flwr-hpc version at "
                         "the server and the site", started_at)
+    _limit_threads(job.get("threads"))
+    launcher = job.get("launcher") or {}
+    if launcher.get("type", "none") != "none":
+        from flwr_hpc.launch import run_launched
+
+        return run_launched(job, started_at)
+    return execute(job, started_at, primary=True)
+
+
+def _limit_threads(threads: int | None) -> None:
+    """Several workers share this machine: keep each to its share of the cores."""
+    if not threads:
+        return
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(int(threads))
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(threads))
+
+
+def execute(job: dict[str, Any], started_at: float, *, primary: bool) -> dict[str, Any]:
+    """Fetch, run the ClientApp, and (``primary`` only) write the reply and context.
+
+    In a launched rank group every rank calls this on the same job; only rank 0 is
+    ``primary``, so exactly one reply reaches the store.
+    """
     try:
         store = open_store(job["store"])
         message_id = check_object_id(job["message_id"])
@@ -138,15 +165,11 @@ def run_task(job: dict[str, Any]) -> dict[str, Any]:
         context_out = None
     app_done_at = time.time()
 
-    objects = message_objects(reply)
-    reply_bytes = 0
-    for oid, data in objects.items():
-        reply_bytes += store.put(oid, data)
     result: dict[str, Any] = {
         "ok": True,
         "message_id": message_id,
         "reply_id": reply.object_id,
-        "reply_bytes": reply_bytes,
+        "reply_bytes": 0,
         "context_id": None,
         "started_at": started_at,
         "fetch_s": fetched_at - started_at,
@@ -154,6 +177,11 @@ def run_task(job: dict[str, Any]) -> dict[str, Any]:
         "app_s": app_done_at - loaded_at,
         "pid": os.getpid(),
     }
+    if not primary:
+        result["finished_at"] = time.time()
+        return result
+    for oid, data in message_objects(reply).items():
+        result["reply_bytes"] += store.put(oid, data)
     if context_out is not None:
         ctx_bytes = context_to_bytes(context_out)
         ctx_id = sha256_hex(ctx_bytes)

@@ -92,8 +92,8 @@ def _write(dir_, name, text):
         ("""
          name: bad
          sites:
-           a: {launcher: {type: torchrun}}
-         """, "sites.a.launcher.type", "unsupported value 'torchrun'"),
+           a: {launcher: {type: pbsdsh}}
+         """, "sites.a.launcher.type", "unsupported value 'pbsdsh'"),
     ],
 )
 def test_malformed_federation_names_key_and_file(tmp_path, body, key, problem):

@@ -1,0 +1,110 @@
+"""The ClientApp: federated LoRA fine-tuning (causal LM or encoder classifier) at a site.
+
+``train`` reads like the algorithm: load the global adapter -> train K local steps on this
+node's shard -> return the adapter and metrics. ``evaluate`` reports eval loss and exact
+match (causal LM) or accuracy (classifier) on this node's share of the held-out split.
+
+Contract with the ServerApp (``strategies.server_app``): every message's ``config``
+ConfigRecord carries ``job-config`` (the composed Hydra config as JSON) and may carry
+``proximal-mu`` (FedProx). Only adapter tensors travel, in the ``arrays`` ArrayRecord.
+
+When the site launches the ClientApp on several ranks (``flwr_hpc.dist``), every rank
+runs this code on the same message; DDP keeps the replicas identical, and the reply of
+rank 0 is the node's reply. ``replica-max-abs-diff`` reports how far the ranks' adapters
+ended apart (0.0 when they are identical).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client_apps import lora
+from client_apps.recipe import load_recipe, with_node_overrides
+from client_apps.training import batches, train_steps
+from flwr_hpc import dist
+
+log = logging.getLogger(__name__)
+
+app = ClientApp()
+
+
+def _job(msg: Message, context: Context) -> dict:
+    config = msg.content["config"]
+    if "job-config" not in config:
+        raise ValueError("the message carries no 'job-config': this ClientApp expects the "
+                         "flwr-hpc ServerApp (strategies.server_app)")
+    return with_node_overrides(json.loads(str(config["job-config"])), context.node_config)
+
+
+def _partition(context: Context) -> tuple[int, int]:
+    try:
+        return int(context.node_config["partition-id"]), int(
+            context.node_config["num-partitions"])
+    except KeyError as err:
+        raise ValueError(f"node_config lacks {err.args[0]!r}; the federation sets it") from None
+
+
+def _replica_divergence(state: dict[str, torch.Tensor], me: dist.DistInfo) -> float:
+    """max |w - w_rank0| over the adapter, computed across the data-parallel group."""
+    if not me.enabled:
+        return 0.0
+    import torch.distributed as tdist
+
+    flat = torch.cat([t.reshape(-1).float() for t in state.values()])
+    reference = flat.clone()
+    tdist.broadcast(reference, src=0)
+    diff = (flat - reference).abs().max().reshape(1)
+    tdist.all_reduce(diff, op=tdist.ReduceOp.MAX)
+    return float(diff)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    me = dist.init()
+    job = _job(msg, context)
+    recipe = load_recipe(job)
+    lora.load_adapter_state(recipe.model, msg.content["arrays"].to_torch_state_dict())
+
+    partition_id, num_partitions = _partition(context)
+    shard = recipe.shard("train", partition_id, num_partitions)
+    server_round = int(msg.content["config"].get("server-round", 0))
+    t = job["train"]
+    seed = int(t["seed"]) + 1000 * server_round + partition_id
+    stats = train_steps(
+        recipe.model,
+        batches(shard, recipe.collate, batch_size=int(t["batch_size"]), seed=seed, dist=me),
+        recipe.loss_fn, steps=int(t["local_steps"]), lr=float(t["lr"]),
+        weight_decay=float(t["weight_decay"]), max_grad_norm=float(t["max_grad_norm"]),
+        proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
+        device=recipe.device, dist=me)
+
+    state = lora.adapter_state(recipe.model)
+    metrics = {
+        "train_loss": stats.train_loss,
+        "num-examples": len(shard),
+        "examples-seen": stats.examples_seen * me.world_size,
+        "tokens_per_s": stats.tokens_per_s * me.world_size,
+        "step_time_s": stats.step_time_s,
+        "world-size": me.world_size,
+        "replica-max-abs-diff": _replica_divergence(state, me),
+    }
+    content = RecordDict({"arrays": ArrayRecord(torch_state_dict=state),
+                          "metrics": MetricRecord(metrics)})
+    if me.enabled:
+        content["dist"] = ConfigRecord({"rank": me.rank, "launcher": me.launcher})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    job = _job(msg, context)
+    recipe = load_recipe(job)
+    partition_id, num_partitions = _partition(context)
+    metrics = recipe.evaluate_adapter(msg.content["arrays"].to_torch_state_dict(),
+                                      recipe.shard("test", partition_id, num_partitions))
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -1,0 +1,124 @@
+"""The job config: Hydra composition of ``conf/`` from the Flower run config, validated.
+
+The Flower run config carries the Hydra selections and overrides in one string key,
+``overrides``, so any part of the job changes from the command line::
+
+    flwr run . hpc -c 'overrides="model=minilm strategy.num_rounds=2 train.lr=1e-3"'
+
+Validation is strict, like the federation's: an unknown key or a wrong type stops the run
+with a :class:`~flwr_hpc.errors.ConfigError` naming the config file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from flwr_hpc.config import Field, check_section, compose
+from flwr_hpc.errors import ConfigError
+
+APP_CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+STRATEGIES = ("fedavg", "fedprox")
+
+_LORA = {
+    "r": Field("int", default=8, minimum=1),
+    "alpha": Field("int", default=16, minimum=1),
+    "dropout": Field("float", default=0.0, minimum=0.0),
+    "target_modules": Field("str-list", required=True),
+    "fan_in_fan_out": Field("bool", default=False),
+}
+MODEL = {
+    "name": Field("str", required=True),
+    "task": Field("str", required=True, choices=("causal_lm", "sequence_classification")),
+    "source": Field("str", default="tiny", choices=("tiny", "pretrained")),
+    "path": Field("str|null"),
+    "dtype": Field("str", default="float32", choices=("float32", "bfloat16", "float16")),
+    "device": Field("str", default="auto"),
+    "seed": Field("int", default=0),
+    "arch": Field("any-map", default={}),
+    "tokenizer": Field("any-map", default={}),
+    "num_labels": Field("int", default=2, minimum=2),
+    "lora": Field("section", section=_LORA),
+}
+DATA = {
+    "name": Field("str", default="custom"),
+    "path": Field("str|null"),
+    "partitioner": Field("str", default="iid", choices=("iid", "dirichlet")),
+    "alpha": Field("float", default=0.3, minimum=1e-6),
+    "seed": Field("int", default=42),
+    "tasks": Field("str-list", default=[]),
+    "max_length": Field("int", default=128, minimum=8),
+    "label_task": Field("str", default="property_prediction-mw"),
+    "threshold": Field("float", default=200.0),
+}
+TRAIN = {
+    "local_steps": Field("int", default=20, minimum=1),
+    "batch_size": Field("int", default=16, minimum=1),
+    "lr": Field("float", default=3e-3, minimum=0.0),
+    "weight_decay": Field("float", default=0.0, minimum=0.0),
+    "max_grad_norm": Field("float", default=1.0, minimum=0.0),
+    "seed": Field("int", default=0),
+}
+EVALUATE = {
+    "central": Field("bool", default=True),
+    "federated": Field("bool", default=True),
+    "batch_size": Field("int", default=32, minimum=1),
+    "max_generate": Field("int", default=16, minimum=0),
+    "max_new_tokens": Field("int", default=48, minimum=1),
+    "exact_match_tasks": Field("str-list", default=["canonicalization", "name_conversion-s2f"]),
+}
+STRATEGY = {
+    "name": Field("str", default="fedavg", choices=STRATEGIES),
+    "num_rounds": Field("int", default=3, minimum=1),
+    "fraction_train": Field("float", default=1.0, minimum=0.0),
+    "fraction_evaluate": Field("float", default=1.0, minimum=0.0),
+    "min_train_nodes": Field("int", default=2, minimum=1),
+    "min_evaluate_nodes": Field("int", default=2, minimum=0),
+    "min_available_nodes": Field("int", default=2, minimum=1),
+    "round_timeout_s": Field("float", default=3600.0, minimum=1.0),
+    "proximal_mu": Field("float", default=0.0, minimum=0.0),
+}
+OUTPUT = {
+    "dir": Field("str|null"),
+}
+SECTIONS = {"model": MODEL, "data": DATA, "train": TRAIN, "evaluate": EVALUATE,
+            "strategy": STRATEGY, "output": OUTPUT}
+
+
+def _source(group: str, choices: Mapping[str, str]) -> str:
+    choice = choices.get(group)
+    if choice:
+        path = APP_CONF_DIR / group / f"{choice}.yaml"
+        return f"conf/{group}/{choice}.yaml" if path.exists() else f"{group}/{choice}.yaml"
+    return "conf/config.yaml"
+
+
+def validate(raw: Mapping[str, Any], choices: Mapping[str, str] | None = None) -> dict:
+    """Check every job section; returns plain dicts with defaults filled in."""
+    choices = choices or {}
+    job: dict[str, Any] = {}
+    for name, schema in SECTIONS.items():
+        job[name] = check_section(schema, raw.get(name), name, _source(name, choices))
+    if job["model"]["source"] == "pretrained" and not job["model"]["path"]:
+        raise ConfigError(_source("model", choices), "model.path",
+                          "source 'pretrained' needs a checkpoint directory")
+    if job["strategy"]["name"] == "fedprox" and job["strategy"]["proximal_mu"] <= 0:
+        raise ConfigError(_source("strategy", choices), "strategy.proximal_mu",
+                          "FedProx needs proximal_mu > 0")
+    return job
+
+
+def parse_overrides(text: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError as err:
+        raise ConfigError("run config", "overrides", f"cannot split {text!r}: {err}") from None
+
+
+def compose_job(overrides: Sequence[str] = ()) -> dict:
+    """Compose ``conf/config.yaml`` with ``overrides`` and validate the job sections."""
+    dirs = [APP_CONF_DIR] if APP_CONF_DIR.exists() else []
+    data = compose(list(overrides), config_dirs=dirs)
+    return validate(data, data.get("_choices"))

@@ -1,0 +1,120 @@
+"""Per-round bookkeeping: ``metrics.jsonl``, saved global adapters and the round table.
+
+:class:`RoundRecorder` attaches to any Flower strategy (FedAvg, FedProx, the DP wrappers,
+...) by wrapping its ``aggregate_train`` / ``aggregate_evaluate`` on the instance, and
+provides the ``evaluate_fn`` that Flower's ``Strategy.start`` calls at the end of every
+round (and once for round 0, before training). At that point the round is complete, so
+the recorder then
+
+1. saves the global adapter (through ``save_fn``) as ``global/round-<r>/``;
+2. runs the central evaluation (``central_fn``), if any;
+3. appends one JSON object to ``metrics.jsonl`` and logs a table row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, MetricRecord
+
+from strategies.metered_grid import MeteredGrid
+
+log = logging.getLogger("flwr")
+
+class RoundRecorder:
+    def __init__(self, out_dir: Path, grid: MeteredGrid, *,
+                 save_fn: Callable[[ArrayRecord, Path], None] | None = None,
+                 central_fn: Callable[[ArrayRecord], dict[str, float]] | None = None,
+                 score_key: str = "exact_match") -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.grid = grid
+        self.save_fn = save_fn
+        self.central_fn = central_fn
+        self.score_key = score_key
+        self.rows: list[dict[str, Any]] = []
+        self._train: dict[str, float] = {}
+        self._evaluate: dict[str, float] = {}
+        self._round_started = time.perf_counter()
+
+    def attach(self, strategy):
+        """Record what ``strategy`` aggregates; returns the strategy for chaining."""
+        aggregate_train = strategy.aggregate_train
+        aggregate_evaluate = strategy.aggregate_evaluate
+
+        def train_hook(server_round, replies):
+            replies = list(replies)
+            arrays, metrics = aggregate_train(server_round, replies)
+            self._train = dict(metrics or {})
+            self._train["replies"] = sum(not m.has_error() for m in replies)
+            return arrays, metrics
+
+        def evaluate_hook(server_round, replies):
+            metrics = aggregate_evaluate(server_round, list(replies))
+            self._evaluate = dict(metrics or {})
+            return metrics
+
+        strategy.aggregate_train = train_hook
+        strategy.aggregate_evaluate = evaluate_hook
+        return strategy
+
+    def evaluate_fn(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        adapter_dir = self.out_dir / "global" / f"round-{server_round}"
+        if self.save_fn is not None:
+            self.save_fn(arrays, adapter_dir)
+        central = self.central_fn(arrays) if self.central_fn is not None else {}
+        sent, received = self.grid.take()
+        now = time.perf_counter()
+        row: dict[str, Any] = {
+            "round": server_round,
+            "train_loss": self._train.get("train_loss"),
+            "eval_loss": central.get("eval_loss", self._evaluate.get("eval_loss")),
+            self.score_key: central.get(self.score_key, self._evaluate.get(self.score_key)),
+            "federated_eval_loss": self._evaluate.get("eval_loss"),
+            f"federated_{self.score_key}": self._evaluate.get(self.score_key),
+            "round_time_s": round(now - self._round_started, 3),
+            "bytes_sent": sent,
+            "bytes_received": received,
+            "train_replies": self._train.get("replies"),
+            "tokens_per_s": self._train.get("tokens_per_s"),
+            "adapter_dir": str(adapter_dir) if self.save_fn is not None else None,
+        }
+        if "epsilon" in self._train:
+            row["epsilon"] = self._train["epsilon"]
+        with self.metrics_path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        self.rows.append(row)
+        log.info("%s", self.format_row(row) if len(self.rows) > 1
+                 else self.header() + "\n" + self.format_row(row))
+        self._train, self._evaluate = {}, {}
+        self._round_started = time.perf_counter()
+        metrics = {k: float(v) for k, v in central.items() if isinstance(v, int | float)}
+        return MetricRecord(metrics) if metrics else None
+
+    # -- table
+    def header(self) -> str:
+        names = ("round", "train_loss", "eval_loss", self.score_key, "time_s", "bytes")
+        return " ".join(f"{n:>12}" for n in names)
+
+    def format_row(self, row: dict[str, Any]) -> str:
+        values = [row["round"], row["train_loss"], row["eval_loss"], row[self.score_key],
+                  row["round_time_s"], row["bytes_sent"] + row["bytes_received"]]
+        cells = []
+        for value in values:
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                cells.append(f"{'-':>12}")
+            elif isinstance(value, float):
+                cells.append(f"{value:>12.4f}")
+            else:
+                cells.append(f"{value:>12}")
+        return " ".join(cells)
+
+    def table(self) -> str:
+        return "\n".join([self.header()] + [self.format_row(r) for r in self.rows])

@@ -1,0 +1,88 @@
+"""The ServerApp: federated LoRA fine-tuning driven by the Hydra job config.
+
+1. compose the job config (``conf/``) from the run config's ``overrides`` and validate it;
+2. build the strategy (``strategies.builder``) and the initial adapter (LoRA B = 0);
+3. run the strategy over the grid -- ``HPCGrid`` under flwr-hpc, but any Flower grid works;
+4. after every round: save the global adapter as ``global/round-<r>/`` (loadable with
+   ``peft.PeftModel.from_pretrained``), evaluate it centrally on the held-out split when
+   ``evaluate.central`` is set, and append a line to ``metrics.jsonl``.
+
+Outputs go to the run directory (``$FLWR_HPC_RUN_DIR``, set by the flwr-hpc runner), else
+to ``output.dir``, else to ``./outputs/run-<run_id>``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from strategies.builder import build_strategy
+from strategies.job import compose_job, parse_overrides
+from strategies.metered_grid import MeteredGrid
+from strategies.recorder import RoundRecorder
+
+log = logging.getLogger("flwr")
+
+app = ServerApp()
+
+
+def output_dir(job: dict, context: Context) -> Path:
+    if os.environ.get("FLWR_HPC_RUN_DIR"):
+        return Path(os.environ["FLWR_HPC_RUN_DIR"])
+    if job["output"]["dir"]:
+        return Path(job["output"]["dir"]) / f"run-{context.run_id}"
+    return Path("outputs") / f"run-{context.run_id}"
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    # The model stack is imported here, not at module load, so `flwr run` stays fast.
+    from client_apps import lora
+    from client_apps.recipe import initial_adapter, load_recipe
+
+    job = compose_job(parse_overrides(str(context.run_config.get("overrides", ""))))
+    out_dir = output_dir(job, context)
+    log.info("job: model=%s data=%s strategy=%s rounds=%d; outputs in %s",
+             job["model"]["name"], job["data"]["name"], job["strategy"]["name"],
+             job["strategy"]["num_rounds"], out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "job.json").write_text(json.dumps(job, indent=2, sort_keys=True))
+
+    recipe = load_recipe(job)
+    initial = initial_adapter(job)
+    base_bytes = sum(p.numel() * p.element_size() for p in recipe.model.base_model.parameters()
+                     if not p.requires_grad)
+    log.info("adapter: %d tensors, %.1f KiB (frozen base %.1f MiB never leaves a site)",
+             len(initial), lora.adapter_nbytes(initial) / 1024, base_bytes / 2**20)
+
+    def save(arrays: ArrayRecord, where: Path) -> None:
+        lora.save_adapter(recipe.model, arrays.to_torch_state_dict(), where)
+
+    def central(arrays: ArrayRecord) -> dict[str, float]:
+        return recipe.evaluate_adapter(arrays.to_torch_state_dict(), recipe.test_set())
+
+    metered = MeteredGrid(grid)
+    score_key = "exact_match" if job["model"]["task"] == "causal_lm" else "accuracy"
+    recorder = RoundRecorder(out_dir, metered, save_fn=save,
+                             central_fn=central if job["evaluate"]["central"] else None,
+                             score_key=score_key)
+    strategy = recorder.attach(build_strategy(job))
+    job_config = ConfigRecord({"job-config": json.dumps(job, sort_keys=True)})
+    strategy.start(
+        grid=metered,
+        initial_arrays=ArrayRecord(torch_state_dict=initial),
+        num_rounds=job["strategy"]["num_rounds"],
+        timeout=job["strategy"]["round_timeout_s"],
+        train_config=job_config,
+        evaluate_config=job_config,
+        evaluate_fn=recorder.evaluate_fn,
+    )
+    final = out_dir / "global" / f"round-{job['strategy']['num_rounds']}"
+    log.info("rounds:\n%s", recorder.table())
+    log.info("final global adapter: %s (PeftModel.from_pretrained(base, path)); "
+             "metrics: %s", final, recorder.metrics_path)
