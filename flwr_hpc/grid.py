@@ -516,6 +516,8 @@ class HPCGrid(Grid):
                              if started and task.submitted_at else None),
             "run_s": round(finished - started, 6) if started and finished else None,
             "fetch_s": round(fetch_s, 6),
+            "ranks": (result or {}).get("ranks", 1),
+            "launcher": (result or {}).get("launcher", "none"),
             "submitted_at": task.submitted_at,
             "error": (error or None) and str(error)[-1000:],
         })

@@ -151,6 +151,7 @@ def rank_main(job_file: Path) -> int:
     if me.is_primary:
         result["rank"] = me.rank
         result["world_size"] = me.world_size
+        result["launcher"] = me.launcher
         tmp = job_file.with_name("result.json.tmp")
         tmp.write_text(json.dumps(result))
         os.replace(tmp, job_file.with_name("result.json"))

@@ -40,6 +40,7 @@ MODEL = {
     "arch": Field("any-map", default={}),
     "tokenizer": Field("any-map", default={}),
     "num_labels": Field("int", default=2, minimum=2),
+    "default_lr": Field("float", default=3e-3, minimum=0.0),  # used when train.lr is null
     "lora": Field("section", section=_LORA),
 }
 DATA = {
@@ -56,7 +57,7 @@ DATA = {
 TRAIN = {
     "local_steps": Field("int", default=20, minimum=1),
     "batch_size": Field("int", default=16, minimum=1),
-    "lr": Field("float", default=3e-3, minimum=0.0),
+    "lr": Field("float", default=None, minimum=0.0),  # null: the model's default_lr
     "weight_decay": Field("float", default=0.0, minimum=0.0),
     "max_grad_norm": Field("float", default=1.0, minimum=0.0),
     "seed": Field("int", default=0),
@@ -101,6 +102,8 @@ def validate(raw: Mapping[str, Any], choices: Mapping[str, str] | None = None) -
     job: dict[str, Any] = {}
     for name, schema in SECTIONS.items():
         job[name] = check_section(schema, raw.get(name), name, _source(name, choices))
+    if job["train"]["lr"] is None:
+        job["train"]["lr"] = job["model"]["default_lr"]
     if job["model"]["source"] == "pretrained" and not job["model"]["path"]:
         raise ConfigError(_source("model", choices), "model.path",
                           "source 'pretrained' needs a checkpoint directory")

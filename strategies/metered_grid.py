@@ -7,6 +7,7 @@ payload a transport has to move, independent of how it moves it.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 
 from flwr.app import Message
@@ -22,17 +23,23 @@ def array_bytes(message: Message) -> int:
 
 
 class MeteredGrid(Grid):
-    """Counts ``bytes_sent`` / ``bytes_received`` (ArrayRecord bytes) through ``grid``."""
+    """Counts ArrayRecord bytes and messages through ``grid``, by direction and type."""
 
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
-        self.bytes_sent = 0
-        self.bytes_received = 0
+        self.counts: Counter[str] = Counter()
 
-    def take(self) -> tuple[int, int]:
-        """Bytes (sent, received) since the last call."""
-        out = (self.bytes_sent, self.bytes_received)
-        self.bytes_sent = self.bytes_received = 0
+    def _count(self, direction: str, messages: list[Message]) -> None:
+        for m in messages:
+            kind = m.metadata.message_type.split(".")[0]
+            self.counts[f"{direction}_bytes"] += (n := array_bytes(m))
+            self.counts[f"{direction}_{kind}_bytes"] += n
+            self.counts[f"{direction}_{kind}_messages"] += 1
+
+    def take(self) -> dict[str, int]:
+        """Counters since the last call: ``sent_bytes``, ``sent_train_messages``, ..."""
+        out = dict(self.counts)
+        self.counts.clear()
         return out
 
     def set_run(self, run: Run) -> None:
@@ -53,18 +60,18 @@ class MeteredGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
-        self.bytes_sent += sum(array_bytes(m) for m in messages)
+        self._count("sent", messages)
         return self.grid.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         replies = list(self.grid.pull_messages(message_ids))
-        self.bytes_received += sum(array_bytes(m) for m in replies)
+        self._count("received", replies)
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
-        self.bytes_sent += sum(array_bytes(m) for m in messages)
+        self._count("sent", messages)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        self.bytes_received += sum(array_bytes(m) for m in replies)
+        self._count("received", replies)
         return replies

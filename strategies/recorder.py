@@ -70,7 +70,8 @@ class RoundRecorder:
         if self.save_fn is not None:
             self.save_fn(arrays, adapter_dir)
         central = self.central_fn(arrays) if self.central_fn is not None else {}
-        sent, received = self.grid.take()
+        moved = self.grid.take()
+        train_messages = moved.get("sent_train_messages", 0)
         now = time.perf_counter()
         row: dict[str, Any] = {
             "round": server_round,
@@ -80,10 +81,14 @@ class RoundRecorder:
             "federated_eval_loss": self._evaluate.get("eval_loss"),
             f"federated_{self.score_key}": self._evaluate.get(self.score_key),
             "round_time_s": round(now - self._round_started, 3),
-            "bytes_sent": sent,
-            "bytes_received": received,
-            "train_replies": self._train.get("replies"),
+            "bytes_sent": moved.get("sent_bytes", 0),
+            "bytes_received": moved.get("received_bytes", 0),
+            "train_message_bytes": (moved.get("sent_train_bytes", 0) // train_messages
+                                    if train_messages else None),
+            "train_replies": self._train.pop("replies", None),
             "tokens_per_s": self._train.get("tokens_per_s"),
+            "train_metrics": self._train,
+            "evaluate_metrics": self._evaluate,
             "adapter_dir": str(adapter_dir) if self.save_fn is not None else None,
         }
         if "epsilon" in self._train:

@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
 APP_DIR = TESTS_DIR / "apps" / "quickstart_numpy"
 sys.path.insert(0, str(TESTS_DIR))  # helpers importable in spawned site workers too
 
@@ -28,6 +29,32 @@ def quickstart_fab() -> bytes:
     from flwr.cli.build import build_fab_from_disk
 
     return build_fab_from_disk(APP_DIR)
+
+
+@pytest.fixture(scope="session")
+def lora_fab() -> bytes:
+    """The repository itself as a Flower app (what `flwr run . hpc` ships)."""
+    from flwr.cli.build import build_fab_from_disk
+
+    return build_fab_from_disk(REPO_ROOT)
+
+
+@pytest.fixture
+def run_lora_job(flwr_home, lora_fab):
+    """Run the LoRA job through the real runner; return (status, run_dir, metrics rows)."""
+    from flwr_hpc.config import FederationConfig, load_federation
+    from flwr_hpc.runner import execute_run, prepare_run
+
+    def _run(overrides: str, federation: FederationConfig | None = None,
+             federation_overrides: list[str] | None = None):
+        fed = federation or load_federation(federation_overrides or [])
+        run_dir = prepare_run(lora_fab, {"overrides": overrides}, fed)
+        status = execute_run(run_dir)
+        path = run_dir / "metrics.jsonl"
+        rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+        return status, run_dir, rows
+
+    return _run
 
 
 def child_python_processes() -> list[psutil.Process]:
@@ -84,3 +111,22 @@ def _no_leftover_processes():
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _model_cache(tmp_path_factory):
+    """Tiny models are built once per test session (workers inherit the variable)."""
+    path = tmp_path_factory.mktemp("model-cache")
+    old = os.environ.get("FLWR_HPC_MODEL_CACHE")
+    os.environ["FLWR_HPC_MODEL_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("FLWR_HPC_MODEL_CACHE", None)
+    else:
+        os.environ["FLWR_HPC_MODEL_CACHE"] = old
+
+
+def job_config(*overrides: str) -> dict:
+    from strategies.job import compose_job
+
+    return compose_job(list(overrides))
