@@ -66,5 +66,7 @@ def load_partition(partition_id: int, num_partitions: int, *,
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
     partitioner = make_partitioner(kind, num_partitions, alpha=alpha, seed=seed)
-    partitioner.dataset = load_instructions(path, split=split, tasks=tasks)
+    # Shuffle first: files are often ordered by task or source, and flwr-datasets'
+    # IidPartitioner takes contiguous shards.
+    partitioner.dataset = load_instructions(path, split=split, tasks=tasks).shuffle(seed=seed)
     return partitioner.load_partition(partition_id)

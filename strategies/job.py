@@ -68,7 +68,8 @@ EVALUATE = {
     "batch_size": Field("int", default=32, minimum=1),
     "max_generate": Field("int", default=16, minimum=0),
     "max_new_tokens": Field("int", default=48, minimum=1),
-    "exact_match_tasks": Field("str-list", default=["canonicalization", "name_conversion-s2f"]),
+    "exact_match_tasks": Field("str-list", default=["canonicalization", "name_conversion-s2f",
+                                                       "name_conversion-i2s"]),
 }
 STRATEGY = {
     "name": Field("str", default="fedavg", choices=STRATEGIES),

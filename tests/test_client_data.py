@@ -18,8 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_demo_set_is_small_and_in_smolinstruct_form():
     assert DEMO_DATA.stat().st_size <= 1_000_000
     rows = [json.loads(line) for line in DEMO_DATA.read_text().splitlines()]
-    assert {r["task"] for r in rows} == {"canonicalization", "name_conversion-s2f",
-                                         "property_prediction-mw", "property_prediction-ro5"}
+    assert {r["task"] for r in rows} == {
+        "canonicalization", "name_conversion-s2f", "property_prediction-mw",
+        "name_conversion-i2s", "name_conversion-s2i", "property_prediction-esol"}
     assert {r["split"] for r in rows} == {"train", "test"}
     ethanol_like = [r for r in rows if r["task"] == "name_conversion-s2f"][0]
     assert ethanol_like["output"].startswith("<MOLFORMULA> ")
@@ -32,15 +33,29 @@ def test_generator_is_deterministic_and_answers_are_correct(tmp_path):
                     str(out)], check=True, capture_output=True)
     assert out.read_bytes() == DEMO_DATA.read_bytes()
     from rdkit import Chem
-    from rdkit.Chem import rdMolDescriptors
+    from rdkit.Chem import Descriptors, rdMolDescriptors
 
-    for line in out.read_text().splitlines()[:40]:
+    checked = collections.Counter()
+    for line in out.read_text().splitlines():
         row = json.loads(line)
-        mol = Chem.MolFromSmiles(row["raw_input"])
-        if row["task"] == "canonicalization":
-            assert row["raw_output"] == Chem.MolToSmiles(mol)
-        if row["task"] == "name_conversion-s2f":
-            assert row["raw_output"] == rdMolDescriptors.CalcMolFormula(mol)
+        task = row["task"]
+        if task == "name_conversion-i2s":
+            assert Chem.MolToSmiles(Chem.MolFromSmiles(row["raw_output"])) == row["raw_output"]
+        elif task != "name_conversion-s2i":
+            mol = Chem.MolFromSmiles(row["raw_input"])
+            assert mol is not None, row
+            if task == "canonicalization":
+                assert row["raw_output"] == Chem.MolToSmiles(mol)
+            elif task == "name_conversion-s2f":
+                assert row["raw_output"] == rdMolDescriptors.CalcMolFormula(mol)
+            elif task == "property_prediction-mw":
+                assert float(row["raw_output"]) == pytest.approx(Descriptors.MolWt(mol), abs=0.05)
+            else:
+                assert -15 < float(row["raw_output"]) < 5  # logS
+        assert row["output"] == (f"{row['output_core_tag_left']} {row['raw_output']} "
+                                 f"{row['output_core_tag_right']}")
+        checked[task] += 1
+    assert len(checked) == 6 and min(checked.values()) >= 250
 
 
 @pytest.mark.parametrize("kind", ["iid", "dirichlet"])

