@@ -6,7 +6,10 @@ match (causal LM) or accuracy (classifier) on this node's share of the held-out 
 
 Contract with the ServerApp (``strategies.server_app``): every message's ``config``
 ConfigRecord carries ``job-config`` (the composed Hydra config as JSON) and may carry
-``proximal-mu`` (FedProx). Only adapter tensors travel, in the ``arrays`` ArrayRecord.
+``proximal-mu`` (FedProx) or a clipping norm (central DP with client-side clipping, applied
+by Flower's ``fixedclipping_mod``). Only adapter tensors travel, in the ``arrays``
+ArrayRecord. Under ``dp=opacus`` the update is DP-SGD and the metrics carry ``epsilon``
+(accumulated over rounds; the accountant lives in the node's ``Context.state``).
 
 When the site launches the ClientApp on several ranks (``flwr_hpc.dist``), every rank
 runs this code on the same message; DDP keeps the replicas identical, and the reply of
@@ -22,10 +25,13 @@ import logging
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client_apps import lora
+from client_apps.privacy import STATE_KEY, check_adapter_moved
 from client_apps.recipe import load_recipe, with_node_overrides
-from client_apps.training import batches, train_steps
+from client_apps.training import make_loader, train_steps
 from flwr_hpc import dist
 
 log = logging.getLogger(__name__)
@@ -65,23 +71,36 @@ def _replica_divergence(state: dict[str, torch.Tensor], me: dist.DistInfo) -> fl
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    config = msg.content["config"]
+    if KEY_CLIPPING_NORM in config:  # central DP with client-side clipping: Flower's own mod
+        return fixedclipping_mod(msg, context, _train)
+    return _train(msg, context)
+
+
+def _train(msg: Message, context: Context) -> Message:
     me = dist.init()
     job = _job(msg, context)
     recipe = load_recipe(job)
-    lora.load_adapter_state(recipe.model, msg.content["arrays"].to_torch_state_dict())
+    received = msg.content["arrays"].to_torch_state_dict()
+    lora.load_adapter_state(recipe.model, received)
 
     partition_id, num_partitions = _partition(context)
     shard = recipe.shard("train", partition_id, num_partitions)
-    server_round = int(msg.content["config"].get("server-round", 0))
-    t = job["train"]
+    config = msg.content["config"]
+    server_round = int(config.get("server-round", 0))
+    t, dp = job["train"], job["dp"]
+    private = dp["type"] == "opacus"
     seed = int(t["seed"]) + 1000 * server_round + partition_id
+    loader = make_loader(shard, recipe.collate, batch_size=int(t["batch_size"]), seed=seed,
+                         dist=me)
     stats = train_steps(
-        recipe.model,
-        batches(shard, recipe.collate, batch_size=int(t["batch_size"]), seed=seed, dist=me),
-        recipe.loss_fn, steps=int(t["local_steps"]), lr=float(t["lr"]),
-        weight_decay=float(t["weight_decay"]), max_grad_norm=float(t["max_grad_norm"]),
-        proximal_mu=float(msg.content["config"].get("proximal-mu", 0.0)),
-        device=recipe.device, dist=me)
+        recipe.model, loader, recipe.loss_fn, steps=int(t["local_steps"]), lr=float(t["lr"]),
+        optimizer=t["optimizer"], weight_decay=float(t["weight_decay"]),
+        max_grad_norm=float(t["max_grad_norm"]),
+        proximal_mu=float(config.get("proximal-mu", 0.0)), device=recipe.device, dist=me,
+        dp=dp if private else None,
+        dp_total_steps=int(t["local_steps"]) * int(job["strategy"]["num_rounds"]),
+        dp_state=_dp_state(context))
 
     state = lora.adapter_state(recipe.model)
     metrics = {
@@ -93,11 +112,21 @@ def train(msg: Message, context: Context) -> Message:
         "world-size": me.world_size,
         "replica-max-abs-diff": _replica_divergence(state, me),
     }
+    if private:
+        check_adapter_moved(received, state, float(t["lr"]))
+        metrics.update(epsilon=stats.epsilon, delta=float(dp["delta"]),
+                       **{"noise-multiplier": stats.noise_multiplier})
+        context.state[STATE_KEY] = ConfigRecord({"accountant": stats.dp_state})
     content = RecordDict({"arrays": ArrayRecord(torch_state_dict=state),
                           "metrics": MetricRecord(metrics)})
     if me.enabled:
         content["dist"] = ConfigRecord({"rank": me.rank, "launcher": me.launcher})
     return Message(content=content, reply_to=msg)
+
+
+def _dp_state(context: Context) -> str | None:
+    record = context.state.get(STATE_KEY)
+    return str(record["accountant"]) if record is not None else None
 
 
 @app.evaluate()

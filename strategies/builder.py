@@ -1,19 +1,64 @@
-"""Strategy construction from the job config's ``strategy`` section.
+"""Strategy construction from the job config's ``strategy`` and ``dp`` sections.
 
-Flower's own strategies are used as they are; this module only maps config keys onto
-their constructor arguments, so ``strategy=fedprox strategy.proximal_mu=0.01`` is all a
-user writes.
+Flower's own strategies and DP wrappers are used as they are; this module only maps config
+keys onto their constructor arguments, so ``strategy=fedadam strategy.eta=0.01`` or
+``dp=central-server dp.noise_multiplier=0.5`` is all a user writes.
+
+========================  ==================================================================
+``strategy.name``         Flower class
+========================  ==================================================================
+``fedavg``                ``FedAvg``
+``fedprox``               ``FedProx`` (the ClientApp adds the proximal term, ``proximal-mu``)
+``fedadam`` / ``fedyogi`` ``FedAdam`` / ``FedYogi`` (``eta``, ``eta_l``, ``beta_1``,
+                          ``beta_2``, ``tau``)
+``fedadagrad``            ``FedAdagrad`` (``eta``, ``eta_l``, ``tau``)
+``fedavgm``               ``FedAvgM`` (``server_learning_rate``, ``server_momentum``)
+========================  ==================================================================
+
+``dp.type: central-server`` / ``central-client`` wraps the strategy in Flower's
+``DifferentialPrivacyServerSideFixedClipping`` / ``...ClientSideFixedClipping``. Flower's RDP
+accountant (``flwr[dp]``) reports epsilon when the wrapped strategy aggregates with
+``FedAvg.aggregate_train`` (fedavg, fedprox), which is what Flower's accounting supports.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
-from flwr.serverapp.strategy import FedAvg, FedProx, Strategy
+from flwr.app import MetricRecord, RecordDict
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedProx,
+    FedYogi,
+    Strategy,
+)
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
+log = logging.getLogger("flwr")
+
+# Client metrics that must not be averaged: the worst case is what matters.
+MAX_METRICS = ("epsilon", "replica-max-abs-diff")
 
 
-def build_strategy(job: Mapping[str, Any]) -> Strategy:
+def aggregate_train_metrics(records: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """Weighted mean of the clients' metrics, except ``MAX_METRICS`` (maximum)."""
+    out = aggregate_metricrecords(records, weighting_key)
+    for key in MAX_METRICS:
+        values = [float(m[key]) for rd in records for m in rd.metric_records.values()
+                  if key in m]
+        if values:
+            out[key] = max(values)
+    return out
+
+
+def _base_strategy(job: Mapping[str, Any]) -> Strategy:
     s = job["strategy"]
     federated_eval = bool(job["evaluate"]["federated"])
     common = dict(
@@ -22,9 +67,62 @@ def build_strategy(job: Mapping[str, Any]) -> Strategy:
         min_train_nodes=s["min_train_nodes"],
         min_evaluate_nodes=s["min_evaluate_nodes"] if federated_eval else 0,
         min_available_nodes=s["min_available_nodes"],
+        train_metrics_aggr_fn=aggregate_train_metrics,
     )
-    if s["name"] == "fedavg":
+    name = s["name"]
+    if name == "fedavg":
         return FedAvg(**common)
-    if s["name"] == "fedprox":
+    if name == "fedprox":
         return FedProx(**common, proximal_mu=s["proximal_mu"])
-    raise ValueError(f"strategy.name {s['name']!r} is not supported")  # validated earlier
+    if name in ("fedadam", "fedyogi"):
+        cls = FedAdam if name == "fedadam" else FedYogi
+        return cls(**common, eta=s["eta"], eta_l=s["eta_l"], beta_1=s["beta_1"],
+                   beta_2=s["beta_2"], tau=s["tau"])
+    if name == "fedadagrad":
+        return FedAdagrad(**common, eta=s["eta"], eta_l=s["eta_l"], tau=s["tau"])
+    if name == "fedavgm":
+        return FedAvgM(**common, server_learning_rate=s["server_learning_rate"],
+                       server_momentum=s["server_momentum"])
+    raise ValueError(f"strategy.name {name!r} is not supported")  # validated earlier
+
+
+def sampled_clients(job: Mapping[str, Any], num_nodes: int) -> int:
+    """How many clients Flower's sampler picks per round (what the DP wrappers need)."""
+    s = job["strategy"]
+    return max(int(num_nodes * s["fraction_train"]), s["min_train_nodes"])
+
+
+def build_strategy(job: Mapping[str, Any], num_nodes: int) -> Strategy:
+    """The configured strategy, wrapped for central DP when ``dp.type`` asks for it."""
+    strategy = _base_strategy(job)
+    dp = job["dp"]
+    if not dp["type"].startswith("central"):
+        return strategy
+    wrapper = (DifferentialPrivacyServerSideFixedClipping if dp["type"] == "central-server"
+               else DifferentialPrivacyClientSideFixedClipping)
+    n_sampled = sampled_clients(job, num_nodes)
+    return wrapper(strategy, noise_multiplier=dp["noise_multiplier"],
+                   clipping_norm=dp["clipping_norm"], num_sampled_clients=n_sampled,
+                   accountant=_accountant(strategy, dp, num_nodes))
+
+
+def _accountant(strategy: Strategy, dp: Mapping[str, Any], num_nodes: int):
+    from flwr.supercore.privacy_accounting import (
+        NeighboringRelation,
+        PrivacyConfig,
+        SamplingMethod,
+    )
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    if dp["noise_multiplier"] <= 0:
+        log.warning("dp.noise_multiplier is 0: updates are clipped but not noised; "
+                    "no privacy is accounted")
+        return None
+    if type(strategy).aggregate_train is not FedAvg.aggregate_train:
+        log.warning("Flower's DP accounting supports FedAvg-style aggregation only; "
+                    "epsilon is not reported for strategy %s", type(strategy).__name__)
+        return None
+    config = PrivacyConfig(target_delta=dp["delta"], population_size=num_nodes,
+                           neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                           sampling_method=SamplingMethod.NO_AMPLIFICATION)
+    return RdpAccountant(config)

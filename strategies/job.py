@@ -20,7 +20,8 @@ from flwr_hpc.config import Field, check_section, compose
 from flwr_hpc.errors import ConfigError
 
 APP_CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-STRATEGIES = ("fedavg", "fedprox")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm")
+DP_TYPES = ("none", "opacus", "central-server", "central-client")
 
 _LORA = {
     "r": Field("int", default=8, minimum=1),
@@ -56,6 +57,7 @@ DATA = {
 }
 TRAIN = {
     "local_steps": Field("int", default=20, minimum=1),
+    "optimizer": Field("str", default="adamw", choices=("adamw", "sgd")),
     "batch_size": Field("int", default=16, minimum=1),
     "lr": Field("float", default=None, minimum=0.0),  # null: the model's default_lr
     "weight_decay": Field("float", default=0.0, minimum=0.0),
@@ -81,12 +83,33 @@ STRATEGY = {
     "min_available_nodes": Field("int", default=2, minimum=1),
     "round_timeout_s": Field("float", default=3600.0, minimum=1.0),
     "proximal_mu": Field("float", default=0.0, minimum=0.0),
+    # FedOpt family (fedadam, fedyogi, fedadagrad): server and client learning rates, betas
+    "eta": Field("float", default=1e-2, minimum=0.0),
+    "eta_l": Field("float", default=1e-1, minimum=0.0),
+    "beta_1": Field("float", default=0.9, minimum=0.0),
+    "beta_2": Field("float", default=0.99, minimum=0.0),
+    "tau": Field("float", default=1e-3, minimum=0.0),
+    # fedavgm
+    "server_learning_rate": Field("float", default=1.0, minimum=0.0),
+    "server_momentum": Field("float", default=0.0, minimum=0.0),
+}
+DP = {
+    "type": Field("str", default="none", choices=DP_TYPES),
+    "noise_multiplier": Field("float", default=None, minimum=0.0),
+    "target_epsilon": Field("float", default=None, minimum=0.0),
+    "delta": Field("float", default=1e-5, minimum=0.0),
+    # opacus: per-sample gradient clipping; central-*: per-client update clipping
+    "max_grad_norm": Field("float", default=1.0, minimum=0.0),
+    "clipping_norm": Field("float", default=1.0, minimum=0.0),
+    "poisson_sampling": Field("bool", default=True),
+    "accountant": Field("str", default="rdp", choices=("rdp", "prv", "gdp")),
 }
 OUTPUT = {
     "dir": Field("str|null"),
+    "save_client_updates": Field("bool", default=False),  # updates/round-<r>/<node>.safetensors
 }
 SECTIONS = {"model": MODEL, "data": DATA, "train": TRAIN, "evaluate": EVALUATE,
-            "strategy": STRATEGY, "output": OUTPUT}
+            "strategy": STRATEGY, "dp": DP, "output": OUTPUT}
 
 
 def _source(group: str, choices: Mapping[str, str]) -> str:
@@ -111,7 +134,41 @@ def validate(raw: Mapping[str, Any], choices: Mapping[str, str] | None = None) -
     if job["strategy"]["name"] == "fedprox" and job["strategy"]["proximal_mu"] <= 0:
         raise ConfigError(_source("strategy", choices), "strategy.proximal_mu",
                           "FedProx needs proximal_mu > 0")
+    _check_dp(job["dp"], _source("dp", choices))
     return job
+
+
+def _check_dp(dp: dict, source: str) -> None:
+    kind, noise, target = dp["type"], dp["noise_multiplier"], dp["target_epsilon"]
+    if kind == "none":
+        return
+    if noise is not None and target is not None:
+        raise ConfigError(source, "dp.target_epsilon", "set either dp.noise_multiplier or "
+                          "dp.target_epsilon, not both")
+    if kind == "opacus" and noise is None and target is None:
+        raise ConfigError(source, "dp.noise_multiplier", "DP-SGD needs dp.noise_multiplier "
+                          "or dp.target_epsilon")
+    if kind.startswith("central") and noise is None:
+        raise ConfigError(source, "dp.noise_multiplier", f"{kind} DP needs "
+                          "dp.noise_multiplier (target_epsilon is for dp=opacus)")
+    if kind.startswith("central") and dp["clipping_norm"] <= 0:
+        raise ConfigError(source, "dp.clipping_norm", "must be > 0")
+    if not 0 < dp["delta"] < 1:
+        raise ConfigError(source, "dp.delta", f"must be in (0, 1), got {dp['delta']}")
+
+
+def check_federation_size(job: dict, num_nodes: int) -> None:
+    """Fail fast when the strategy's minimums exceed the nodes (Flower would wait forever)."""
+    s = job["strategy"]
+    wanted = [("min_available_nodes", s["min_available_nodes"]),
+              ("min_train_nodes", s["min_train_nodes"])]
+    if job["evaluate"]["federated"] and s["fraction_evaluate"] > 0:
+        wanted.append(("min_evaluate_nodes", s["min_evaluate_nodes"]))
+    for key, value in wanted:
+        if value > num_nodes:
+            raise ConfigError("conf/strategy", f"strategy.{key}",
+                              f"{value} nodes required but the federation has {num_nodes}; "
+                              f"lower strategy.{key} or add clients")
 
 
 def parse_overrides(text: str) -> list[str]:

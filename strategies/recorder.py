@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, MetricRecord
 
 from strategies.metered_grid import MeteredGrid
@@ -31,14 +32,17 @@ class RoundRecorder:
     def __init__(self, out_dir: Path, grid: MeteredGrid, *,
                  save_fn: Callable[[ArrayRecord, Path], None] | None = None,
                  central_fn: Callable[[ArrayRecord], dict[str, float]] | None = None,
-                 score_key: str = "exact_match") -> None:
+                 extra_fn: Callable[[dict[str, float]], dict[str, Any]] | None = None,
+                 score_key: str = "exact_match", save_client_updates: bool = False) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.grid = grid
         self.save_fn = save_fn
         self.central_fn = central_fn
+        self.extra_fn = extra_fn
         self.score_key = score_key
+        self.save_client_updates = save_client_updates
         self.rows: list[dict[str, Any]] = []
         self._train: dict[str, float] = {}
         self._evaluate: dict[str, float] = {}
@@ -51,6 +55,8 @@ class RoundRecorder:
 
         def train_hook(server_round, replies):
             replies = list(replies)
+            if self.save_client_updates:
+                self._save_updates(server_round, replies)
             arrays, metrics = aggregate_train(server_round, replies)
             self._train = dict(metrics or {})
             self._train["replies"] = sum(not m.has_error() for m in replies)
@@ -91,8 +97,8 @@ class RoundRecorder:
             "evaluate_metrics": self._evaluate,
             "adapter_dir": str(adapter_dir) if self.save_fn is not None else None,
         }
-        if "epsilon" in self._train:
-            row["epsilon"] = self._train["epsilon"]
+        if self.extra_fn is not None:
+            row.update(self.extra_fn(self._train))
         with self.metrics_path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         self.rows.append(row)
@@ -102,6 +108,21 @@ class RoundRecorder:
         self._round_started = time.perf_counter()
         metrics = {k: float(v) for k, v in central.items() if isinstance(v, int | float)}
         return MetricRecord(metrics) if metrics else None
+
+    def _save_updates(self, server_round: int, replies) -> None:
+        """Each client's returned arrays, for offline checks of the aggregation."""
+        from safetensors.numpy import save_file
+
+        where = self.out_dir / "updates" / f"round-{server_round}"
+        where.mkdir(parents=True, exist_ok=True)
+        for m in replies:
+            if m.has_error():
+                continue
+            arrays = next(iter(m.content.array_records.values()))
+            metrics = next(iter(m.content.metric_records.values()), {})
+            save_file({k: np.ascontiguousarray(a.numpy()) for k, a in arrays.items()},
+                      str(where / f"{m.metadata.src_node_id}.safetensors"),
+                      metadata={"num-examples": str(metrics.get("num-examples", 0))})
 
     # -- table
     def header(self) -> str:

@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from strategies.builder import build_strategy
-from strategies.job import compose_job, parse_overrides
+from strategies.job import check_federation_size, compose_job, parse_overrides
 from strategies.metered_grid import MeteredGrid
 from strategies.recorder import RoundRecorder
 
@@ -37,6 +37,21 @@ def output_dir(job: dict, context: Context) -> Path:
     if job["output"]["dir"]:
         return Path(job["output"]["dir"]) / f"run-{context.run_id}"
     return Path("outputs") / f"run-{context.run_id}"
+
+
+def round_facts(job: dict, strategy, train_metrics: dict) -> dict:
+    """Strategy and privacy facts for a ``metrics.jsonl`` row."""
+    dp = job["dp"]
+    facts: dict = {"strategy": job["strategy"]["name"], "dp": dp["type"]}
+    if dp["type"] == "opacus":
+        facts.update(epsilon=train_metrics.get("epsilon"), delta=dp["delta"],
+                     noise_multiplier=train_metrics.get("noise-multiplier"),
+                     clipping_norm=dp["max_grad_norm"])
+    elif dp["type"].startswith("central"):
+        spent = strategy.privacy_spent()
+        facts.update(epsilon=spent.epsilon if spent else None, delta=dp["delta"],
+                     noise_multiplier=dp["noise_multiplier"], clipping_norm=dp["clipping_norm"])
+    return facts
 
 
 @app.main()
@@ -66,12 +81,18 @@ def main(grid: Grid, context: Context) -> None:
     def central(arrays: ArrayRecord) -> dict[str, float]:
         return recipe.evaluate_adapter(arrays.to_torch_state_dict(), recipe.test_set())
 
+    num_nodes = len(list(grid.get_node_ids()))
+    check_federation_size(job, num_nodes)
+    strategy = build_strategy(job, num_nodes)
     metered = MeteredGrid(grid)
     score_key = "exact_match" if job["model"]["task"] == "causal_lm" else "accuracy"
     recorder = RoundRecorder(out_dir, metered, save_fn=save,
                              central_fn=central if job["evaluate"]["central"] else None,
-                             score_key=score_key)
-    strategy = recorder.attach(build_strategy(job))
+                             extra_fn=lambda train_metrics: round_facts(job, strategy,
+                                                                        train_metrics),
+                             score_key=score_key,
+                             save_client_updates=job["output"]["save_client_updates"])
+    strategy = recorder.attach(strategy)
     job_config = ConfigRecord({"job-config": json.dumps(job, sort_keys=True)})
     strategy.start(
         grid=metered,

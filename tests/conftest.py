@@ -130,3 +130,12 @@ def job_config(*overrides: str) -> dict:
     from strategies.job import compose_job
 
     return compose_job(list(overrides))
+
+
+def in_process_federation(clients: int = 2):
+    """One site whose clients run one after another in a thread of this process: the
+    LoRA stack is imported once, so strategy and DP runs take seconds, not minutes."""
+    from flwr_hpc.config import FederationConfig
+
+    return FederationConfig.from_dict({"name": "inproc", "sites": {"a": {
+        "clients": clients, "compute": {"type": "local", "engine": "thread-pool", "workers": 1}}}})

@@ -98,11 +98,13 @@ def _require_launchers() -> None:
         pytest.skip(f"{missing} not installed (scripts/setup.sh installs Open MPI)")
 
 
-def test_two_rank_clients_under_torchrun_and_mpirun(run_lora_job):
+@pytest.mark.parametrize("dp", ["none", "opacus"])
+def test_two_rank_clients_under_torchrun_and_mpirun(run_lora_job, dp):
+    """Plain DDP, and DP-SGD over DP-DDP (Opacus' distributed optimizer)."""
     _require_launchers()
     fed = load_federation(["federation=local_ranks"])
     status, run_dir, rows = run_lora_job(
-        "strategy.num_rounds=1 train.local_steps=6 evaluate.federated=false "
+        f"dp={dp} strategy.num_rounds=1 train.local_steps=6 evaluate.federated=false "
         "evaluate.central=false", federation=fed)
     assert status == "finished:completed", (run_dir / "log.txt").read_text()[-3000:]
     train = [t for t in read_tasks(run_dir) if t["phase"] == "train"]
@@ -112,3 +114,5 @@ def test_two_rank_clients_under_torchrun_and_mpirun(run_lora_job):
     assert metrics["world-size"] == 2
     assert metrics["replica-max-abs-diff"] == 0.0  # identical replicas on both ranks
     assert rows[-1]["train_replies"] == 2
+    if dp == "opacus":
+        assert 0 < rows[-1]["epsilon"] < float("inf")

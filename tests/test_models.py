@@ -74,12 +74,12 @@ def test_loss_is_on_answer_tokens_only():
     assert causal_lm.answer_core(row["output"]) == "C2H6O"
 
 
-def _train(recipe, steps, mu=0.0, seed=0, partitions=4):
+def _train(recipe, steps, mu=0.0, seed=0, partitions=4, optimizer="adamw", lr=None):
     shard = recipe.shard("train", 0, partitions)
     return train_steps(recipe.model, batches(shard, recipe.collate, batch_size=16, seed=seed,
                                              dist=DistInfo()),
-                       recipe.loss_fn, steps=steps, lr=recipe.job["train"]["lr"],
-                       proximal_mu=mu, device=CPU, dist=DistInfo())
+                       recipe.loss_fn, steps=steps, lr=lr or recipe.job["train"]["lr"],
+                       optimizer=optimizer, proximal_mu=mu, device=CPU, dist=DistInfo())
 
 
 def test_local_training_lowers_eval_loss_and_moves_lora_b():
@@ -101,11 +101,15 @@ def test_proximal_term_keeps_the_adapter_near_the_global_one():
 
     def drift(mu):
         lora.load_adapter_state(recipe.model, start)
-        _train(recipe, steps=15, mu=mu)
+        # plain SGD: Adam's per-coordinate normalisation would blur the proximal pull
+        _train(recipe, steps=15, mu=mu, optimizer="sgd", lr=0.05)
         end = lora.adapter_state(recipe.model)
         return sum(float(((end[k] - start[k]) ** 2).sum()) for k in start) ** 0.5
 
-    assert drift(50.0) < 0.5 * drift(0.0)
+    drifts = [drift(mu) for mu in (0.0, 0.3, 3.0, 15.0)]
+    assert drifts[1] != drifts[0]  # the proximal term changes the update ...
+    assert drifts[0] > drifts[1] > drifts[2] > drifts[3]  # ... and pulls harder as mu grows
+    assert drifts[3] < 0.5 * drifts[0]
 
 
 @pytest.mark.parametrize("name", ["tiny_bert", "tiny_albert", "tiny_deberta", "minilm"])
