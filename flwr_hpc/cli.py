@@ -47,12 +47,17 @@ def _read_state(home: Path) -> dict[str, Any] | None:
         return None
 
 
-def _healthy(host: str, port: int, timeout: float = 1.0) -> bool:
+def _health(host: str, port: int, timeout: float = 1.0) -> dict | None:
+    """The /health answer of whatever HPC SuperLink listens there, or None."""
     try:
         with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=timeout) as res:
-            return res.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
+            return json.loads(res.read() or b"{}") if res.status == 200 else None
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def _healthy(host: str, port: int, timeout: float = 1.0) -> bool:
+    return _health(host, port, timeout) is not None
 
 
 def write_connection(home: Path, address: str, name: str = CONNECTION_NAME) -> Path:
@@ -110,6 +115,13 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"note: it serves federation '{state['federation']}', not "
                   f"'{federation.name}'; run `flwr-hpc down` first to switch.")
         return 0
+    other = _health(host, args.port, timeout=0.5)
+    if other is not None:
+        print(f"error: port {args.port} is already served by another HPC SuperLink "
+              f"(FLWR_HOME {other.get('home', '?')}, pid {other.get('pid', '?')}); stop it "
+              f"with FLWR_HOME={other.get('home', '<its home>')} flwr-hpc down, or use "
+              "--port", file=sys.stderr)
+        return 1
     hpc_dir = home / "hpc"
     hpc_dir.mkdir(parents=True, exist_ok=True)
     fed_json = hpc_dir / "federation.json"
@@ -129,7 +141,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             print("error: the HPC SuperLink exited during start-up:\n  " + "\n  ".join(tail),
                   file=sys.stderr)
             return 1
-        if _healthy(host, args.port, timeout=0.5):
+        answer = _health(host, args.port, timeout=0.5)
+        if answer is not None and answer.get("pid") == proc.pid:
             break
         time.sleep(0.2)
     else:

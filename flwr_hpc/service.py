@@ -229,9 +229,9 @@ def make_handler(link: HPCSuperLink) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:  # noqa: N802
             if self.path == "/health":
-                self._reply(200, json.dumps({"status": "ok",
-                                             "federation": link.federation.name}).encode(),
-                            "application/json")
+                self._reply(200, json.dumps({
+                    "status": "ok", "federation": link.federation.name,
+                    "pid": os.getpid(), "home": str(link.home)}).encode(), "application/json")
             else:
                 self._fail(404, "not found")
 

@@ -62,6 +62,17 @@ def test_flwr_run_stream_ls_and_down(superlink, flwr_home):
     again = _cli("flwr-hpc", "up", "--port", str(superlink))
     assert again.returncode == 0 and "already running" in again.stdout
 
+    # another FLWR_HOME must not mistake this service for its own
+    other_home = flwr_home.parent / "other_home"
+    other_home.mkdir()
+    clash = subprocess.run([str(BIN / "flwr-hpc"), "up", "--port", str(superlink)],
+                           capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "FLWR_HOME": str(other_home)})
+    assert clash.returncode == 1
+    assert f"port {superlink} is already served" in clash.stderr
+    assert str(flwr_home) in clash.stderr
+    assert not (other_home / "config.toml").exists()
+
     run = _cli("flwr", "run", ".", "hpc", "--stream", cwd=APP_DIR)
     assert run.returncode == 0, run.stderr
     assert "Successfully started run" in run.stdout
