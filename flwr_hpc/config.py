@@ -22,7 +22,7 @@ from flwr_hpc.errors import ConfigError
 
 PACKAGE_CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
-COMPUTE_TYPES = ("local",)
+COMPUTE_TYPES = ("local", "globus")
 LOCAL_ENGINES = ("process-pool", "thread-pool", "htex")
 PAYLOAD_TYPES = ("filesystem",)
 # How the ClientApp's ranks start at a site (see flwr_hpc.launch).
@@ -46,8 +46,14 @@ class Field:
 
 _COMPUTE = {
     "type": Field("str", default="local", choices=COMPUTE_TYPES),
+    # local: an endpoint engine in-process
     "engine": Field("str", default="process-pool", choices=LOCAL_ENGINES),
     "workers": Field("int", default=1, minimum=1),
+    # globus: a Globus Compute endpoint
+    "endpoint_id": Field("str|null", default=None),
+    "resource_specification": Field("any-map", default={}),  # num_nodes, ranks_per_node, ...
+    "user_endpoint_config": Field("any-map", default={}),    # templated multi-user endpoints
+    "amqp_port": Field("int", default=443, minimum=1),
 }
 _PAYLOAD = {
     "type": Field("str", default="filesystem", choices=PAYLOAD_TYPES),
@@ -253,6 +259,8 @@ class FederationConfig:
             SiteConfig(name=name, **values) for name, values in checked["sites"].items()
         )
         for s in sites:
+            if s.compute["type"] == "globus":
+                _check_globus_compute(s, source)
             if s.launcher["type"] == "none" and s.launcher["ranks"] != 1:
                 raise ConfigError(source, f"sites.{s.name}.launcher.ranks",
                                   "more than one rank needs a launcher; launcher 'none' "
@@ -264,6 +272,26 @@ class FederationConfig:
             workdir=checked["workdir"],
             source=source,
         )
+
+
+def _check_globus_compute(site: SiteConfig, source: str) -> None:
+    import uuid
+
+    key = f"sites.{site.name}.compute"
+    try:
+        uuid.UUID(str(site.compute.get("endpoint_id")))
+    except ValueError:
+        raise ConfigError(source, f"{key}.endpoint_id", "a Globus Compute endpoint UUID is "
+                          f"required, got {site.compute.get('endpoint_id')!r}") from None
+    spec = site.compute["resource_specification"]
+    if spec:
+        missing = [k for k in ("num_nodes", "ranks_per_node") if k not in spec]
+        if missing:
+            raise ConfigError(source, f"{key}.resource_specification.{missing[0]}",
+                              "set num_nodes and ranks_per_node explicitly (an MPI endpoint "
+                              "otherwise falls back to its own defaults)")
+    if site.compute["amqp_port"] not in (443, 5671, 5672):
+        raise ConfigError(source, f"{key}.amqp_port", "the service accepts 443, 5671 or 5672")
 
 
 def node_id_for(federation: str, site: str, slot: int) -> int:

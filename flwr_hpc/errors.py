@@ -74,3 +74,12 @@ class WorkerLostError(FlwrHpcError):
 
 class ServiceError(FlwrHpcError):
     """The HPC SuperLink service could not be started, reached or stopped."""
+
+
+class GlobusServiceError(FlwrHpcError):
+    """A Globus service (Compute, Transfer, Auth) refused or failed a request for a site."""
+
+    def __init__(self, site: str, problem: str) -> None:
+        super().__init__(f"site '{site}': {problem}")
+        self.site = site
+        self.problem = problem

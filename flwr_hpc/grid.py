@@ -384,6 +384,9 @@ class HPCGrid(Grid):
         }
         task.submitted_at = time.time()
         try:
+            if rt.backend.status() == "offline":  # Globus would hold the task for 2 weeks
+                raise RuntimeError("the site's endpoint is offline; its nodes sit out "
+                                   "this round")
             task.future = rt.backend.submit(self._worker_fn, job)
         except Exception as err:  # noqa: BLE001
             task.immediate = Message(

@@ -19,6 +19,15 @@ def make_backend(site: SiteConfig, run_dir: Path) -> ComputeBackend:
             workers=site.compute["workers"],
             run_dir=run_dir,
         )
+    if kind == "globus":
+        from flwr_hpc.compute.globus import GlobusComputeBackend
+
+        return GlobusComputeBackend(
+            site.name, site.compute["endpoint_id"],
+            resource_specification=site.compute["resource_specification"],
+            user_endpoint_config=site.compute["user_endpoint_config"],
+            amqp_port=site.compute["amqp_port"],
+        )
     raise ValueError(f"site '{site.name}': unsupported compute type {kind!r}")
 
 

@@ -1,0 +1,203 @@
+"""The Globus Compute backend against an offline fake of the cloud (HTTP + AMQP edges only)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import responses
+from conftest import read_tasks
+from fake_globus import FakeComputeCloud, make_client, reset_sdk_globals
+
+from flwr_hpc.compute import globus as gc
+from flwr_hpc.config import FederationConfig
+from flwr_hpc.errors import ConfigError, GlobusServiceError, RemoteTaskError
+from flwr_hpc.worker import run_task
+
+
+@pytest.fixture
+def cloud(tmp_path, monkeypatch):
+    from globus_compute_sdk.sdk.executor import _ResultWatcher
+
+    fake = FakeComputeCloud(tmp_path / "cloud", result_latency_s=0.05)
+    monkeypatch.setattr(_ResultWatcher, "_connect", lambda self: fake.connect(self))
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        fake.install(rsps)
+        gc.set_shared_client(make_client())
+        yield fake
+        gc.set_shared_client(None)
+        reset_sdk_globals()
+        fake.close()
+
+
+def echo(job: dict) -> dict:
+    """A site function (module level: shipped by reference)."""
+    if job.get("fail"):
+        raise ValueError("boom at the site")
+    return {"echo": job["x"], "pad": len(job.get("pad", ""))}
+
+
+def _backend(cloud, ep) -> gc.GlobusComputeBackend:
+    return gc.GlobusComputeBackend("site-a", ep)
+
+
+def test_round_trip_through_the_real_executor_is_fast(cloud):
+    ep = cloud.add_endpoint()
+    backend = _backend(cloud, ep)
+    try:
+        t0 = time.monotonic()
+        futures = [backend.submit(echo, {"x": i}) for i in range(6)]
+        assert [f.result(timeout=30)["echo"] for f in futures] == list(range(6))
+        assert time.monotonic() - t0 < 10
+        # sequential round trips stay flat: the client-side burst throttle is relaxed
+        times = []
+        for i in range(6):
+            t = time.monotonic()
+            backend.submit(echo, {"x": i}).result(timeout=30)
+            times.append(time.monotonic() - t)
+        assert max(times) < 2.0, times
+        ex = backend._executor
+        assert (ex.api_burst_limit, ex.api_burst_window_s) == (8, 1)
+        # arguments travel as JSON, the function by reference
+        task_body = cloud.submits[0]["body"]
+        args_buf = next(iter(task_body["tasks"].values()))[0]
+        assert "11\n" in args_buf and '"x": 0' in args_buf
+        assert task_body["result_serializers"] == gc.RESULT_SERIALIZERS
+    finally:
+        backend.close()
+
+
+def test_remote_exception_is_a_remote_task_error(cloud):
+    backend = _backend(cloud, cloud.add_endpoint())
+    try:
+        with pytest.raises(RemoteTaskError, match="boom at the site"):
+            backend.submit(echo, {"x": 1, "fail": True}).result(timeout=30)
+    finally:
+        backend.close()
+
+
+def test_oversized_submit_poisons_the_executor_and_the_backend_rebuilds_it(cloud):
+    backend = _backend(cloud, cloud.add_endpoint())
+    try:
+        big = backend.submit(echo, {"x": 1, "pad": "z" * 11_000_000})
+        with pytest.raises(GlobusServiceError, match="TASK_PAYLOAD_TOO_LARGE"):
+            big.result(timeout=30)
+        first = backend._executor
+        deadline = time.monotonic() + 10
+        while not getattr(first, "_stopped_in_error", False) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first._stopped_in_error  # the SDK's own behaviour: it refuses new work
+        ok = backend.submit(echo, {"x": 2})
+        assert ok.result(timeout=30)["echo"] == 2
+        assert backend.rebuilds == 1 and backend._executor is not first
+    finally:
+        backend.close()
+
+
+def test_result_over_the_endpoint_limit_is_an_error(cloud):
+    backend = _backend(cloud, cloud.add_endpoint())
+    try:
+        with pytest.raises(RemoteTaskError, match="MaxResultSizeExceeded|exceeded"):
+            backend.submit(big_result, {"x": 1}).result(timeout=60)
+    finally:
+        backend.close()
+
+
+def big_result(job: dict) -> dict:
+    return {"blob": "y" * (11 * 2**20)}
+
+
+def test_offline_endpoint_status_is_reported(cloud):
+    ep = cloud.add_endpoint(status="offline")
+    backend = _backend(cloud, ep)
+    try:
+        assert backend.status() == "offline"
+    finally:
+        backend.close()
+
+
+def test_missing_credentials_fail_fast_naming_the_variables(monkeypatch, tmp_path):
+    monkeypatch.delenv(gc.ENV_CLIENT_ID, raising=False)
+    monkeypatch.delenv(gc.ENV_CLIENT_SECRET, raising=False)
+    monkeypatch.setenv("GLOBUS_COMPUTE_USER_DIR", str(tmp_path))
+    gc.set_shared_client(None)
+    t0 = time.monotonic()
+    with pytest.raises(GlobusServiceError, match="GLOBUS_COMPUTE_CLIENT_ID"):
+        gc.shared_client()
+    assert time.monotonic() - t0 < 2
+
+
+def test_globus_site_config_is_validated():
+    def fed(compute):
+        return FederationConfig.from_dict({"name": "g", "sites": {"polaris": {
+            "compute": compute}}})
+
+    with pytest.raises(ConfigError, match="sites.polaris.compute.endpoint_id"):
+        fed({"type": "globus"})
+    with pytest.raises(ConfigError, match="resource_specification.ranks_per_node"):
+        fed({"type": "globus", "endpoint_id": "6f1f2d3e-0000-4000-8000-000000000001",
+             "resource_specification": {"num_nodes": 2}})
+    ok = fed({"type": "globus", "endpoint_id": "6f1f2d3e-0000-4000-8000-000000000001",
+              "resource_specification": {"num_nodes": 2, "ranks_per_node": 4}})
+    assert ok.site("polaris").compute["amqp_port"] == 443
+
+
+def _globus_federation(cloud, sites: dict[str, int]) -> FederationConfig:
+    return FederationConfig.from_dict({"name": "glob", "sites": {
+        name: {"clients": n, "compute": {"type": "globus", "endpoint_id": cloud.add_endpoint(
+            workers=n)}} for name, n in sites.items()}})
+
+
+def test_quickstart_over_globus_sites_matches_the_local_federation(cloud, run_quickstart):
+    fed = _globus_federation(cloud, {"polaris": 1, "perlmutter": 2, "frontier": 1})
+    status, run_dir, summary = run_quickstart({"num-server-rounds": 3}, federation=fed)
+    assert status == "finished:completed", (run_dir / "log.txt").read_text()[-3000:]
+    local = FederationConfig.from_dict({"name": "glob", "sites": {
+        name: {"clients": n, "compute": {"engine": "thread-pool", "workers": n}}
+        for name, n in {"polaris": 1, "perlmutter": 2, "frontier": 1}.items()}})
+    status2, _, summary2 = run_quickstart({"num-server-rounds": 3}, federation=local)
+    assert status2 == "finished:completed"
+    # identical results for the same seed, up to the float32 summation order of the replies
+    # (they arrive in a different order)
+    assert _leaves(summary) == pytest.approx(_leaves(summary2), rel=1e-6, abs=1e-9)
+    assert summary["final_first"] and summary["num_nodes"] == 4
+    tasks = read_tasks(run_dir)
+    assert len(tasks) == 3 * 2 * 4 and {t["outcome"] for t in tasks} == {"ok"}
+
+
+def _leaves(obj, prefix=""):
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(_leaves(v, f"{prefix}{k}/"))
+        return out
+    if isinstance(obj, list):
+        return _leaves(dict(enumerate(obj)), prefix)
+    return {prefix: obj}
+
+
+def test_offline_endpoint_nodes_are_node_unavailable(cloud, run_quickstart):
+    fed = _globus_federation(cloud, {"up": 2, "down": 1})
+    cloud.set_status(fed.site("down").compute["endpoint_id"], "offline")
+    status, run_dir, summary = run_quickstart({"num-server-rounds": 1}, federation=fed)
+    tasks = read_tasks(run_dir)
+    down = [t for t in tasks if t["site"] == "down"]
+    assert down and all(t["outcome"] == "error:NODE_UNAVAILABLE" for t in down)
+    assert all(t["outcome"] == "ok" for t in tasks if t["site"] == "up")
+    assert status == "finished:completed"
+
+
+def test_site_worker_ships_by_reference_and_loads_in_a_clean_interpreter():
+    ser = gc.result_serializer()
+    payload = ser.serialize(run_task)
+    assert len(payload) < 200
+    code = ("import sys; from globus_compute_sdk.serialize import ComputeSerializer;"
+            f"fn = ComputeSerializer().deserialize({payload!r});"
+            "print(fn.__module__ + '.' + fn.__name__)")
+    out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "flwr_hpc.worker.run_task"
+    assert ser.deserialize(ser.serialize({"a": [1, "b"]})) == {"a": [1, "b"]}
