@@ -80,8 +80,10 @@ def test_raising_clientapp_becomes_error_reply_and_others_aggregate(run_quicksta
 
 def test_task_past_deadline_is_dropped_and_late_result_discarded(run_quickstart):
     status, run_dir, summary = run_quickstart(
-        {"num-server-rounds": 2, "sleep-partition": 0, "sleep-round": 1, "sleep-s": 7.0,
-         "timeout-s": 5.0})
+        # the deadline must exceed a cold start (4 spawned workers on 2 cores: ~7 s) and
+        # fall well short of the sleeper
+        {"num-server-rounds": 2, "sleep-partition": 0, "sleep-round": 1, "sleep-s": 16.0,
+         "timeout-s": 12.0})
     assert status == "finished:completed"
     tasks = read_tasks(run_dir)
     node0 = [t for t in tasks if t["site"] == "alpha"]
