@@ -250,6 +250,16 @@ class FakeComputeCloud:
             if self._queues.get(channel.queue) is channel:
                 del self._queues[channel.queue]
 
+    def break_channels(self, times: int = 3) -> None:
+        """The broker closes every consuming channel ``times`` times in quick succession
+        (3 within 10 s makes the SDK's result watcher give up on all its futures)."""
+        with self._lock:
+            channels = list(self._queues.values())
+        for ch in channels:
+            for _ in range(times):
+                ch.connection.ioloop.add_callback_threadsafe(
+                    lambda ch=ch: ch._on_close(ch, RuntimeError("broker closed the channel")))
+
     def connect(self, watcher) -> FakeConnection:
         """Stands in for ``_ResultWatcher._connect`` (the SDK's own URL request is kept)."""
         res = watcher.client.get_result_amqp_url()

@@ -13,7 +13,7 @@ from fake_globus import FakeComputeCloud, make_client, reset_sdk_globals
 
 from flwr_hpc.compute import globus as gc
 from flwr_hpc.config import FederationConfig
-from flwr_hpc.errors import ConfigError, GlobusServiceError, RemoteTaskError
+from flwr_hpc.errors import ConfigError, GlobusServiceError, RemoteTaskError, WorkerLostError
 from flwr_hpc.worker import run_task
 
 
@@ -109,6 +109,28 @@ def big_result(job: dict) -> dict:
     return {"blob": "y" * (11 * 2**20)}
 
 
+def slow(job: dict) -> dict:
+    import time as _t
+
+    _t.sleep(job["s"])
+    return {"slept": job["s"]}
+
+
+def test_result_watcher_death_fails_open_tasks_and_the_site_recovers(cloud):
+    backend = _backend(cloud, cloud.add_endpoint(workers=2))
+    try:
+        pending = backend.submit(slow, {"s": 3.0})
+        deadline = time.monotonic() + 10
+        while not cloud._queues and time.monotonic() < deadline:
+            time.sleep(0.05)  # the watcher is consuming
+        cloud.break_channels()
+        with pytest.raises(WorkerLostError, match="Unable to sustain channel"):
+            pending.result(timeout=30)
+        assert backend.submit(echo, {"x": 7}).result(timeout=30)["echo"] == 7
+    finally:
+        backend.close()
+
+
 def test_offline_endpoint_status_is_reported(cloud):
     ep = cloud.add_endpoint(status="offline")
     backend = _backend(cloud, ep)
@@ -127,6 +149,21 @@ def test_missing_credentials_fail_fast_naming_the_variables(monkeypatch, tmp_pat
     with pytest.raises(GlobusServiceError, match="GLOBUS_COMPUTE_CLIENT_ID"):
         gc.shared_client()
     assert time.monotonic() - t0 < 2
+
+
+def test_refused_credentials_are_a_clear_error(monkeypatch):
+    """A 401 from Globus Auth (faked at the HTTP edge; the SDK's own client flow is real)."""
+    monkeypatch.setenv(gc.ENV_CLIENT_ID, "6f1f2d3e-0000-4000-8000-000000000009")
+    monkeypatch.setenv(gc.ENV_CLIENT_SECRET, "wrong")
+    gc.set_shared_client(None)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
+        rsps.add("POST", "https://auth.globus.org/v2/oauth2/token", status=401,
+                 json={"error": "invalid_client",
+                       "errors": [{"code": "UNAUTHORIZED", "status": "401"}]})
+        with pytest.raises(GlobusServiceError, match="credentials were refused") as err:
+            gc.shared_client()
+    assert "wrong" not in str(err.value)  # the secret is never echoed
+    gc.set_shared_client(None)
 
 
 def test_globus_site_config_is_validated():

@@ -66,8 +66,13 @@ def shared_client(*, interactive: bool = False):
             try:
                 _client = Client()
             except Exception as err:  # noqa: BLE001 - 401s, network errors: say what failed
-                raise GlobusServiceError("globus-compute", f"could not create the Globus Compute "
-                                   f"client: {type(err).__name__}: {err}") from None
+                hint = ""
+                if getattr(err, "http_status", None) in (401, 403):
+                    hint = (f" -- the credentials were refused: check {ENV_CLIENT_ID} / "
+                            f"{ENV_CLIENT_SECRET}, or log in again")
+                raise GlobusServiceError("globus-compute", "could not create the Globus "
+                                         f"Compute client: {type(err).__name__}: {err}{hint}"
+                                         ) from None
         return _client
 
 
