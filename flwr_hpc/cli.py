@@ -255,6 +255,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if status == "finished:completed" else 1
 
 
+def cmd_sites(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from flwr_hpc.sites import check_sites
+
+    federation = _load_federation(args.overrides, args.config_dir)
+    console = Console()
+    console.print(f"checking {len(federation.sites)} site(s) of federation "
+                  f"'{federation.name}' ...")
+    checks = check_sites(federation, _home(), timeout_s=args.timeout)
+    table = Table("site", "compute", "status", "round trip", "store", "host", "result")
+    for c in checks:
+        table.add_row(c.site, c.compute, c.status,
+                      f"{c.round_trip_s:.2f} s" if c.round_trip_s is not None else "-",
+                      c.store if c.store == "ok" else ("-" if c.store == "-" else "error"),
+                      c.host, "[green]ok[/green]" if c.ok else f"[red]{c.error}[/red]")
+    console.print(table)
+    failed = [c.site for c in checks if not c.ok]
+    if failed:
+        print(f"error: {len(failed)} site(s) not ready: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flwr-hpc", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -275,12 +300,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--run-config", action="append", default=[],
                      help="run config override KEY=VALUE (as `flwr run -c`)")
     add_config(run)
+    sites = sub.add_parser("sites", help="check a federation's sites")
+    sites_sub = sites.add_subparsers(dest="sites_command", required=True)
+    check = sites_sub.add_parser("check", help="credentials, endpoint status and a round-trip "
+                                 "probe (task + payload) per site")
+    check.add_argument("--timeout", type=float, default=120.0,
+                       help="seconds to wait for each site's probe")
+    add_config(check)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "run": cmd_run}
+    handlers = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "run": cmd_run,
+                "sites": cmd_sites}
     try:
         return handlers[args.command](args)
     except ConfigError as err:

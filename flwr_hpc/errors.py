@@ -79,7 +79,7 @@ class ServiceError(FlwrHpcError):
 class GlobusServiceError(FlwrHpcError):
     """A Globus service (Compute, Transfer, Auth) refused or failed a request for a site."""
 
-    def __init__(self, site: str, problem: str) -> None:
-        super().__init__(f"site '{site}': {problem}")
+    def __init__(self, site: str | None, problem: str) -> None:
+        super().__init__(f"site '{site}': {problem}" if site else f"Globus: {problem}")
         self.site = site
         self.problem = problem

@@ -189,3 +189,24 @@ def execute(job: dict[str, Any], started_at: float, *, primary: bool) -> dict[st
         result["context_id"] = ctx_id
     result["finished_at"] = time.time()
     return result
+
+
+def probe(job: dict[str, Any]) -> dict[str, Any]:
+    """A tiny site task for ``flwr-hpc sites check``: who runs here, and can it read the
+    store? Reads the probe object the server staged and writes one back."""
+    import platform
+
+    import flwr_hpc
+
+    out: dict[str, Any] = {"host": platform.node(), "python": platform.python_version(),
+                           "flwr_hpc": flwr_hpc.__version__, "started_at": time.time()}
+    try:
+        store = open_store(job["store"])
+        data = store.get(check_object_id(job["probe_id"]))
+        reply = f"pong:{data.decode()}".encode()
+        out["reply_id"] = sha256_hex(reply)
+        store.put(out["reply_id"], reply)
+        out["store"] = "ok"
+    except Exception as err:  # noqa: BLE001 - the report is the result
+        out["store"] = f"{type(err).__name__}: {err}"
+    return out

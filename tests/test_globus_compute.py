@@ -238,3 +238,28 @@ def test_site_worker_ships_by_reference_and_loads_in_a_clean_interpreter():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "flwr_hpc.worker.run_task"
     assert ser.deserialize(ser.serialize({"a": [1, "b"]})) == {"a": [1, "b"]}
+
+
+def test_sites_check_without_credentials_fails_fast_and_names_the_variables(tmp_path):
+    env = {k: v for k, v in __import__("os").environ.items()
+           if not k.startswith("GLOBUS_COMPUTE_CLIENT")}
+    env.update(FLWR_HOME=str(tmp_path / "home"), GLOBUS_COMPUTE_USER_DIR=str(tmp_path / "gc"))
+    exe = __import__("pathlib").Path(sys.executable).parent / "flwr-hpc"
+    t0 = time.monotonic()
+    out = subprocess.run([str(exe), "sites", "check", "federation=doe4"], env=env,
+                         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert time.monotonic() - t0 < 20
+    assert out.returncode == 1
+    assert "GLOBUS_COMPUTE_CLIENT_ID" in out.stderr and "GLOBUS_COMPUTE_CLIENT_SECRET" in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_sites_check_probes_each_site_through_the_fake_cloud(cloud, flwr_home, capsys):
+    from flwr_hpc.sites import check_sites
+
+    fed = _globus_federation(cloud, {"polaris": 1, "aurora": 1})
+    cloud.set_status(fed.site("aurora").compute["endpoint_id"], "offline")
+    checks = {c.site: c for c in check_sites(fed, flwr_home, timeout_s=30)}
+    assert checks["polaris"].ok and checks["polaris"].store == "ok"
+    assert 0 < checks["polaris"].round_trip_s < 10
+    assert not checks["aurora"].ok and "offline" in checks["aurora"].error

@@ -58,7 +58,7 @@ def shared_client(*, interactive: bool = False):
         if _client is None:
             if not interactive and not credentials_available():
                 raise GlobusServiceError(
-                    "globus-compute", f"no Globus credentials: set {ENV_CLIENT_ID} and "
+                    None, f"no Globus credentials: set {ENV_CLIENT_ID} and "
                     f"{ENV_CLIENT_SECRET} (a confidential client), or run "
                     "'globus-compute-endpoint login' once on this machine")
             from globus_compute_sdk import Client
@@ -70,7 +70,7 @@ def shared_client(*, interactive: bool = False):
                 if getattr(err, "http_status", None) in (401, 403):
                     hint = (f" -- the credentials were refused: check {ENV_CLIENT_ID} / "
                             f"{ENV_CLIENT_SECRET}, or log in again")
-                raise GlobusServiceError("globus-compute", "could not create the Globus "
+                raise GlobusServiceError(None, "could not create the Globus "
                                          f"Compute client: {type(err).__name__}: {err}{hint}"
                                          ) from None
         return _client

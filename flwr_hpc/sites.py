@@ -1,0 +1,91 @@
+"""``flwr-hpc sites check``: is every site of a federation ready for a run?
+
+For each site: the credentials its backend needs, the endpoint's status, and a round-trip
+probe -- a tiny task (:func:`flwr_hpc.worker.probe`) that reads an object the server put in
+the site's store and writes one back, so the compute path and the payload path are both
+exercised -- with its latency. Sites are checked in parallel; an offline site or a failed
+probe fails the check with the reason, and nothing waits longer than ``timeout_s``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr_hpc.config import FederationConfig
+from flwr_hpc.errors import FlwrHpcError
+
+
+@dataclass
+class SiteCheck:
+    site: str
+    compute: str
+    status: str = "unknown"
+    round_trip_s: float | None = None
+    store: str = "-"
+    host: str = "-"
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+def check_site(federation: FederationConfig, name: str, flwr_home: Path,
+               timeout_s: float) -> SiteCheck:
+    from flwr_hpc.compute import make_backend
+    from flwr_hpc.grid import site_root
+    from flwr_hpc.payload.objects import sha256_hex
+    from flwr_hpc.payload.store import FilesystemStore
+    from flwr_hpc.worker import probe
+
+    site = federation.site(name)
+    result = SiteCheck(name, site.compute["type"])
+    root = site_root(federation, name, flwr_home)
+    backend = None
+    try:
+        store_path = Path(site.payload["path"]) if site.payload.get("path") else root / "store"
+        store = FilesystemStore(store_path, site=name)
+        backend = make_backend(site, root / "probe")
+        result.status = backend.status()
+        if result.status == "offline":
+            result.error = "endpoint offline (start it: globus-compute-endpoint start <name>)"
+            return result
+        payload = f"ping {time.time()}".encode()
+        probe_id = sha256_hex(payload)
+        store.put(probe_id, payload)
+        t0 = time.monotonic()
+        answer = backend.submit(probe, {"store": store.spec(), "probe_id": probe_id}).result(
+            timeout=timeout_s)
+        result.round_trip_s = time.monotonic() - t0
+        result.host = str(answer.get("host", "-"))
+        result.store = str(answer.get("store"))
+        if result.store != "ok":
+            result.error = f"the site cannot use its store {store_path}: {result.store}"
+        elif store.get(answer["reply_id"]) != b"pong:" + payload:
+            result.error = "the probe's reply in the store does not match"
+    except TimeoutError:
+        result.error = f"no answer within {timeout_s:.0f} s (queued behind a batch job?)"
+    except FlwrHpcError as err:
+        result.error = str(err)
+    except Exception as err:  # noqa: BLE001 - every failure becomes a row, not a traceback
+        result.error = f"{type(err).__name__}: {err}"
+    finally:
+        if backend is not None:
+            backend.close()
+    return result
+
+
+def check_sites(federation: FederationConfig, flwr_home: Path,
+                timeout_s: float = 120.0) -> list[SiteCheck]:
+    names = [s.name for s in federation.sites]
+    if any(s.compute["type"] == "globus" for s in federation.sites):
+        from flwr_hpc.compute.globus import shared_client
+
+        shared_client()  # fails at once, naming the variables, when there are no credentials
+    os.environ.setdefault("FLWR_HOME", str(flwr_home))
+    with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
+        return list(pool.map(lambda n: check_site(federation, n, flwr_home, timeout_s), names))
