@@ -24,7 +24,7 @@ PACKAGE_CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 COMPUTE_TYPES = ("local", "globus")
 LOCAL_ENGINES = ("process-pool", "thread-pool", "htex")
-PAYLOAD_TYPES = ("filesystem",)
+PAYLOAD_TYPES = ("filesystem", "inline")
 # How the ClientApp's ranks start at a site (see flwr_hpc.launch).
 LAUNCHER_TYPES = ("none", "torchrun", "mpirun", "mpiexec", "srun", "parsl")
 
@@ -57,7 +57,8 @@ _COMPUTE = {
 }
 _PAYLOAD = {
     "type": Field("str", default="filesystem", choices=PAYLOAD_TYPES),
-    "path": Field("str|null", default=None),
+    "path": Field("str|null", default=None),                    # filesystem
+    "max_task_bytes": Field("int", default=8_000_000, minimum=1024),  # inline
 }
 _LAUNCHER = {
     "type": Field("str", default="none", choices=LAUNCHER_TYPES),

@@ -37,8 +37,10 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.run import Run
 
 from flwr_hpc.compute import ComputeBackend, make_backend
+from flwr_hpc.compute.base import task_serializer
 from flwr_hpc.config import SUPERLINK_NODE_ID, ClientSlot, FederationConfig
 from flwr_hpc.errors import FlwrHpcError, RemoteTaskError, WorkerLostError
+from flwr_hpc.payload.inline import InlineStore
 from flwr_hpc.payload.objects import inflate_message, sha256_hex
 from flwr_hpc.payload.store import FilesystemStore, PayloadStore
 from flwr_hpc.telemetry import Progress, TaskLog
@@ -79,6 +81,7 @@ class _Task:
     immediate: Message | None = None  # reply known without running (e.g. unknown node)
     abandoned: bool = False
     context_id: str = ""
+    object_ids: list[str] = field(default_factory=list)  # what an inline task carries
 
     @property
     def phase(self) -> str:
@@ -180,8 +183,11 @@ class HPCGrid(Grid):
         try:
             for s in federation.sites:
                 root = site_root(federation, s.name, flwr_home)
-                store_path = Path(s.payload["path"]) if s.payload.get("path") else root / "store"
-                store = FilesystemStore(store_path, site=s.name)
+                if s.payload["type"] == "inline":
+                    store = InlineStore(s.name, max_task_bytes=s.payload["max_task_bytes"])
+                else:
+                    path = Path(s.payload["path"]) if s.payload.get("path") else root / "store"
+                    store = FilesystemStore(path, site=s.name)
                 backend = make_backend(s, run_dir / "sites" / s.name)
                 extras: dict[str, Any] = {"launcher": dict(s.launcher)}
                 if s.compute["type"] == "local":
@@ -355,13 +361,15 @@ class HPCGrid(Grid):
         seen: set[str] = set()
         for t in tasks:
             # Messages of a phase share their records: deflate each object once per site.
-            for oid, obj in get_all_nested_objects(t.message).items():
+            objects = get_all_nested_objects(t.message)
+            for oid, obj in objects.items():
                 if oid not in seen and not rt.store.has(oid):
                     written += rt.store.put(oid, obj.deflate())
                 seen.add(oid)
             ctx_bytes = context_to_bytes(self.node_context(t.node.node_id))
             t.context_id = sha256_hex(ctx_bytes)
             written += rt.store.put(t.context_id, ctx_bytes)
+            t.object_ids = [*objects, t.context_id, self.fab_hash]
             t.bytes_to_site = written - before
             before = written
         elapsed = time.monotonic() - t0
@@ -384,6 +392,15 @@ class HPCGrid(Grid):
         }
         task.submitted_at = time.time()
         try:
+            if isinstance(rt.store, InlineStore):
+                job["objects"] = rt.store.bundle(task.object_ids)
+                size = len(task_serializer().serialize((job,)))
+                if size >= rt.store.max_task_bytes:
+                    raise RuntimeError(
+                        f"the task is {size:,} bytes serialized, over the inline store's "
+                        f"limit of {rt.store.max_task_bytes:,} (Globus Compute refuses "
+                        "submissions over 10 MB); give this site a shared store "
+                        "(payload.type: filesystem)")
             if rt.backend.status() == "offline":  # Globus would hold the task for 2 weeks
                 raise RuntimeError("the site's endpoint is offline; its nodes sit out "
                                    "this round")
@@ -467,6 +484,8 @@ class HPCGrid(Grid):
         store = self.sites[task.node.site].store
         t0 = time.monotonic()
         read_bytes = 0
+        if isinstance(store, InlineStore) and result.get("objects"):
+            store.ingest(result["objects"])
 
         def read(oid: str) -> bytes:
             nonlocal read_bytes

@@ -38,6 +38,7 @@ def check_site(federation: FederationConfig, name: str, flwr_home: Path,
                timeout_s: float) -> SiteCheck:
     from flwr_hpc.compute import make_backend
     from flwr_hpc.grid import site_root
+    from flwr_hpc.payload.inline import InlineStore
     from flwr_hpc.payload.objects import sha256_hex
     from flwr_hpc.payload.store import FilesystemStore
     from flwr_hpc.worker import probe
@@ -48,7 +49,8 @@ def check_site(federation: FederationConfig, name: str, flwr_home: Path,
     backend = None
     try:
         store_path = Path(site.payload["path"]) if site.payload.get("path") else root / "store"
-        store = FilesystemStore(store_path, site=name)
+        store = (InlineStore(name) if site.payload["type"] == "inline"
+                 else FilesystemStore(store_path, site=name))
         backend = make_backend(site, root / "probe")
         result.status = backend.status()
         if result.status == "offline":
@@ -58,8 +60,12 @@ def check_site(federation: FederationConfig, name: str, flwr_home: Path,
         probe_id = sha256_hex(payload)
         store.put(probe_id, payload)
         t0 = time.monotonic()
-        answer = backend.submit(probe, {"store": store.spec(), "probe_id": probe_id}).result(
-            timeout=timeout_s)
+        job = {"store": store.spec(), "probe_id": probe_id}
+        if isinstance(store, InlineStore):
+            job["objects"] = store.bundle([probe_id])
+        answer = backend.submit(probe, job).result(timeout=timeout_s)
+        if isinstance(store, InlineStore) and answer.get("objects"):
+            store.ingest(answer["objects"])
         result.round_trip_s = time.monotonic() - t0
         result.host = str(answer.get("host", "-"))
         result.store = str(answer.get("store"))

@@ -31,6 +31,8 @@ from flwr.common.serde import context_from_proto, context_to_proto
 from flwr.proto.message_pb2 import Context as ProtoContext  # pylint: disable=E0611
 
 from flwr_hpc.errors import FlwrHpcError
+from flwr_hpc.payload.inline import InlineSiteStore
+from flwr_hpc.payload.inline import encode as encode_objects
 from flwr_hpc.payload.objects import (
     check_object_id,
     inflate_message,
@@ -127,7 +129,10 @@ def execute(job: dict[str, Any], started_at: float, *, primary: bool) -> dict[st
     ``primary``, so exactly one reply reaches the store.
     """
     try:
-        store = open_store(job["store"])
+        if job["store"].get("type") == "inline":  # the objects came with the task
+            store = InlineSiteStore(job.get("objects") or {}, site=job["store"].get("site", ""))
+        else:
+            store = open_store(job["store"])
         message_id = check_object_id(job["message_id"])
         context_id = check_object_id(job["context_id"])
         fab_hash = check_object_id(job["fab_hash"])
@@ -187,6 +192,8 @@ def execute(job: dict[str, Any], started_at: float, *, primary: bool) -> dict[st
         ctx_id = sha256_hex(ctx_bytes)
         store.put(ctx_id, ctx_bytes)
         result["context_id"] = ctx_id
+    if isinstance(store, InlineSiteStore):  # the reply travels back in the result
+        result["objects"] = encode_objects(store.outbox)
     result["finished_at"] = time.time()
     return result
 
@@ -201,11 +208,14 @@ def probe(job: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"host": platform.node(), "python": platform.python_version(),
                            "flwr_hpc": flwr_hpc.__version__, "started_at": time.time()}
     try:
-        store = open_store(job["store"])
+        inline = job["store"].get("type") == "inline"
+        store = InlineSiteStore(job["objects"]) if inline else open_store(job["store"])
         data = store.get(check_object_id(job["probe_id"]))
         reply = f"pong:{data.decode()}".encode()
         out["reply_id"] = sha256_hex(reply)
         store.put(out["reply_id"], reply)
+        if inline:
+            out["objects"] = encode_objects(store.outbox)
         out["store"] = "ok"
     except Exception as err:  # noqa: BLE001 - the report is the result
         out["store"] = f"{type(err).__name__}: {err}"

@@ -257,9 +257,47 @@ def test_sites_check_without_credentials_fails_fast_and_names_the_variables(tmp_
 def test_sites_check_probes_each_site_through_the_fake_cloud(cloud, flwr_home, capsys):
     from flwr_hpc.sites import check_sites
 
-    fed = _globus_federation(cloud, {"polaris": 1, "aurora": 1})
+    fed = FederationConfig.from_dict({"name": "glob", "sites": {
+        "polaris": {"compute": {"type": "globus", "endpoint_id": cloud.add_endpoint()}},
+        "frontier": {"payload": {"type": "inline"},
+                     "compute": {"type": "globus", "endpoint_id": cloud.add_endpoint()}},
+        "aurora": {"compute": {"type": "globus", "endpoint_id": cloud.add_endpoint()}}}})
     cloud.set_status(fed.site("aurora").compute["endpoint_id"], "offline")
     checks = {c.site: c for c in check_sites(fed, flwr_home, timeout_s=30)}
-    assert checks["polaris"].ok and checks["polaris"].store == "ok"
-    assert 0 < checks["polaris"].round_trip_s < 10
+    for name in ("polaris", "frontier"):  # shared-filesystem and inline payloads
+        assert checks[name].ok and checks[name].store == "ok", checks[name]
+        assert 0 < checks[name].round_trip_s < 10
     assert not checks["aurora"].ok and "offline" in checks["aurora"].error
+
+
+def _inline_federation(cloud, sites: dict[str, int], **payload) -> FederationConfig:
+    return FederationConfig.from_dict({"name": "glob", "sites": {
+        name: {"clients": n, "payload": {"type": "inline", **payload},
+               "compute": {"type": "globus", "endpoint_id": cloud.add_endpoint(workers=n)}}
+        for name, n in sites.items()}})
+
+
+def test_inline_payload_runs_the_quickstart_with_no_shared_storage(cloud, run_quickstart,
+                                                                   flwr_home):
+    fed = _inline_federation(cloud, {"polaris": 1, "perlmutter": 2})
+    status, run_dir, summary = run_quickstart({"num-server-rounds": 2}, federation=fed)
+    assert status == "finished:completed", (run_dir / "log.txt").read_text()[-3000:]
+    tasks = read_tasks(run_dir)
+    assert len(tasks) == 2 * 2 * 3 and {t["outcome"] for t in tasks} == {"ok"}
+    assert summary["num_nodes"] == 3
+    # nothing was written to a site store: every byte went through the task and its result
+    assert not list((flwr_home / "hpc" / "sites").glob("*/*/store/objects/*"))
+    assert all(t["bytes_from_site"] > 0 for t in tasks)
+    sizes = [s["bytes"] for s in cloud.submits]
+    assert max(sizes) < 8_000_000
+
+
+def test_inline_task_over_the_limit_is_refused_before_submission(cloud, run_quickstart):
+    fed = _inline_federation(cloud, {"polaris": 1, "perlmutter": 1}, max_task_bytes=200_000)
+    status, run_dir, summary = run_quickstart({"num-server-rounds": 1, "model-size-mb": 0.5},
+                                              federation=fed)
+    tasks = read_tasks(run_dir)
+    assert tasks and all(t["outcome"] == "error:NODE_UNAVAILABLE" for t in tasks)
+    assert "over the inline store's limit" in tasks[0]["error"]
+    assert "payload.type: filesystem" in tasks[0]["error"]
+    assert cloud.submits == []  # nothing reached the service, no Executor was poisoned

@@ -1,0 +1,99 @@
+"""The ``inline`` payload store: objects travel inside the task and its result.
+
+For sites with no storage the server can reach. Each task carries every object it needs
+(the message tree, the node's Context and the FAB) base64-encoded in its JSON arguments,
+and the worker returns the reply objects in its JSON result. Sizes are *measured* with the
+real ``ComputeSerializer`` before submission: a task at or above ``max_task_bytes`` (default
+8 MB, below Globus Compute's 10 MB submit limit) is refused with a message that says to use
+a shared store, instead of poisoning the site's Executor. Results are bounded by the
+endpoint's 10 MiB result limit. Every object is still verified by sha256 when read.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from flwr_hpc.errors import PayloadMissingError
+from flwr_hpc.payload.objects import check_object_id, verify_object
+
+DEFAULT_MAX_TASK_BYTES = 8_000_000
+
+
+def encode(objects: dict[str, bytes]) -> dict[str, str]:
+    return {oid: base64.b64encode(data).decode("ascii") for oid, data in objects.items()}
+
+
+def decode(objects: dict[str, str]) -> dict[str, bytes]:
+    return {check_object_id(oid): base64.b64decode(text) for oid, text in objects.items()}
+
+
+class InlineStore:
+    """Server side: the objects staged for a site's tasks, bundled into each task."""
+
+    def __init__(self, site: str = "", max_task_bytes: int = DEFAULT_MAX_TASK_BYTES) -> None:
+        self.site = site
+        self.max_task_bytes = max_task_bytes
+        self._objects: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": "inline", "site": self.site}
+
+    def has(self, object_id: str) -> bool:
+        return object_id in self._objects
+
+    def put(self, object_id: str, data: bytes) -> int:
+        data = bytes(data)
+        verify_object(check_object_id(object_id), data, f"site '{self.site}' (inline)")
+        with self._lock:
+            if object_id in self._objects:
+                return 0
+            self._objects[object_id] = data
+        return len(data)
+
+    def get(self, object_id: str) -> bytes:
+        data = self._objects.get(check_object_id(object_id))
+        if data is None:
+            raise PayloadMissingError(object_id, f"site '{self.site}' (inline)")
+        return verify_object(object_id, data, f"site '{self.site}' (inline)")
+
+    def bundle(self, object_ids: Iterable[str]) -> dict[str, str]:
+        """The base64 objects a task carries."""
+        return encode({oid: self.get(oid) for oid in dict.fromkeys(object_ids)})
+
+    def ingest(self, objects: dict[str, str]) -> None:
+        """Objects a task returned (verified again when read)."""
+        for oid, data in decode(objects).items():
+            with self._lock:
+                self._objects[oid] = data
+
+
+class InlineSiteStore:
+    """Site side: reads the task's objects, collects what the worker writes for the result."""
+
+    def __init__(self, objects: dict[str, str], site: str = "") -> None:
+        self.site = site
+        self._objects = decode(objects)
+        self.outbox: dict[str, bytes] = {}
+
+    def spec(self) -> dict[str, Any]:
+        return {"type": "inline", "site": self.site}
+
+    def has(self, object_id: str) -> bool:
+        return object_id in self._objects or object_id in self.outbox
+
+    def get(self, object_id: str) -> bytes:
+        oid = check_object_id(object_id)
+        data = self._objects.get(oid, self.outbox.get(oid))
+        if data is None:
+            raise PayloadMissingError(oid, f"site '{self.site}' (inline task)")
+        return verify_object(oid, data, f"site '{self.site}' (inline task)")
+
+    def put(self, object_id: str, data: bytes) -> int:
+        data = bytes(data)
+        verify_object(check_object_id(object_id), data, f"site '{self.site}' (inline task)")
+        self.outbox[object_id] = data
+        return len(data)
