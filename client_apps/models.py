@@ -219,6 +219,3 @@ def load_base_model(cfg: Mapping[str, Any], device: torch.device | None = None):
         p.requires_grad_(False)
     return model
 
-
-def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())

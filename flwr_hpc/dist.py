@@ -87,9 +87,3 @@ def init(backend: str | None = None) -> DistInfo:
     tdist.init_process_group(backend=backend)
     return me
 
-
-def barrier() -> None:
-    import torch.distributed as tdist
-
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.barrier()

@@ -109,6 +109,16 @@ def local_thread_share(federation: FederationConfig) -> int:
     return max(1, (os.cpu_count() or 1) // max(ranks, 1))
 
 
+def open_site_store(federation: FederationConfig, site: str, flwr_home: Path) -> PayloadStore:
+    """The server's handle on ``site``'s payload store, from the site's ``payload`` config."""
+    payload = federation.site(site).payload
+    if payload["type"] == "inline":
+        return InlineStore(site, max_task_bytes=payload["max_task_bytes"])
+    root = site_root(federation, site, flwr_home)
+    return FilesystemStore(Path(payload["path"]) if payload.get("path") else root / "store",
+                           site=site)
+
+
 def site_root(federation: FederationConfig, site: str, flwr_home: Path) -> Path:
     base = Path(federation.workdir) if federation.workdir else flwr_home / "hpc" / "sites"
     if not federation.workdir:
@@ -183,11 +193,7 @@ class HPCGrid(Grid):
         try:
             for s in federation.sites:
                 root = site_root(federation, s.name, flwr_home)
-                if s.payload["type"] == "inline":
-                    store = InlineStore(s.name, max_task_bytes=s.payload["max_task_bytes"])
-                else:
-                    path = Path(s.payload["path"]) if s.payload.get("path") else root / "store"
-                    store = FilesystemStore(path, site=s.name)
+                store = open_site_store(federation, s.name, flwr_home)
                 backend = make_backend(s, run_dir / "sites" / s.name)
                 extras: dict[str, Any] = {"launcher": dict(s.launcher)}
                 if s.compute["type"] == "local":

@@ -42,7 +42,6 @@ from flwr.common.constant import ErrorCode
 
 from flwr_hpc.dist import ENV_MASTER_PORT
 
-LAUNCHERS = ("none", "torchrun", "mpirun", "mpiexec", "srun", "parsl")
 LOG_TAIL_CHARS = 3000
 
 
@@ -138,9 +137,7 @@ def rank_main(job_file: Path) -> int:
     started_at = time.time()
     job = json.loads(job_file.read_text())
     _limit_threads(job.get("threads"))
-    me = dist.info()
-    for key, value in dist.rank_env().items():
-        os.environ.setdefault(key, value)
+    me = dist.info()  # the ClientApp joins the group with dist.init()
     result = execute(job, started_at, primary=me.is_primary)
     if "torch" in sys.modules:
         import torch.distributed as tdist

@@ -37,10 +37,9 @@ class SiteCheck:
 def check_site(federation: FederationConfig, name: str, flwr_home: Path,
                timeout_s: float) -> SiteCheck:
     from flwr_hpc.compute import make_backend
-    from flwr_hpc.grid import site_root
+    from flwr_hpc.grid import open_site_store, site_root
     from flwr_hpc.payload.inline import InlineStore
     from flwr_hpc.payload.objects import sha256_hex
-    from flwr_hpc.payload.store import FilesystemStore
     from flwr_hpc.worker import probe
 
     site = federation.site(name)
@@ -48,9 +47,7 @@ def check_site(federation: FederationConfig, name: str, flwr_home: Path,
     root = site_root(federation, name, flwr_home)
     backend = None
     try:
-        store_path = Path(site.payload["path"]) if site.payload.get("path") else root / "store"
-        store = (InlineStore(name) if site.payload["type"] == "inline"
-                 else FilesystemStore(store_path, site=name))
+        store = open_site_store(federation, name, flwr_home)
         backend = make_backend(site, root / "probe")
         result.status = backend.status()
         if result.status == "offline":
@@ -70,7 +67,7 @@ def check_site(federation: FederationConfig, name: str, flwr_home: Path,
         result.host = str(answer.get("host", "-"))
         result.store = str(answer.get("store"))
         if result.store != "ok":
-            result.error = f"the site cannot use its store {store_path}: {result.store}"
+            result.error = f"the site cannot use its store {store.spec()}: {result.store}"
         elif store.get(answer["reply_id"]) != b"pong:" + payload:
             result.error = "the probe's reply in the store does not match"
     except TimeoutError:

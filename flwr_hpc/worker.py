@@ -83,6 +83,13 @@ def load_client_app(fab_hash: str, fab_bytes_fn, apps_dir: Path):
     return app
 
 
+def task_store(job: dict[str, Any]):
+    """The store a task reads from and writes to: the site's, or (inline) the task itself."""
+    if job["store"].get("type") == "inline":
+        return InlineSiteStore(job.get("objects") or {}, site=job["store"].get("site", ""))
+    return open_store(job["store"])
+
+
 def _failure(job: dict, code: int, reason: str, started_at: float) -> dict[str, Any]:
     return {
         "ok": False,
@@ -129,10 +136,7 @@ def execute(job: dict[str, Any], started_at: float, *, primary: bool) -> dict[st
     ``primary``, so exactly one reply reaches the store.
     """
     try:
-        if job["store"].get("type") == "inline":  # the objects came with the task
-            store = InlineSiteStore(job.get("objects") or {}, site=job["store"].get("site", ""))
-        else:
-            store = open_store(job["store"])
+        store = task_store(job)
         message_id = check_object_id(job["message_id"])
         context_id = check_object_id(job["context_id"])
         fab_hash = check_object_id(job["fab_hash"])
@@ -208,13 +212,12 @@ def probe(job: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"host": platform.node(), "python": platform.python_version(),
                            "flwr_hpc": flwr_hpc.__version__, "started_at": time.time()}
     try:
-        inline = job["store"].get("type") == "inline"
-        store = InlineSiteStore(job["objects"]) if inline else open_store(job["store"])
+        store = task_store(job)
         data = store.get(check_object_id(job["probe_id"]))
         reply = f"pong:{data.decode()}".encode()
         out["reply_id"] = sha256_hex(reply)
         store.put(out["reply_id"], reply)
-        if inline:
+        if isinstance(store, InlineSiteStore):
             out["objects"] = encode_objects(store.outbox)
         out["store"] = "ok"
     except Exception as err:  # noqa: BLE001 - the report is the result
