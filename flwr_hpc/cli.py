@@ -266,10 +266,15 @@ def cmd_sites(args: argparse.Namespace) -> int:
     console.print(f"checking {len(federation.sites)} site(s) of federation "
                   f"'{federation.name}' ...")
     checks = check_sites(federation, _home(), timeout_s=args.timeout)
-    table = Table("site", "compute", "status", "round trip", "store", "host", "result")
+    def secs(value: float | None) -> str:
+        return f"{value:.2f} s" if value is not None else "-"
+
+    table = Table("site", "compute", "status", "collection", "to site", "round trip",
+                  "from site", "store", "host", "result")
     for c in checks:
         table.add_row(c.site, c.compute, c.status,
-                      f"{c.round_trip_s:.2f} s" if c.round_trip_s is not None else "-",
+                      c.collection if c.collection in ("-", "ok") else "error",
+                      secs(c.transfer_to_s), secs(c.round_trip_s), secs(c.transfer_from_s),
                       c.store if c.store == "ok" else ("-" if c.store == "-" else "error"),
                       c.host, "[green]ok[/green]" if c.ok else f"[red]{c.error}[/red]")
     console.print(table)

@@ -24,7 +24,8 @@ PACKAGE_CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 COMPUTE_TYPES = ("local", "globus")
 LOCAL_ENGINES = ("process-pool", "thread-pool", "htex")
-PAYLOAD_TYPES = ("filesystem", "inline")
+# filesystem == shared-fs: a directory the server and the site both see.
+PAYLOAD_TYPES = ("filesystem", "shared-fs", "inline", "globus-transfer")
 # How the ClientApp's ranks start at a site (see flwr_hpc.launch).
 LAUNCHER_TYPES = ("none", "torchrun", "mpirun", "mpiexec", "srun", "parsl")
 
@@ -57,8 +58,23 @@ _COMPUTE = {
 }
 _PAYLOAD = {
     "type": Field("str", default="filesystem", choices=PAYLOAD_TYPES),
-    "path": Field("str|null", default=None),                    # filesystem
+    # filesystem/shared-fs: the store directory; globus-transfer: the same directory as the
+    # site's compute nodes see it; inline: where oversized replies go (a file reply)
+    "path": Field("str|null", default=None),
     "max_task_bytes": Field("int", default=8_000_000, minimum=1024),  # inline
+    "max_result_bytes": Field("int", default=6 * 2**20, minimum=1024),  # inline
+    # globus-transfer (and inline file replies through Transfer): the site's collection
+    "collection_id": Field("str|null", default=None),
+    "collection_path": Field("str|null", default=None),  # the store dir as the collection names it
+}
+# The server's side of Globus Transfer: its collection, and the directory behind it.
+_TRANSFER = {
+    "collection_id": Field("str|null", default=None),
+    "collection_path": Field("str|null", default=None),  # as the collection names the dir
+    "path": Field("str|null", default=None),             # the same dir as the server sees it
+    "deadline_s": Field("float", default=900.0, minimum=1),   # per transfer task
+    "poll_s": Field("float", default=2.0, minimum=0.05),       # get_task polling interval
+    "max_faults": Field("int", default=5, minimum=0),          # then the task is cancelled
 }
 _LAUNCHER = {
     "type": Field("str", default="none", choices=LAUNCHER_TYPES),
@@ -78,6 +94,7 @@ _FEDERATION = {
     "name": Field("str", required=True),
     "description": Field("str", default=""),
     "workdir": Field("str|null", default=None),
+    "transfer": Field("section", section=_TRANSFER),
     "sites": Field("sites", required=True),
 }
 
@@ -208,6 +225,7 @@ class FederationConfig:
     description: str = ""
     workdir: str | None = None
     source: str = "<memory>"
+    transfer: dict[str, Any] = field(default_factory=lambda: check_section(_TRANSFER, {}, "", ""))
 
     @property
     def num_clients(self) -> int:
@@ -246,6 +264,7 @@ class FederationConfig:
             "name": self.name,
             "description": self.description,
             "workdir": self.workdir,
+            "transfer": dict(self.transfer),
             "source": self.source,
             "sites": {s.name: {k: v for k, v in asdict(s).items() if k != "name"}
                       for s in self.sites},
@@ -262,6 +281,7 @@ class FederationConfig:
         for s in sites:
             if s.compute["type"] == "globus":
                 _check_globus_compute(s, source)
+            _check_payload(s, checked["transfer"], source)
             if s.launcher["type"] == "none" and s.launcher["ranks"] != 1:
                 raise ConfigError(source, f"sites.{s.name}.launcher.ranks",
                                   "more than one rank needs a launcher; launcher 'none' "
@@ -272,18 +292,17 @@ class FederationConfig:
             description=checked["description"],
             workdir=checked["workdir"],
             source=source,
+            transfer=checked["transfer"],
         )
+
+    def uses_transfer(self) -> bool:
+        return any(uses_transfer(s) for s in self.sites)
 
 
 def _check_globus_compute(site: SiteConfig, source: str) -> None:
-    import uuid
-
     key = f"sites.{site.name}.compute"
-    try:
-        uuid.UUID(str(site.compute.get("endpoint_id")))
-    except ValueError:
-        raise ConfigError(source, f"{key}.endpoint_id", "a Globus Compute endpoint UUID is "
-                          f"required, got {site.compute.get('endpoint_id')!r}") from None
+    _check_uuid(site.compute.get("endpoint_id"), source, f"{key}.endpoint_id",
+                "a Globus Compute endpoint")
     spec = site.compute["resource_specification"]
     if spec:
         missing = [k for k in ("num_nodes", "ranks_per_node") if k not in spec]
@@ -293,6 +312,56 @@ def _check_globus_compute(site: SiteConfig, source: str) -> None:
                               "otherwise falls back to its own defaults)")
     if site.compute["amqp_port"] not in (443, 5671, 5672):
         raise ConfigError(source, f"{key}.amqp_port", "the service accepts 443, 5671 or 5672")
+
+
+def uses_transfer(site: SiteConfig) -> bool:
+    """Does the server reach this site's store through Globus Transfer?"""
+    p = site.payload
+    return p["type"] == "globus-transfer" or (p["type"] == "inline"
+                                              and bool(p.get("collection_id")))
+
+
+def _check_uuid(value: Any, source: str, key: str, what: str) -> None:
+    import uuid
+
+    try:
+        uuid.UUID(str(value))
+    except ValueError:
+        raise ConfigError(source, key, f"{what} UUID is required, got {value!r}") from None
+
+
+def _check_payload(site: SiteConfig, transfer: dict[str, Any], source: str) -> None:
+    key = f"sites.{site.name}.payload"
+    p = site.payload
+    if p["type"] == "globus-transfer":
+        _check_uuid(p["collection_id"], source, f"{key}.collection_id",
+                    "the site's Globus collection")
+        for name, what in (("collection_path", "the store directory as the site's collection "
+                            "names it (e.g. /eagle/PROJ/flwr-hpc/store)"),
+                           ("path", "the same directory as the site's compute nodes see it")):
+            if not p[name]:
+                raise ConfigError(source, f"{key}.{name}", f"missing: {what}")
+    elif p["collection_id"] is not None or p["collection_path"] is not None:
+        if p["type"] != "inline":
+            raise ConfigError(source, f"{key}.collection_id",
+                              f"only globus-transfer and inline stores use a collection, "
+                              f"this site's store is {p['type']!r}")
+        _check_uuid(p["collection_id"], source, f"{key}.collection_id",
+                    "the site's Globus collection")
+        if not (p["collection_path"] and p["path"]):
+            raise ConfigError(source, f"{key}.path", "file replies through Transfer need "
+                              "both path (site view) and collection_path (collection view)")
+    if uses_transfer(site):
+        _check_uuid(transfer["collection_id"], source, "transfer.collection_id",
+                    f"site '{site.name}' moves payloads with Globus Transfer: the server's "
+                    "collection")
+        for name in ("collection_path", "path"):
+            if not transfer[name]:
+                raise ConfigError(source, f"transfer.{name}",
+                                  f"site '{site.name}' moves payloads with Globus Transfer: "
+                                  "set the server's staging directory as its collection "
+                                  "names it (collection_path) and as this machine sees it "
+                                  "(path)")
 
 
 def node_id_for(federation: str, site: str, slot: int) -> int:

@@ -24,7 +24,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,7 @@ class _Task:
     abandoned: bool = False
     context_id: str = ""
     object_ids: list[str] = field(default_factory=list)  # what an inline task carries
+    fetch_error: str = ""  # the site's reply transfer failed (Transfer stores)
 
     @property
     def phase(self) -> str:
@@ -114,6 +115,13 @@ def open_site_store(federation: FederationConfig, site: str, flwr_home: Path) ->
     payload = federation.site(site).payload
     if payload["type"] == "inline":
         return InlineStore(site, max_task_bytes=payload["max_task_bytes"])
+    if payload["type"] == "globus-transfer":
+        from flwr_hpc.payload.transfer import GlobusTransferStore, TransferSettings
+
+        return GlobusTransferStore(
+            site, collection_id=payload["collection_id"],
+            collection_path=payload["collection_path"], site_path=payload["path"],
+            settings=TransferSettings.from_config(federation.transfer))
     root = site_root(federation, site, flwr_home)
     return FilesystemStore(Path(payload["path"]) if payload.get("path") else root / "store",
                            site=site)
@@ -172,7 +180,9 @@ class HPCGrid(Grid):
         self._completed: queue.Queue[str] = queue.Queue()
         self._lock = threading.Lock()
         self._closed = False
-        self._stage_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="flwr-hpc-stage")
+        # one staging thread per site: a Transfer store waits seconds on its transfer task
+        self._stage_pool = ThreadPoolExecutor(max_workers=max(4, len(sites)),
+                                              thread_name_prefix="flwr-hpc-stage")
 
     # ------------------------------------------------------------------ construction
 
@@ -274,10 +284,18 @@ class HPCGrid(Grid):
         for t in tasks:
             if t.immediate is None:
                 by_site[t.node.site].append(t)
-        # Stage every site in parallel (I/O bound), then submit everything at once.
-        staged = {site: self._stage_pool.submit(self._stage_site, site, ts)
+        with self._lock:
+            for t in tasks:
+                self._tasks[t.message_id] = t
+        for t in tasks:
+            if t.immediate is not None:
+                self._completed.put(t.message_id)
+        # Stage every site in parallel (I/O bound, seconds for a Transfer site) and submit
+        # each site's tasks as soon as its own staging is done.
+        staged = {self._stage_pool.submit(self._stage_site, site, ts): site
                   for site, ts in by_site.items()}
-        for site, fut in staged.items():
+        for fut in as_completed(staged):
+            site = staged[fut]
             try:
                 fut.result()
             except Exception as err:  # noqa: BLE001 - a staging failure fails that site's tasks
@@ -288,14 +306,10 @@ class HPCGrid(Grid):
                               f"staging to site '{site}' failed: {err}"),
                         reply_to=t.message,
                     )
-        with self._lock:
-            for t in tasks:
-                self._tasks[t.message_id] = t
-        for t in tasks:
-            if t.immediate is None:
+                    self._completed.put(t.message_id)
+                continue
+            for t in by_site[site]:
                 self._submit(t)
-            else:
-                self._completed.put(t.message_id)
         if tasks:
             self.progress.phase_started(tasks[0].round, tasks[0].phase, len(tasks))
         return [t.message_id for t in tasks]
@@ -327,6 +341,23 @@ class HPCGrid(Grid):
         pending = set(ids)
         deadline = None if timeout is None else started + timeout
         replies: list[Message] = []
+        # Transfer sites: replies are fetched in one transfer per site, once all of the
+        # site's tasks of this phase are done (or the deadline ends the wait)
+        waiting: dict[str, set[str]] = defaultdict(set)
+        done_at_site: dict[str, list[str]] = defaultdict(list)
+        for mid in ids:
+            task = self._tasks.get(mid)
+            if task and task.immediate is None and self._fetches(task.node.site):
+                waiting[task.node.site].add(mid)
+
+        def take(mids: list[str]) -> None:
+            for got in self.pull_messages(mids):
+                pending.discard(got.metadata.reply_to_message_id)
+                replies.append(got)
+                outcome = "error" if got.has_error() else "ok"
+                self.progress.task_finished(round_, phase, len(replies), total,
+                                            self._site_of(got), outcome)
+
         while pending:
             wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
             if wait <= 0:
@@ -337,13 +368,20 @@ class HPCGrid(Grid):
                 continue
             if mid not in pending:
                 continue
-            got = list(self.pull_messages([mid]))
-            if got:
-                pending.discard(mid)
-                replies.extend(got)
-                outcome = "error" if got[0].has_error() else "ok"
-                self.progress.task_finished(round_, phase, len(replies), total,
-                                            self._site_of(got[0]), outcome)
+            task = self._tasks.get(mid)
+            site = task.node.site if task else ""
+            if mid in waiting.get(site, ()):
+                waiting[site].discard(mid)
+                done_at_site[site].append(mid)
+                if not waiting[site]:
+                    batch = done_at_site.pop(site)
+                    self._fetch_replies(site, batch)
+                    take(batch)
+                continue
+            take([mid])
+        for site, batch in done_at_site.items():  # finished in time; the rest missed it
+            self._fetch_replies(site, batch)
+            take(batch)
         for mid in pending:
             self._abandon(mid, timeout)
         self.progress.phase_finished(round_, phase, len(replies), total,
@@ -351,6 +389,29 @@ class HPCGrid(Grid):
         return replies
 
     # ------------------------------------------------------------------ internals
+
+    def _fetches(self, site: str) -> bool:
+        return hasattr(self.sites[site].store, "fetch")
+
+    def _label(self, task: _Task) -> str:
+        return f"flwr-hpc run {self.run.run_id} round {task.round} {task.phase}"
+
+    def _fetch_replies(self, site: str, message_ids: list[str]) -> None:
+        """One transfer for the reply objects of every finished task of ``site``."""
+        tasks = [self._tasks[m] for m in message_ids if m in self._tasks]
+        wanted: list[str] = []
+        for t in tasks:
+            result = self._safe_result(t)
+            if isinstance(result, dict) and result.get("ok"):
+                wanted.extend(result.get("object_ids") or [])
+        if not wanted:
+            return
+        try:
+            self.sites[site].store.fetch(wanted, self._label(tasks[0]))
+        except Exception as err:  # noqa: BLE001 - those nodes get an error reply
+            log.error("fetching replies from site '%s' failed: %s", site, err)
+            for t in tasks:
+                t.fetch_error = str(err)
 
     def _site_of(self, reply: Message) -> str:
         node = self._nodes.get(reply.metadata.src_node_id)
@@ -378,6 +439,9 @@ class HPCGrid(Grid):
             t.object_ids = [*objects, t.context_id, self.fab_hash]
             t.bytes_to_site = written - before
             before = written
+        flush = getattr(rt.store, "flush", None)
+        if flush is not None and tasks:  # one transfer task carries all of it
+            flush(self._label(tasks[0]))
         elapsed = time.monotonic() - t0
         for t in tasks:
             t.stage_s = elapsed
@@ -500,6 +564,11 @@ class HPCGrid(Grid):
             return data
 
         try:
+            if task.fetch_error:
+                raise FlwrHpcError(task.fetch_error)
+            if hasattr(store, "fetch"):  # no-op when send_and_receive fetched the batch
+                store.fetch(result.get("object_ids") or [result["reply_id"]],
+                            self._label(task))
             reply = inflate_message(result["reply_id"], read)
             md = reply.metadata
             if md.reply_to_message_id != task.message_id or md.src_node_id != task.node.node_id:

@@ -1,10 +1,12 @@
 """``flwr-hpc sites check``: is every site of a federation ready for a run?
 
-For each site: the credentials its backend needs, the endpoint's status, and a round-trip
-probe -- a tiny task (:func:`flwr_hpc.worker.probe`) that reads an object the server put in
-the site's store and writes one back, so the compute path and the payload path are both
-exercised -- with its latency. Sites are checked in parallel; an offline site or a failed
-probe fails the check with the reason, and nothing waits longer than ``timeout_s``.
+For each site: the credentials its backend needs, the endpoint's status, the reachability
+of its Globus collection (Transfer sites), and a round-trip probe -- a tiny task
+(:func:`flwr_hpc.worker.probe`) that reads an object the server put in the site's store and
+writes one back, so the compute path and the payload path are both exercised -- with its
+latency; a Transfer site's probe crosses in a tiny transfer each way. Sites are checked in
+parallel; an offline site or a failed probe fails the check with the reason, and nothing
+waits longer than ``timeout_s``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ class SiteCheck:
     store: str = "-"
     host: str = "-"
     error: str = ""
+    collection: str = "-"                   # Transfer sites: the collection's reachability
+    transfer_to_s: float | None = None      # the probe's transfer to the site
+    transfer_from_s: float | None = None    # and back
 
     @property
     def ok(self) -> bool:
@@ -40,6 +45,7 @@ def check_site(federation: FederationConfig, name: str, flwr_home: Path,
     from flwr_hpc.grid import open_site_store, site_root
     from flwr_hpc.payload.inline import InlineStore
     from flwr_hpc.payload.objects import sha256_hex
+    from flwr_hpc.payload.transfer import GlobusTransferStore
     from flwr_hpc.worker import probe
 
     site = federation.site(name)
@@ -53,16 +59,28 @@ def check_site(federation: FederationConfig, name: str, flwr_home: Path,
         if result.status == "offline":
             result.error = "endpoint offline (start it: globus-compute-endpoint start <name>)"
             return result
+        transfer = isinstance(store, GlobusTransferStore)
+        if transfer:
+            result.collection = check_collection(store)
+            if result.collection != "ok":
+                result.error = result.collection
+                return result
         payload = f"ping {time.time()}".encode()
         probe_id = sha256_hex(payload)
-        store.put(probe_id, payload)
         t0 = time.monotonic()
+        store.put(probe_id, payload)
+        if transfer:
+            result.transfer_to_s = store.flush("flwr-hpc sites check").seconds
         job = {"store": store.spec(), "probe_id": probe_id}
         if isinstance(store, InlineStore):
             job["objects"] = store.bundle([probe_id])
         answer = backend.submit(probe, job).result(timeout=timeout_s)
         if isinstance(store, InlineStore) and answer.get("objects"):
             store.ingest(answer["objects"])
+        if transfer and answer.get("store") == "ok":
+            t1 = time.monotonic()
+            store.fetch([answer["reply_id"]], "flwr-hpc sites check")
+            result.transfer_from_s = time.monotonic() - t1
         result.round_trip_s = time.monotonic() - t0
         result.host = str(answer.get("host", "-"))
         result.store = str(answer.get("store"))
@@ -82,6 +100,19 @@ def check_site(federation: FederationConfig, name: str, flwr_home: Path,
     return result
 
 
+def check_collection(store) -> str:
+    """``ok``, or why the site's collection cannot hold the store (``operation_ls``)."""
+    from flwr_hpc.payload.transfer import explain
+
+    try:
+        store.client.operation_ls(store.collection_id, path=store.collection_path, limit=1)
+    except Exception as err:  # noqa: BLE001
+        if getattr(err, "code", "") == "ClientError.NotFound":
+            return "ok"  # reachable; the first transfer creates the directory
+        return f"collection {store.collection_id}: {explain(err)}"
+    return "ok"
+
+
 def check_sites(federation: FederationConfig, flwr_home: Path,
                 timeout_s: float = 120.0) -> list[SiteCheck]:
     names = [s.name for s in federation.sites]
@@ -89,6 +120,10 @@ def check_sites(federation: FederationConfig, flwr_home: Path,
         from flwr_hpc.compute.globus import shared_client
 
         shared_client()  # fails at once, naming the variables, when there are no credentials
+    if federation.uses_transfer():
+        from flwr_hpc.payload.transfer import transfer_client
+
+        transfer_client([federation.transfer["collection_id"]])  # credentials + server side
     os.environ.setdefault("FLWR_HOME", str(flwr_home))
     with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
         return list(pool.map(lambda n: check_site(federation, n, flwr_home, timeout_s), names))

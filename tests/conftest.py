@@ -139,3 +139,44 @@ def in_process_federation(clients: int = 2):
 
     return FederationConfig.from_dict({"name": "inproc", "sites": {"a": {
         "clients": clients, "compute": {"type": "local", "engine": "thread-pool", "workers": 1}}}})
+
+
+@pytest.fixture
+def rsps():
+    """One HTTP mock for every faked Globus service of a test."""
+    import responses
+
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield mock
+
+
+@pytest.fixture
+def cloud(rsps, tmp_path, monkeypatch):
+    """The Globus Compute cloud, faked at its HTTP and AMQP edges (tests/fake_globus.py)."""
+    from fake_globus import FakeComputeCloud, make_client, reset_sdk_globals
+    from globus_compute_sdk.sdk.executor import _ResultWatcher
+
+    from flwr_hpc.compute import globus as gc
+
+    fake = FakeComputeCloud(tmp_path / "cloud", result_latency_s=0.05)
+    monkeypatch.setattr(_ResultWatcher, "_connect", lambda self: fake.connect(self))
+    fake.install(rsps)
+    gc.set_shared_client(make_client())
+    yield fake
+    gc.set_shared_client(None)
+    reset_sdk_globals()
+    fake.close()
+
+
+@pytest.fixture
+def tcloud(rsps):
+    """The Globus Transfer service, faked at its HTTP edge (tests/fake_transfer.py)."""
+    from fake_transfer import FakeTransferCloud, make_transfer_client
+
+    from flwr_hpc.payload import transfer as gt
+
+    fake = FakeTransferCloud()
+    fake.install(rsps)
+    gt.set_transfer_client(make_transfer_client())
+    yield fake
+    gt.set_transfer_client(None)

@@ -9,27 +9,11 @@ import time
 import pytest
 import responses
 from conftest import read_tasks
-from fake_globus import FakeComputeCloud, make_client, reset_sdk_globals
 
 from flwr_hpc.compute import globus as gc
 from flwr_hpc.config import FederationConfig
 from flwr_hpc.errors import ConfigError, GlobusServiceError, RemoteTaskError, WorkerLostError
 from flwr_hpc.worker import run_task
-
-
-@pytest.fixture
-def cloud(tmp_path, monkeypatch):
-    from globus_compute_sdk.sdk.executor import _ResultWatcher
-
-    fake = FakeComputeCloud(tmp_path / "cloud", result_latency_s=0.05)
-    monkeypatch.setattr(_ResultWatcher, "_connect", lambda self: fake.connect(self))
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as rsps:
-        fake.install(rsps)
-        gc.set_shared_client(make_client())
-        yield fake
-        gc.set_shared_client(None)
-        reset_sdk_globals()
-        fake.close()
 
 
 def echo(job: dict) -> dict:

@@ -109,6 +109,7 @@ class FilesystemStore:
 def open_store(spec: dict[str, Any]) -> PayloadStore:
     """Reopen a store from its :meth:`PayloadStore.spec`."""
     kind = spec.get("type")
-    if kind == "filesystem":
+    # globus-transfer: at the site the store is plain files; the server moves them
+    if kind in ("filesystem", "shared-fs", "globus-transfer"):
         return FilesystemStore(spec["path"], site=spec.get("site", ""))
     raise ValueError(f"unknown payload store type {kind!r} in {spec!r}")

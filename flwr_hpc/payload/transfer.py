@@ -1,0 +1,407 @@
+"""The ``globus-transfer`` payload store: server-orchestrated third-party Globus Transfer.
+
+The server writes objects into its own staging directory, which is exposed by a Globus
+collection (``transfer.collection_id`` / ``collection_path``; ``transfer.path`` is the same
+directory as the server process sees it). For every site and every direction of a phase it
+submits **one** transfer task that carries every object the site lacks (or every reply
+object the server lacks), from collection to collection, so sites need no Transfer
+credentials and compute nodes never need a network path to the server. The worker at the
+site reads and writes the same store as plain files (``payload.path``), exactly like the
+``shared-fs`` store.
+
+What the Transfer service does not do, this module does (see the Globus reference sheet):
+
+* ``sync_level="checksum"`` + ``verify_checksum=True``, and the reader still verifies the
+  sha256 of every object;
+* an explicit ``deadline`` on every task, a local deadline too, ``faults`` watched while the
+  task stays ACTIVE (a missing source is retried silently until the deadline) and the task
+  cancelled past ``max_faults``;
+* FAILED, INACTIVE and ``ConsentRequired`` turned into errors that say what to do;
+* the ``submission_id`` fetched first and kept, so a resubmit after a network error cannot
+  create a second task;
+* ``data_access`` scopes added for non-high-assurance GCSv5 *mapped* collections only (on
+  guest collections that scope is an "Unknown Scope" error).
+
+Credentials: the confidential client of ``GLOBUS_COMPUTE_CLIENT_ID`` /
+``GLOBUS_COMPUTE_CLIENT_SECRET`` (one identity for Compute and Transfer; each collection
+must grant ``<client id>@clients.auth.globus.org`` access), never logged.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr_hpc.errors import GlobusServiceError, PayloadMissingError
+from flwr_hpc.payload.objects import check_object_id
+from flwr_hpc.payload.store import FilesystemStore
+
+log = logging.getLogger(__name__)
+
+ENV_CLIENT_ID = "GLOBUS_COMPUTE_CLIENT_ID"
+ENV_CLIENT_SECRET = "GLOBUS_COMPUTE_CLIENT_SECRET"
+SUBMIT_ATTEMPTS = 3
+_LABEL_BAD = re.compile(r"[^A-Za-z0-9 _,.-]")
+
+_tc_lock = threading.Lock()
+_tc: Any = None
+_checked_collections: dict[str, bool] = {}  # collection id -> needs data_access
+
+
+class TransferError(GlobusServiceError):
+    """A transfer task failed, stalled, expired or could not be submitted."""
+
+    def __init__(self, site: str | None, problem: str, task_id: str | None = None) -> None:
+        super().__init__(site, problem)
+        self.task_id = task_id
+
+
+# ----------------------------------------------------------------------------- client
+
+
+def set_transfer_client(client: Any) -> None:
+    """Use ``client`` (a ``globus_sdk.TransferClient``) for every site: tests, or a client
+    the caller built with its own app or authorizer."""
+    global _tc
+    with _tc_lock:
+        _tc = client
+        _checked_collections.clear()
+
+
+def transfer_client(collections: Iterable[str] = ()) -> Any:
+    """The process's one ``TransferClient``, with ``data_access`` for ``collections``.
+
+    Built on first use from the confidential client in the environment. Each collection is
+    looked up once (``get_endpoint``): an unknown or inaccessible collection is an error
+    naming it, and a non-high-assurance GCSv5 mapped collection gets its ``data_access``
+    scope added to the app.
+    """
+    global _tc
+    with _tc_lock:
+        if _tc is None:
+            _tc = _new_client()
+        tc = _tc
+        mapped = []
+        for coll in dict.fromkeys(collections):
+            if coll in _checked_collections:
+                continue
+            try:
+                doc = tc.get_endpoint(coll)
+            except Exception as err:  # noqa: BLE001
+                raise TransferError(None, f"collection {coll}: {explain(err)}") from None
+            needs = (doc.get("entity_type") == "GCSv5_mapped_collection"
+                     and not doc.get("high_assurance"))
+            _checked_collections[coll] = needs
+            if needs:
+                mapped.append(coll)
+        if mapped:
+            import globus_sdk
+
+            try:
+                tc.add_app_data_access_scope(mapped)
+            except globus_sdk.GlobusSDKUsageError:  # a client built with an authorizer
+                log.warning("collections %s need a data_access scope, but the Transfer "
+                            "client has no GlobusApp; its token must already include it",
+                            ", ".join(mapped))
+        return tc
+
+
+def _new_client() -> Any:
+    import globus_sdk
+
+    cid, secret = os.environ.get(ENV_CLIENT_ID), os.environ.get(ENV_CLIENT_SECRET)
+    if not (cid and secret):
+        raise GlobusServiceError(
+            None, f"no Globus credentials for Transfer: set {ENV_CLIENT_ID} and "
+            f"{ENV_CLIENT_SECRET} (a confidential client; every collection must grant "
+            "<client id>@clients.auth.globus.org access)")
+    app = globus_sdk.ClientApp("flwr-hpc", client_id=cid, client_secret=secret,
+                               config=globus_sdk.GlobusAppConfig(token_storage="memory"))
+    return globus_sdk.TransferClient(app=app)
+
+
+def explain(err: BaseException) -> str:
+    """A Globus API error as one line that says what to do."""
+    code = str(getattr(err, "code", "") or "")
+    status = getattr(err, "http_status", None)
+    message = str(getattr(err, "message", "") or err)
+    if code == "ConsentRequired" or "ConsentRequired" in code:
+        scopes = _required_scopes(err)
+        return ("consent required (ConsentRequired) for "
+                f"{', '.join(scopes) or 'a data_access scope'}: the collection is a mapped "
+                "collection whose data_access scope was not granted; for a confidential "
+                "client, ask the collection's admin to allow the client identity, for a "
+                f"user login run: globus session consent '{' '.join(scopes)}'")
+    if status == 404 or code.endswith("NotFound"):
+        return f"not found ({code or status}): check the collection id and path — {message}"
+    if status == 403 or "PermissionDenied" in code:
+        return (f"permission denied ({code or status}): the collection must grant the "
+                "server's identity (for a confidential client "
+                "<client id>@clients.auth.globus.org) read and write access to the store "
+                f"directory — {message}")
+    if status == 401:
+        return (f"the Transfer token was refused (401): check {ENV_CLIENT_ID} / "
+                f"{ENV_CLIENT_SECRET} — {message}")
+    if "EndpointError" in code or "ExternalError" in code:
+        return f"the collection is not reachable ({code}); is it online? — {message}"
+    if status:
+        return f"{code or 'error'} (HTTP {status}): {message}"
+    return f"{type(err).__name__}: {message}"
+
+
+def _required_scopes(err: BaseException) -> list[str]:
+    try:
+        from globus_sdk import gare
+
+        for g in gare.to_gares([err]):
+            scopes = g.authorization_parameters.required_scopes
+            if scopes:
+                return list(scopes)
+    except Exception:  # noqa: BLE001 - best effort: the message still says what to do
+        pass
+    info = getattr(err, "raw_json", None) or {}
+    return list(info.get("required_scopes") or [])
+
+
+# ----------------------------------------------------------------------------- transfers
+
+
+@dataclass(frozen=True)
+class TransferSettings:
+    """The server side of Transfer (the federation's ``transfer`` section)."""
+
+    collection_id: str
+    collection_path: str
+    path: str
+    deadline_s: float = 900.0
+    poll_s: float = 2.0
+    max_faults: int = 5
+
+    @classmethod
+    def from_config(cls, section: dict[str, Any]) -> TransferSettings:
+        return cls(**{k: section[k] for k in cls.__dataclass_fields__})
+
+
+@dataclass
+class TransferReport:
+    task_id: str
+    files: int
+    bytes: int
+    seconds: float
+    status: str
+
+
+def safe_label(text: str) -> str:
+    """Transfer labels allow letters, digits, space and ``_,.-`` only, 128 characters."""
+    return _LABEL_BAD.sub("-", text)[:128]
+
+
+def _object_path(root: str, object_id: str) -> str:
+    oid = check_object_id(object_id)
+    return f"{root.rstrip('/')}/objects/{oid[:2]}/{oid}"
+
+
+def run_transfer(tc: Any, *, source: str, destination: str,
+                 items: list[tuple[str, str]], label: str, settings: TransferSettings,
+                 site: str, direction: str) -> TransferReport:
+    """Submit one transfer task with ``items`` and wait for it; raise :class:`TransferError`
+    (the task cancelled first) on FAILED, INACTIVE, too many faults or the deadline."""
+    import globus_sdk
+
+    t0 = time.monotonic()
+    # The service's deadline is a backstop (e.g. the server died): we cancel first, locally.
+    deadline = dt.datetime.now(dt.UTC) + dt.timedelta(
+        seconds=settings.deadline_s + max(60.0, 0.1 * settings.deadline_s))
+    data = globus_sdk.TransferData(
+        source, destination, label=safe_label(label), sync_level="checksum",
+        verify_checksum=True, deadline=deadline.isoformat(timespec="seconds"),
+        fail_on_quota_errors=True)
+    for src, dst in items:
+        data.add_item(src, dst)
+    what = f"transfer {direction} ({len(items)} objects)"
+    try:
+        data["submission_id"] = tc.get_submission_id()["value"]
+    except Exception as err:  # noqa: BLE001
+        raise TransferError(site, f"{what}: {explain(err)}") from None
+    task_id = _submit(tc, data, site, what)
+    log.info("site '%s': %s submitted as Transfer task %s", site, what, task_id)
+    local_deadline = t0 + settings.deadline_s
+    while True:
+        try:
+            doc = tc.get_task(task_id)
+        except Exception as err:  # noqa: BLE001 - the SDK already retried 429/5xx
+            if time.monotonic() > local_deadline:
+                raise TransferError(site, f"{what}: {explain(err)}", task_id) from None
+            log.warning("site '%s': polling Transfer task %s: %s", site, task_id, explain(err))
+            time.sleep(settings.poll_s)
+            continue
+        status = doc.get("status")
+        if status == "SUCCEEDED":
+            return TransferReport(task_id, int(doc.get("files_transferred") or 0),
+                                  int(doc.get("bytes_transferred") or 0),
+                                  time.monotonic() - t0, status)
+        if status == "FAILED":
+            fatal = doc.get("fatal_error") or {}
+            raise TransferError(
+                site, f"{what} FAILED (task {task_id}): {fatal.get('code', '?')}: "
+                f"{fatal.get('description', doc.get('nice_status') or 'no detail')}", task_id)
+        if status == "INACTIVE":
+            _cancel(tc, task_id, site)
+            raise TransferError(
+                site, f"{what} went INACTIVE (task {task_id}, {doc.get('nice_status')}): a "
+                "collection's credentials expired or need consent; the task was cancelled. "
+                "Renew the credentials (re-run 'globus session consent' or ask the "
+                "collection's admin) and restart the run", task_id)
+        faults = int(doc.get("faults") or 0)
+        if faults > settings.max_faults:
+            detail = _last_error(tc, task_id) or doc.get("nice_status") or "no detail"
+            _cancel(tc, task_id, site)
+            raise TransferError(
+                site, f"{what}: {faults} faults (more than transfer.max_faults="
+                f"{settings.max_faults}), last: {detail}; the task was cancelled", task_id)
+        if time.monotonic() > local_deadline:
+            _cancel(tc, task_id, site)
+            raise TransferError(
+                site, f"{what} did not finish within transfer.deadline_s="
+                f"{settings.deadline_s:g} s (status {status}, {doc.get('nice_status')}, "
+                f"{doc.get('bytes_transferred', 0)} bytes moved); the task was cancelled",
+                task_id)
+        time.sleep(settings.poll_s)
+
+
+def _submit(tc: Any, data: Any, site: str, what: str) -> str:
+    for attempt in range(1, SUBMIT_ATTEMPTS + 1):
+        try:
+            return str(tc.submit_transfer(data)["task_id"])
+        except Exception as err:  # noqa: BLE001
+            import globus_sdk
+
+            retriable = isinstance(err, globus_sdk.NetworkError) or (
+                getattr(err, "http_status", 0) or 0) >= 500
+            if not retriable or attempt == SUBMIT_ATTEMPTS:
+                raise TransferError(site, f"{what}: {explain(err)}") from None
+            # same submission_id: the service returns the first task, never a second one
+            log.warning("site '%s': submitting %s failed (%s); retrying", site, what,
+                        explain(err))
+            time.sleep(min(2.0 * attempt, 10.0))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _cancel(tc: Any, task_id: str, site: str) -> None:
+    try:
+        tc.cancel_task(task_id)
+    except Exception as err:  # noqa: BLE001 - already finished, or the service is down
+        log.warning("site '%s': cancelling Transfer task %s: %s", site, task_id, explain(err))
+
+
+def _last_error(tc: Any, task_id: str) -> str:
+    try:
+        for event in tc.task_event_list(task_id, limit=10):
+            if event.get("is_error"):
+                return f"{event.get('code')}: {event.get('description') or event.get('details')}"
+    except Exception:  # noqa: BLE001
+        pass
+    return ""
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+class GlobusTransferStore:
+    """The server's handle on one site's store, moved by Globus Transfer.
+
+    ``put`` writes into the server's staging directory and marks the object pending;
+    :meth:`flush` moves everything pending to the site in one transfer task. ``fetch`` moves
+    reply objects the other way in one task. ``get`` reads (and verifies) the server's copy.
+    Objects the site received during this run are remembered, so each crosses once.
+    """
+
+    def __init__(self, site: str, *, collection_id: str, collection_path: str,
+                 site_path: str, settings: TransferSettings, client: Any = None) -> None:
+        self.site = site
+        self.collection_id = collection_id
+        self.collection_path = collection_path
+        self.site_path = site_path
+        self.settings = settings
+        self.local = FilesystemStore(Path(settings.path), site=f"{site}@server")
+        self._client = client
+        self._held: set[str] = set()
+        self._pending: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.reports: list[TransferReport] = []
+
+    def __repr__(self) -> str:
+        return f"GlobusTransferStore(site={self.site!r}, collection={self.collection_id})"
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = transfer_client([self.settings.collection_id, self.collection_id])
+        return self._client
+
+    def spec(self) -> dict[str, Any]:
+        # what the site worker opens: the store as files at the site
+        return {"type": "globus-transfer", "path": self.site_path, "site": self.site}
+
+    def has(self, object_id: str) -> bool:
+        return object_id in self._held or object_id in self._pending
+
+    def put(self, object_id: str, data: bytes) -> int:
+        check_object_id(object_id)
+        if self.has(object_id):
+            return 0
+        self.local.put(object_id, data)  # verified against the id; 0 if already staged
+        with self._lock:
+            self._pending[object_id] = len(data)
+        return len(data)
+
+    def flush(self, label: str) -> TransferReport | None:
+        """Move every pending object to the site in one transfer task."""
+        with self._lock:
+            pending = dict(self._pending)
+        if not pending:
+            return None
+        items = [(_object_path(self.settings.collection_path, oid),
+                  _object_path(self.collection_path, oid)) for oid in sorted(pending)]
+        report = run_transfer(self.client, source=self.settings.collection_id,
+                              destination=self.collection_id, items=items,
+                              label=f"{label} to {self.site}", settings=self.settings,
+                              site=self.site, direction="to the site")
+        with self._lock:
+            self._held.update(pending)
+            for oid in pending:
+                self._pending.pop(oid, None)
+        self.reports.append(report)
+        return report
+
+    def fetch(self, object_ids: Iterable[str], label: str) -> TransferReport | None:
+        """Move the objects the server lacks from the site in one transfer task."""
+        need = sorted({check_object_id(o) for o in object_ids} - self._held)
+        need = [o for o in need if not self.local.has(o)]
+        if not need:
+            return None
+        items = [(_object_path(self.collection_path, oid),
+                  _object_path(self.settings.collection_path, oid)) for oid in need]
+        report = run_transfer(self.client, source=self.collection_id,
+                              destination=self.settings.collection_id, items=items,
+                              label=f"{label} from {self.site}", settings=self.settings,
+                              site=self.site, direction="from the site")
+        self.reports.append(report)  # Transfer verified checksums; get() verifies sha256
+        with self._lock:
+            self._held.update(need)  # the site holds its own replies
+        return report
+
+    def get(self, object_id: str) -> bytes:
+        try:
+            return self.local.get(object_id)
+        except PayloadMissingError:
+            raise PayloadMissingError(object_id, f"{self!r}: not fetched from the site "
+                                      "yet") from None
