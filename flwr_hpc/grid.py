@@ -113,15 +113,22 @@ def local_thread_share(federation: FederationConfig) -> int:
 def open_site_store(federation: FederationConfig, site: str, flwr_home: Path) -> PayloadStore:
     """The server's handle on ``site``'s payload store, from the site's ``payload`` config."""
     payload = federation.site(site).payload
-    if payload["type"] == "inline":
-        return InlineStore(site, max_task_bytes=payload["max_task_bytes"])
-    if payload["type"] == "globus-transfer":
+    transfer = None
+    if payload["collection_id"]:  # globus-transfer, or an inline site's file replies
         from flwr_hpc.payload.transfer import GlobusTransferStore, TransferSettings
 
-        return GlobusTransferStore(
+        transfer = GlobusTransferStore(
             site, collection_id=payload["collection_id"],
             collection_path=payload["collection_path"], site_path=payload["path"],
             settings=TransferSettings.from_config(federation.transfer))
+    if payload["type"] == "inline":
+        reply_store = transfer or (FilesystemStore(payload["path"], site=site)
+                                   if payload["path"] else None)
+        return InlineStore(site, max_task_bytes=payload["max_task_bytes"],
+                           max_result_bytes=payload["max_result_bytes"],
+                           reply_path=payload["path"], reply_store=reply_store)
+    if transfer is not None:
+        return transfer
     root = site_root(federation, site, flwr_home)
     return FilesystemStore(Path(payload["path"]) if payload.get("path") else root / "store",
                            site=site)
@@ -469,8 +476,8 @@ class HPCGrid(Grid):
                     raise RuntimeError(
                         f"the task is {size:,} bytes serialized, over the inline store's "
                         f"limit of {rt.store.max_task_bytes:,} (Globus Compute refuses "
-                        "submissions over 10 MB); give this site a shared store "
-                        "(payload.type: filesystem)")
+                        "submissions over 10 MB); give this site a store it reads by itself "
+                        "(payload.type: shared-fs or globus-transfer)")
             if rt.backend.status() == "offline":  # Globus would hold the task for 2 weeks
                 raise RuntimeError("the site's endpoint is offline; its nodes sit out "
                                    "this round")
@@ -566,6 +573,8 @@ class HPCGrid(Grid):
         try:
             if task.fetch_error:
                 raise FlwrHpcError(task.fetch_error)
+            if isinstance(store, InlineStore) and result.get("file_reply"):
+                store.fetch_file_reply(result.get("object_ids") or [], self._label(task))
             if hasattr(store, "fetch"):  # no-op when send_and_receive fetched the batch
                 store.fetch(result.get("object_ids") or [result["reply_id"]],
                             self._label(task))

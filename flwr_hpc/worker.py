@@ -203,8 +203,39 @@ def execute(job: dict[str, Any], started_at: float, *, primary: bool) -> dict[st
     result["object_ids"] = written
     if isinstance(store, InlineSiteStore):  # the reply travels back in the result
         result["objects"] = encode_objects(store.outbox)
+        failure = _file_reply_if_too_large(job, result, store, started_at)
+        if failure is not None:
+            return failure
     result["finished_at"] = time.time()
     return result
+
+
+def _file_reply_if_too_large(job: dict, result: dict, store: InlineSiteStore,
+                             started_at: float) -> dict | None:
+    """Keep an inline result under the endpoint's result limit: measured with the task
+    serializer, an oversized reply is written to ``reply_path`` instead (a file reply)."""
+    from flwr_hpc.compute.base import task_serializer
+    from flwr_hpc.payload.inline import DEFAULT_MAX_RESULT_BYTES
+
+    limit = int(job["store"].get("max_result_bytes") or DEFAULT_MAX_RESULT_BYTES)
+    size = len(task_serializer().serialize(result))
+    if size < limit:
+        return None
+    reply_path = job["store"].get("reply_path")
+    if not reply_path:
+        return _failure(
+            job, ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+            f"the reply is {size:,} bytes serialized, over the inline result limit of "
+            f"{limit:,} (payload.max_result_bytes; Globus Compute refuses results over "
+            "10 MiB): set payload.path to a directory for file replies at this site "
+            "(shared with the server, or reached by Transfer with payload.collection_id)",
+            started_at)
+    files = open_store({"type": "filesystem", "path": reply_path, "site": store.site})
+    for oid, data in store.outbox.items():
+        files.put(oid, data)
+    del result["objects"]
+    result["file_reply"] = True
+    return None
 
 
 def probe(job: dict[str, Any]) -> dict[str, Any]:

@@ -283,5 +283,5 @@ def test_inline_task_over_the_limit_is_refused_before_submission(cloud, run_quic
     tasks = read_tasks(run_dir)
     assert tasks and all(t["outcome"] == "error:NODE_UNAVAILABLE" for t in tasks)
     assert "over the inline store's limit" in tasks[0]["error"]
-    assert "payload.type: filesystem" in tasks[0]["error"]
+    assert "payload.type: shared-fs or globus-transfer" in tasks[0]["error"]
     assert cloud.submits == []  # nothing reached the service, no Executor was poisoned

@@ -287,3 +287,54 @@ def test_sites_check_moves_a_probe_each_way_and_reports_an_offline_collection(
     frontier = checks["frontier"]
     assert not frontier.ok and "not reachable" in frontier.error
     assert "GCDisconnected" in frontier.error and frontier.round_trip_s is None
+
+
+def _inline(cloud, tmp_path, sites, payload) -> dict:
+    return {name: {"clients": n, "payload": {"type": "inline", **payload(name)},
+                   "compute": {"type": "globus", "endpoint_id": cloud.add_endpoint(workers=n)}}
+            for name, n in sites.items()}
+
+
+def test_inline_replies_over_the_result_limit_become_file_replies(
+        cloud, tcloud, run_quickstart, tmp_path):
+    server = tcloud.add_collection(tmp_path / "server-coll", name="server")
+    colls = {"frontier": tcloud.add_collection(tmp_path / "frontier-coll", name="frontier")}
+
+    def payload(name):
+        common = {"max_result_bytes": 200_000, "path": str(tmp_path / f"{name}-replies")}
+        if name in colls:  # reached by Transfer; polaris shares the directory with us
+            common.update(collection_id=colls[name], collection_path="/replies",
+                          path=str(tmp_path / f"{name}-coll" / "replies"))
+        return common
+
+    fed = FederationConfig.from_dict({"name": "glob", "sites": _inline(
+        cloud, tmp_path, {"polaris": 1, "frontier": 1}, payload=payload), "transfer": {
+        "collection_id": server, "collection_path": "/staging",
+        "path": str(tmp_path / "server-coll" / "staging"), "poll_s": 0.05}})
+    status, run_dir, summary = run_quickstart({"num-server-rounds": 1, "model-size-mb": 0.5},
+                                              federation=fed)
+    assert status == "finished:completed", (run_dir / "log.txt").read_text()[-3000:]
+    tasks = read_tasks(run_dir)
+    assert len(tasks) == 4 and {t["outcome"] for t in tasks} == {"ok"}
+    assert all(t["bytes_from_site"] > 500_000 for t in tasks if t["phase"] == "train")
+    # polaris' replies were read from the shared directory, frontier's came by Transfer
+    assert list((tmp_path / "polaris-replies" / "objects").glob("*/*"))
+    # the train reply (0.5 MB model) crossed by Transfer, the small evaluate reply inline;
+    # nothing was sent to the site by Transfer
+    assert [d["label"] for d in tcloud.submitted] == [
+        f"flwr-hpc run {run_dir.name} round 1 train from frontier"]
+    # no result exceeded the limit on the wire (the objects were not in it)
+    assert all(s["bytes"] < 8_000_000 for s in cloud.submits)
+
+
+def test_an_oversized_inline_reply_without_a_path_is_a_clear_error(cloud, run_quickstart,
+                                                                   tmp_path):
+    fed = FederationConfig.from_dict({"name": "glob", "sites": _inline(
+        cloud, tmp_path, {"polaris": 1}, payload=lambda n: {"max_result_bytes": 200_000})})
+    status, run_dir, _ = run_quickstart({"num-server-rounds": 1, "model-size-mb": 0.5},
+                                        federation=fed)
+    tasks = read_tasks(run_dir)
+    train = [t for t in tasks if t["phase"] == "train"]
+    assert train and train[0]["outcome"] == "error:REPLY_MESSAGE_UNAVAILABLE"
+    assert "over the inline result limit of 200,000" in train[0]["error"]
+    assert "payload.path" in train[0]["error"]

@@ -6,7 +6,12 @@ and the worker returns the reply objects in its JSON result. Sizes are *measured
 real ``ComputeSerializer`` before submission: a task at or above ``max_task_bytes`` (default
 8 MB, below Globus Compute's 10 MB submit limit) is refused with a message that says to use
 a shared store, instead of poisoning the site's Executor. Results are bounded by the
-endpoint's 10 MiB result limit. Every object is still verified by sha256 when read.
+endpoint's 10 MiB result limit: a reply whose result would exceed ``max_result_bytes``
+(default 6 MiB, measured with the same serializer) becomes a *file reply* -- the worker writes
+its objects under ``payload.path`` at the site and returns only their ids; the server reads
+them from that directory (a path it shares with the site) or, when the site also names a
+Globus collection, fetches them in one Transfer task. Without ``payload.path`` the reply is
+an error that says so. Every object is still verified by sha256 when read.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from flwr_hpc.errors import PayloadMissingError
 from flwr_hpc.payload.objects import check_object_id, verify_object
 
 DEFAULT_MAX_TASK_BYTES = 8_000_000
+DEFAULT_MAX_RESULT_BYTES = 6 * 2**20
 
 
 def encode(objects: dict[str, bytes]) -> dict[str, str]:
@@ -33,14 +39,30 @@ def decode(objects: dict[str, str]) -> dict[str, bytes]:
 class InlineStore:
     """Server side: the objects staged for a site's tasks, bundled into each task."""
 
-    def __init__(self, site: str = "", max_task_bytes: int = DEFAULT_MAX_TASK_BYTES) -> None:
+    def __init__(self, site: str = "", max_task_bytes: int = DEFAULT_MAX_TASK_BYTES,
+                 max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES, *,
+                 reply_path: str | None = None, reply_store: Any = None) -> None:
         self.site = site
         self.max_task_bytes = max_task_bytes
+        self.max_result_bytes = max_result_bytes
+        self.reply_path = reply_path    # file replies, as the site sees the directory
+        self.reply_store = reply_store  # ... and as the server reaches it
         self._objects: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
     def spec(self) -> dict[str, Any]:
-        return {"type": "inline", "site": self.site}
+        return {"type": "inline", "site": self.site, "max_result_bytes": self.max_result_bytes,
+                "reply_path": self.reply_path}
+
+    def fetch_file_reply(self, object_ids: list[str], label: str) -> None:
+        """A file reply's objects: fetched by Transfer if the site is reached that way."""
+        if self.reply_store is None:
+            raise PayloadMissingError(object_ids[0] if object_ids else "?" * 64,
+                                      f"site '{self.site}' (inline): a file reply, but "
+                                      "payload.path is not set")
+        fetch = getattr(self.reply_store, "fetch", None)
+        if fetch is not None:
+            fetch(object_ids, label)
 
     def has(self, object_id: str) -> bool:
         return object_id in self._objects
@@ -56,6 +78,8 @@ class InlineStore:
 
     def get(self, object_id: str) -> bytes:
         data = self._objects.get(check_object_id(object_id))
+        if data is None and self.reply_store is not None:
+            return self.reply_store.get(object_id)  # a file reply (verified there)
         if data is None:
             raise PayloadMissingError(object_id, f"site '{self.site}' (inline)")
         return verify_object(object_id, data, f"site '{self.site}' (inline)")
