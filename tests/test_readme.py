@@ -20,3 +20,17 @@ def test_readme_override_examples_compose():
             key, _, value = item.partition("=")
             if "." not in key:  # a group selection, e.g. model=minilm
                 assert job[key]["name" if key != "dp" else "type"] == value, item
+
+
+def test_readme_federation_example_validates():
+    import yaml
+
+    from flwr_hpc.config import FederationConfig
+
+    text = README.read_text()
+    block = re.search(r"```yaml\n# federation: example\n(.*?)```", text, re.S).group(1)
+    fed = FederationConfig.from_dict(yaml.safe_load(block), source="README.md")
+    site = fed.site("polaris")
+    assert fed.uses_transfer() and site.payload["type"] == "globus-transfer"
+    assert site.compute["resource_specification"] == {"num_nodes": 1, "ranks_per_node": 4}
+    assert fed.transfer["deadline_s"] == 1800
