@@ -4,6 +4,7 @@
     flwr-hpc down                                               stop it (and its runs)
     flwr-hpc status                                             sites and runs
     flwr-hpc run APP [-c KEY=VALUE ...] [OVERRIDES...]          one run, in the foreground
+    flwr-hpc resume RUN_ID [--foreground]                       continue an interrupted run
 
 OVERRIDES are Hydra overrides, e.g. ``federation=local federation.sites.beta.clients=3``.
 """
@@ -255,6 +256,51 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if status == "finished:completed" else 1
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Continue an interrupted run after its last checkpointed round: on the running HPC
+    SuperLink (follow it with ``flwr log RUN_ID``), else in the foreground."""
+    from flwr_hpc.runner import check_resumable, execute_run, runs_dir
+    from flwr_hpc.telemetry import Progress, RichProgress
+
+    home = _home()
+    run_dir = runs_dir(home) / str(args.run_id)
+    if not run_dir.is_dir():
+        print(f"error: no run {args.run_id} under {runs_dir(home)}", file=sys.stderr)
+        return 2
+    try:
+        done = check_resumable(run_dir)
+    except FlwrHpcError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    state = _read_state(home)
+    if (not args.foreground and state and pid_alive(int(state["pid"]))
+            and _healthy(state["host"], state["port"])):
+        req = urllib.request.Request(
+            f"http://{state['host']}:{state['port']}/hpc/resume-run",
+            data=json.dumps({"run_id": args.run_id}).encode(), method="POST",
+            headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as res:
+                answer = json.loads(res.read())
+        except urllib.error.HTTPError as err:
+            print(f"error: {err.read().decode(errors='replace')}", file=sys.stderr)
+            return 1
+        print(f"run {args.run_id}: resumed on the HPC SuperLink after round "
+              f"{answer['after_round']}; follow it with: flwr log {args.run_id} "
+              f"{CONNECTION_NAME}")
+        return 0
+    print(f"run {args.run_id}: resuming after round {done} in the foreground", flush=True)
+    progress = RichProgress() if sys.stderr.isatty() else Progress()
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        status = execute_run(run_dir, progress=progress, console=True)
+    finally:
+        if isinstance(progress, RichProgress):
+            progress.stop()
+    print(f"run {args.run_id}: {status}; tasks in {run_dir / 'tasks.jsonl'}")
+    return 0 if status == "finished:completed" else 1
+
+
 def cmd_sites(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -305,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--run-config", action="append", default=[],
                      help="run config override KEY=VALUE (as `flwr run -c`)")
     add_config(run)
+    resume = sub.add_parser("resume", help="continue an interrupted run from its last "
+                            "checkpointed round")
+    resume.add_argument("run_id", type=int)
+    resume.add_argument("--foreground", action="store_true",
+                        help="run here even when the HPC SuperLink is up")
     sites = sub.add_parser("sites", help="check a federation's sites")
     sites_sub = sites.add_subparsers(dest="sites_command", required=True)
     check = sites_sub.add_parser("check", help="credentials, endpoint status and a round-trip "
@@ -318,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "run": cmd_run,
-                "sites": cmd_sites}
+                "sites": cmd_sites, "resume": cmd_resume}
     try:
         return handlers[args.command](args)
     except ConfigError as err:

@@ -262,6 +262,24 @@ class HPCGrid(Grid):
             self._contexts[node_id] = ctx
         return ctx
 
+    def export_contexts(self) -> dict[int, bytes]:
+        """Every node's ``Context`` as protobuf bytes (for checkpoints)."""
+        return {nid: context_to_bytes(self.node_context(nid)) for nid in self._nodes}
+
+    def import_contexts(self, contexts: dict[int, bytes]) -> None:
+        """Restore node ``Context``s from :meth:`export_contexts` (resume). Nodes that are
+        not in this federation any more are refused: resuming on another federation would
+        silently reset their state."""
+        unknown = sorted(set(map(int, contexts)) - set(self._nodes))
+        if unknown:
+            raise FlwrHpcError(f"the checkpoint holds nodes {unknown} that federation "
+                               f"'{self.federation.name}' does not have; resume on the "
+                               "federation the run started on")
+        for nid, data in contexts.items():
+            ctx = context_from_bytes(data)
+            ctx.run_id = self.run.run_id
+            self._contexts[int(nid)] = ctx
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         if self._closed:
             raise RuntimeError("HPCGrid is closed")

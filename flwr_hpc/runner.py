@@ -10,6 +10,11 @@ install the FAB (Flower's ``install_from_fab``), fuse the run config
     status.json   pending / starting / running / finished:{completed,failed,stopped}
     log.txt       the run's log (what ``flwr log`` / ``--stream`` show)
     tasks.jsonl   one record per task (see ``flwr_hpc.telemetry``)
+    checkpoint/   the last completed rounds (``flwr_hpc.checkpoint``), for resume
+
+An interrupted run (runner killed, node lost, SuperLink restarted) is resumed by running
+the same run directory again (:func:`check_resumable` + :func:`execute_run`): the ServerApp
+finds the checkpoint and continues after the last completed round.
 """
 
 from __future__ import annotations
@@ -115,6 +120,35 @@ def prepare_run(
     return run_dir
 
 
+def checkpoint_round(run_dir: Path) -> int:
+    """The last round checkpointed in ``run_dir`` (0: none)."""
+    from flwr_hpc.checkpoint import CHECKPOINT_DIR
+
+    latest = run_dir / CHECKPOINT_DIR / "LATEST"
+    try:
+        return int(latest.read_text().strip().split("-")[1])
+    except (FileNotFoundError, IndexError, ValueError):
+        return 0
+
+
+def check_resumable(run_dir: Path) -> int:
+    """Raise unless the run in ``run_dir`` can be resumed; return its checkpointed round."""
+    from flwr_hpc._proc import pid_alive
+    from flwr_hpc.errors import FlwrHpcError
+
+    status = read_status(run_dir)
+    if not status or not (run_dir / "run.json").exists():
+        raise FlwrHpcError(f"{run_dir} is not a flwr-hpc run directory")
+    if status.get("status") == "finished" and status.get("sub_status") == "completed":
+        raise FlwrHpcError(f"run {run_dir.name} already completed; nothing to resume")
+    pid = status.get("pid")
+    if status.get("status") != "finished" and pid and pid_alive(int(pid)) and int(
+            pid) != os.getpid():
+        raise FlwrHpcError(f"run {run_dir.name} is still running (runner pid {pid}); stop "
+                           "it first (flwr stop) or let it finish")
+    return checkpoint_round(run_dir)
+
+
 def _setup_logging(run_dir: Path, console: bool) -> logging.Handler:
     handler = logging.FileHandler(run_dir / "log.txt")
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
@@ -166,6 +200,8 @@ def execute_run(run_dir: Path, *, progress: Progress | None = None, console: boo
         log.info("run %s: %s==%s on federation '%s' (%d sites, %d clients); run dir %s",
                  run_id, spec["fab_id"], spec["fab_version"], federation.name,
                  len(federation.sites), federation.num_clients, run_dir)
+        if (done := checkpoint_round(run_dir)):
+            log.info("run %s resumes after round %d (its last checkpoint)", run_id, done)
         grid = HPCGrid.from_federation(federation, fab_bytes, run_dir=run_dir, flwr_home=home,
                                        run_config=run_config, progress=progress)
         run = Run.create_empty(run_id)

@@ -39,8 +39,16 @@ from flwr.supercore.run import Run, RunStatus
 
 from flwr_hpc._proc import pid_alive
 from flwr_hpc.config import FederationConfig, read_federation
+from flwr_hpc.errors import FlwrHpcError
 from flwr_hpc.payload.objects import sha256_hex
-from flwr_hpc.runner import now_iso, prepare_run, read_status, runs_dir, update_status
+from flwr_hpc.runner import (
+    check_resumable,
+    now_iso,
+    prepare_run,
+    read_status,
+    runs_dir,
+    update_status,
+)
 
 log = logging.getLogger("flwr_hpc.service")
 
@@ -89,28 +97,32 @@ class HPCSuperLink:
         self._stopping = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, daemon=True)
         self._reaper.start()
-        self._mark_orphans()
+        self._resume_orphans()
 
     # -- runs ------------------------------------------------------------------
 
-    def _mark_orphans(self) -> None:
-        """Runs left unfinished by a previous service process did not survive it."""
-        for run_dir in self.runs_dir.iterdir():
+    def _resume_orphans(self) -> None:
+        """Runs left unfinished by a previous service process (it or its host died) are
+        resumed from their last checkpoint; they lose at most the round in progress."""
+        for run_dir in sorted(self.runs_dir.iterdir()):
             status = read_status(run_dir)
-            if status and status.get("status") != "finished":
-                pid = status.get("pid")
-                if pid and pid_alive(int(pid)):
-                    continue
+            if not status or status.get("status") == "finished":
+                continue
+            pid = status.get("pid")
+            if pid and pid_alive(int(pid)):
+                continue
+            try:
+                self.resume_run(int(run_dir.name))
+            except Exception as err:  # noqa: BLE001 - never keep the service from starting
+                log.error("could not resume run %s: %s", run_dir.name, err)
                 update_status(run_dir, status="finished", sub_status="failed",
-                              details="the HPC SuperLink stopped while this run was active",
+                              details=f"the HPC SuperLink stopped while this run was "
+                              f"active and it could not be resumed: {err}",
                               finished_at=now_iso())
 
-    def start_run(self, fab_bytes: bytes, fab_hash: str, override: dict[str, Any]) -> int:
-        if fab_hash and sha256_hex(fab_bytes) != fab_hash:
-            raise ValueError("FAB bytes do not match the FAB hash sent with them")
-        run_dir = prepare_run(fab_bytes, override, self.federation, home=self.home)
+    def _spawn(self, run_dir: Path) -> int:
         run_id = int(run_dir.name)
-        out = open(run_dir / "runner.out", "wb")
+        out = open(run_dir / "runner.out", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "flwr_hpc.runner", str(run_dir)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -120,8 +132,29 @@ class HPCSuperLink:
         with self._lock:
             self._procs[run_id] = proc
         update_status(run_dir, pid=proc.pid)
-        log.info("started run %s (pid %s)", run_id, proc.pid)
-        return run_id
+        return proc.pid
+
+    def start_run(self, fab_bytes: bytes, fab_hash: str, override: dict[str, Any]) -> int:
+        if fab_hash and sha256_hex(fab_bytes) != fab_hash:
+            raise ValueError("FAB bytes do not match the FAB hash sent with them")
+        run_dir = prepare_run(fab_bytes, override, self.federation, home=self.home)
+        pid = self._spawn(run_dir)
+        log.info("started run %s (pid %s)", run_dir.name, pid)
+        return int(run_dir.name)
+
+    def resume_run(self, run_id: int) -> int:
+        """Start the runner again on an interrupted run; return its checkpointed round."""
+        run_dir = self.runs_dir / str(run_id)
+        with self._lock:
+            proc = self._procs.get(run_id)
+        if proc is not None and proc.poll() is None:
+            raise FlwrHpcError(f"run {run_id} is still running")
+        done = check_resumable(run_dir)
+        update_status(run_dir, status="pending", sub_status="", details="",
+                      pending_at=now_iso(), finished_at="")
+        pid = self._spawn(run_dir)
+        log.info("resumed run %s after round %d (pid %s)", run_id, done, pid)
+        return done
 
     def run_dir(self, run_id: int) -> Path | None:
         path = self.runs_dir / str(run_id)
@@ -238,7 +271,16 @@ def make_handler(link: HPCSuperLink) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:  # noqa: N802
             route = self.path.rstrip("/")
             try:
-                if route == "/v1/control/start-run":
+                if route == "/hpc/resume-run":  # flwr-hpc resume (not a Flower RPC)
+                    run_id = int(json.loads(self._body() or b"{}")["run_id"])
+                    try:
+                        done = link.resume_run(run_id)
+                    except FlwrHpcError as err:
+                        self._fail(409, str(err))
+                        return
+                    self._reply(200, json.dumps({"run_id": run_id, "after_round": done}
+                                                ).encode(), "application/json")
+                elif route == "/v1/control/start-run":
                     req = StartRunRequest.FromString(self._body())
                     if not req.fab.content:
                         self._fail(400, "flwr-hpc runs only local apps: the request has no FAB")

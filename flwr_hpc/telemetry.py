@@ -29,6 +29,7 @@ class TaskLog:
         with self._lock:
             self.records.append(record)
             if self.path is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
                 with open(self.path, "a") as fh:
                     fh.write(json.dumps(record, sort_keys=True) + "\n")
 

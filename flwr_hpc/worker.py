@@ -42,6 +42,10 @@ from flwr_hpc.payload.objects import (
 from flwr_hpc.payload.store import open_store
 
 JOB_VERSION = 1
+# Set by a site's admin in the endpoint's environment (e.g. its worker_init): the FABs this
+# site runs, as sha256 hashes and/or "publisher/*" or "publisher/name" entries, separated by
+# commas or spaces. Unset: any FAB the server sends. The server cannot change it.
+ENV_ALLOWED_FABS = "FLWR_HPC_ALLOWED_FABS"
 
 _APP_CACHE: dict[str, Any] = {}
 
@@ -68,19 +72,48 @@ def _install_fab(fab_hash: str, fab_bytes: bytes, apps_dir: Path) -> Path:
         return app_dir
 
 
-def load_client_app(fab_hash: str, fab_bytes_fn, apps_dir: Path):
-    """ClientApp of the FAB ``fab_hash``; installed and imported once per worker process."""
-    if fab_hash in _APP_CACHE:
-        return _APP_CACHE[fab_hash]
-    from flwr.cli.config_utils import get_fab_metadata
-    from flwr.clientapp.utils import get_load_client_app_fn
+def fab_refusal(fab_hash: str, fab_id: str, site: str,
+                environ: dict[str, str] | None = None) -> str:
+    """Why this site refuses the FAB ('' when it may run)."""
+    env = os.environ if environ is None else environ
+    allowed = [e for e in env.get(ENV_ALLOWED_FABS, "").replace(",", " ").split() if e]
+    if not allowed:
+        return ""
+    publisher = fab_id.split("/", 1)[0]
+    for entry in allowed:
+        if entry == fab_hash or entry == fab_id or entry in (f"{publisher}/*", publisher):
+            return ""
+    return (f"site '{site}' does not run FAB {fab_hash[:16]}… ({fab_id}): it is not in the "
+            f"site's {ENV_ALLOWED_FABS} allow-list ({', '.join(allowed)}); ask the site's "
+            "admin to add its sha256 or its publisher")
 
-    fab_bytes = fab_bytes_fn()
-    app_dir = _install_fab(fab_hash, fab_bytes, apps_dir)
-    fab_id, version = get_fab_metadata(fab_bytes)
-    app = get_load_client_app_fn("", str(app_dir), multi_app=True)(fab_id, version, fab_hash)
-    _APP_CACHE[fab_hash] = app
+
+def load_client_app(fab_hash: str, fab_bytes_fn, apps_dir: Path, site: str = ""):
+    """ClientApp of the FAB ``fab_hash``; installed and imported once per worker process.
+    The site's allow-list is checked on every task, before anything is installed or run."""
+    cached = _APP_CACHE.get(fab_hash)
+    if cached is None:
+        from flwr.cli.config_utils import get_fab_metadata
+
+        fab_bytes = fab_bytes_fn()
+        fab_id, version = get_fab_metadata(fab_bytes)
+        cached = (None, fab_id, version, fab_bytes)
+    app, fab_id, version, fab_bytes = cached
+    refusal = fab_refusal(fab_hash, fab_id, site)
+    if refusal:
+        raise FabRefusedError(refusal)
+    if app is None:
+        from flwr.clientapp.utils import get_load_client_app_fn
+
+        app_dir = _install_fab(fab_hash, fab_bytes, apps_dir)
+        app = get_load_client_app_fn("", str(app_dir), multi_app=True)(fab_id, version,
+                                                                       fab_hash)
+        _APP_CACHE[fab_hash] = (app, fab_id, version, None)
     return app
+
+
+class FabRefusedError(FlwrHpcError):
+    """The site's allow-list does not include this FAB."""
 
 
 def task_store(job: dict[str, Any]):
@@ -152,7 +185,10 @@ def execute(job: dict[str, Any], started_at: float, *, primary: bool) -> dict[st
         TaskIdentity.run_id = int(job["run_id"])
         TaskIdentity.node_id = int(job["node_id"])
         TaskIdentity.task_id = random.getrandbits(63)
-        app = load_client_app(fab_hash, lambda: store.get(fab_hash), Path(job["apps_dir"]))
+        app = load_client_app(fab_hash, lambda: store.get(fab_hash), Path(job["apps_dir"]),
+                              site=str(job.get("site", "")))
+    except FabRefusedError as err:
+        return _failure(job, ErrorCode.LOAD_CLIENT_APP_EXCEPTION, str(err), started_at)
     except Exception as err:  # noqa: BLE001
         return _failure(
             job, ErrorCode.LOAD_CLIENT_APP_EXCEPTION,

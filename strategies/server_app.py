@@ -3,6 +3,8 @@
 1. compose the job config (``conf/``) from the run config's ``overrides`` and validate it;
 2. build the strategy (``strategies.builder``) and the initial adapter (LoRA B = 0);
 3. run the strategy over the grid -- ``HPCGrid`` under flwr-hpc, but any Flower grid works;
+   under flwr-hpc a checkpoint is written after every round and an interrupted run resumes
+   from the last one, and unusable replies become node errors (``flwr_hpc.rounds``);
 4. after every round: save the global adapter as ``global/round-<r>/`` (loadable with
    ``peft.PeftModel.from_pretrained``), evaluate it centrally on the held-out split when
    ``evaluate.central`` is set, and append a line to ``metrics.jsonl``.
@@ -94,7 +96,13 @@ def main(grid: Grid, context: Context) -> None:
                              save_client_updates=job["output"]["save_client_updates"])
     strategy = recorder.attach(strategy)
     job_config = ConfigRecord({"job-config": json.dumps(job, sort_keys=True)})
-    strategy.start(
+    # flwr-hpc's start = Flower's loop + a checkpoint after every round + resume from one
+    try:
+        from flwr_hpc.rounds import start
+    except ImportError:  # plain Flower (simulation, SuperLink): no checkpoints
+        start = type(strategy).start
+    start(
+        strategy,
         grid=metered,
         initial_arrays=ArrayRecord(torch_state_dict=initial),
         num_rounds=job["strategy"]["num_rounds"],

@@ -180,3 +180,53 @@ def tcloud(rsps):
     gt.set_transfer_client(make_transfer_client())
     yield fake
     gt.set_transfer_client(None)
+
+
+def fed_of(sites: dict, engine: str = "process-pool"):
+    """A federation of local sites: {site name: clients}."""
+    from flwr_hpc.config import FederationConfig
+
+    return FederationConfig.from_dict({
+        "name": "t",
+        "sites": {name: {"clients": n, "compute": {"engine": engine, "workers": max(1, n)}}
+                  for name, n in sites.items()},
+    })
+
+
+def train_messages(grid, server_round: int, nodes=None, arrays=None) -> list:
+    """Quickstart train messages for ``nodes`` (default: all) of ``grid``."""
+    import numpy as np
+    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+    arrays = arrays if arrays is not None else ArrayRecord([np.zeros(4, dtype=np.float32)])
+    content = RecordDict({"arrays": arrays,
+                          "config": ConfigRecord({"server-round": server_round})})
+    return [Message(content, nid, "train", group_id=str(server_round))
+            for nid in (nodes if nodes is not None else grid.get_node_ids())]
+
+
+@pytest.fixture
+def grid_factory(flwr_home, quickstart_fab, tmp_path):
+    """HPCGrids over the quickstart FAB, closed at teardown (attributes set from kwargs)."""
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from flwr_hpc.grid import HPCGrid
+
+    grids = []
+
+    def make(fed, **kwargs):
+        grid = HPCGrid.from_federation(fed, quickstart_fab, run_dir=tmp_path / "run",
+                                       flwr_home=flwr_home,
+                                       run_config={"fail-partition": -1, "sleep-partition": -1,
+                                                   "sleep-s": 0.0, "sleep-round": -1})
+        for k, v in kwargs.items():
+            setattr(grid, k, v)
+        grid.set_run(Run.create_empty(4242))
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 4242, 1, 1
+        grids.append(grid)
+        return grid
+
+    yield make
+    for g in grids:
+        g.close()

@@ -4,24 +4,13 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 from conftest import child_python_processes, read_tasks
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from conftest import fed_of as _fed
+from conftest import train_messages as _train_messages
 from flwr.common.constant import ErrorCode
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
 
-from flwr_hpc.config import FederationConfig, load_federation
-from flwr_hpc.grid import HPCGrid
-
-
-def _fed(sites: dict, engine: str = "process-pool") -> FederationConfig:
-    return FederationConfig.from_dict({
-        "name": "t",
-        "sites": {name: {"clients": n, "compute": {"engine": engine, "workers": max(1, n)}}
-                  for name, n in sites.items()},
-    })
+from flwr_hpc.config import load_federation
 
 
 def test_three_rounds_fedavg_with_persistent_state(run_quickstart):
@@ -93,34 +82,6 @@ def test_task_past_deadline_is_dropped_and_late_result_discarded(run_quickstart)
     # round 1 aggregated partitions 1, 2, 3 only (weights 20, 30, 40)
     assert summary["train_metrics"]["1"]["partition-id"] == pytest.approx(200 / 90)
     assert child_python_processes() == []
-
-
-@pytest.fixture
-def grid_factory(flwr_home, quickstart_fab, tmp_path):
-    grids = []
-
-    def make(fed: FederationConfig, **kwargs) -> HPCGrid:
-        grid = HPCGrid.from_federation(fed, quickstart_fab, run_dir=tmp_path / "run",
-                                       flwr_home=flwr_home,
-                                       run_config={"fail-partition": -1, "sleep-partition": -1,
-                                                   "sleep-s": 0.0, "sleep-round": -1})
-        for k, v in kwargs.items():
-            setattr(grid, k, v)
-        grid.set_run(Run.create_empty(4242))
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 4242, 1, 1
-        grids.append(grid)
-        return grid
-
-    yield make
-    for g in grids:
-        g.close()
-
-
-def _train_messages(grid: HPCGrid, server_round: int, nodes=None) -> list[Message]:
-    content = RecordDict({"arrays": ArrayRecord([np.zeros(4, dtype=np.float32)]),
-                          "config": ConfigRecord({"server-round": server_round})})
-    return [Message(content, nid, "train", group_id=str(server_round))
-            for nid in (nodes if nodes is not None else grid.get_node_ids())]
 
 
 def test_grid_direct_partition_ids_state_and_metadata(grid_factory):

@@ -44,10 +44,14 @@ def _make_engine(engine: str, workers: int, run_dir: Path):
     if engine == "process-pool":
         from globus_compute_endpoint.engines import ProcessPoolEngine
 
-        # spawn, not fork: the server process is multi-threaded.
+        from flwr_hpc._proc import die_with_parent
+
+        # spawn, not fork: the server process is multi-threaded. Workers die with the
+        # runner, so a killed runner leaves nothing running.
         return ProcessPoolEngine(
             max_workers=workers,
             mp_context=multiprocessing.get_context("spawn"),
+            initializer=die_with_parent,
             allowed_serializers=allowed,
         )
     if engine == "thread-pool":

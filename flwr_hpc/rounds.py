@@ -1,0 +1,237 @@
+"""The round loop for ServerApps under flwr-hpc: Flower's loop, made to survive faults.
+
+:func:`start` is a drop-in for ``strategy.start(...)`` -- it runs Flower's own
+``Strategy.start`` loop -- and adds, when a run directory is known (``$FLWR_HPC_RUN_DIR``,
+set by the flwr-hpc runner):
+
+* **a checkpoint after every completed round** and **resume** from the last one
+  (:mod:`flwr_hpc.checkpoint`): rounds are presented to the strategy with their true
+  numbers, the initial model is not re-evaluated, and the strategy, node Contexts and RNGs
+  are restored;
+* **reply screening**: a reply that would make Flower's aggregation raise (no or several
+  ArrayRecords, keys or shapes unlike the global model's, non-finite values, a missing or
+  non-positive weighting key, metric keys unlike the other replies') is turned into that
+  node's error reply -- logged, recorded, left out of aggregation -- instead of aborting the
+  ServerApp. Flower would stop the whole run on one such reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flwr_hpc import checkpoint
+
+log = logging.getLogger("flwr_hpc")
+
+
+# ----------------------------------------------------------------------------- screening
+
+
+def _weighted_by_key(strategy: Any) -> str | None:
+    for _ in range(4):
+        if strategy is None:
+            return None
+        key = getattr(strategy, "weighted_by_key", None)
+        if isinstance(key, str):
+            return key
+        strategy = getattr(strategy, "strategy", None)
+    return None
+
+
+def reply_problem(content: Any, *, train: bool, weighted_by_key: str | None,
+                  reference: Any = None) -> str:
+    """Why this reply content cannot be aggregated ('' if it can)."""
+    if train:
+        if len(content.array_records) != 1:
+            return f"expected exactly one ArrayRecord, got {len(content.array_records)}"
+        record = next(iter(content.array_records.values()))
+        if reference is not None:
+            want = {k: tuple(a.shape) for k, a in reference.items()}
+            got = {k: tuple(a.shape) for k, a in record.items()}
+            if set(got) != set(want):
+                missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+                return (f"array keys differ from the global model's (missing {missing[:3]}, "
+                        f"unexpected {extra[:3]})")
+            bad = [k for k in want if got[k] != want[k]]
+            if bad:
+                return (f"array {bad[0]!r} has shape {got[bad[0]]}, the global model has "
+                        f"{want[bad[0]]}")
+        for key, arr in record.items():
+            values = arr.numpy()
+            if values.dtype.kind in "fc" and not np.isfinite(values).all():
+                return f"array {key!r} has non-finite values"
+    if len(content.metric_records) != 1:
+        return f"expected exactly one MetricRecord, got {len(content.metric_records)}"
+    metrics = next(iter(content.metric_records.values()))
+    if weighted_by_key is not None:
+        if weighted_by_key not in metrics:
+            return f"the MetricRecord lacks the weighting key {weighted_by_key!r}"
+        weight = metrics[weighted_by_key]
+        if isinstance(weight, list) or not np.isfinite(weight) or weight <= 0:
+            return f"{weighted_by_key!r} must be a positive number, got {weight!r}"
+    return ""
+
+
+def screen(replies: Iterable[Any], *, train: bool, weighted_by_key: str | None,
+           reference: Any = None) -> list[Any]:
+    """The replies with every unusable one replaced by an error reply for its node."""
+    from flwr.app import Error, Message
+    from flwr.common.constant import ErrorCode
+
+    replies = list(replies)
+    problems: dict[int, str] = {}
+    for i, msg in enumerate(replies):
+        if not msg.has_error():
+            problem = reply_problem(msg.content, train=train, weighted_by_key=weighted_by_key,
+                                    reference=reference)
+            if problem:
+                problems[i] = problem
+    # Flower also needs the same metric keys in every reply: keep the most common set
+    keysets = {i: frozenset(next(iter(m.content.metric_records.values())).keys())
+               for i, m in enumerate(replies) if not m.has_error() and i not in problems}
+    if len(set(keysets.values())) > 1:
+        common = Counter(keysets.values()).most_common(1)[0][0]
+        for i, keys in keysets.items():
+            if keys != common:
+                problems[i] = (f"metric keys {sorted(keys)} differ from the other replies' "
+                               f"{sorted(common)}")
+    out = []
+    for i, msg in enumerate(replies):
+        if i not in problems:
+            out.append(msg)
+            continue
+        reason = f"reply dropped by the server: {problems[i]}"
+        log.warning("node %s: %s", msg.metadata.src_node_id, reason)
+        out.append(Message(metadata=msg.metadata,
+                           error=Error(ErrorCode.REPLY_MESSAGE_UNAVAILABLE, reason)))
+    return out
+
+
+def keep_dtypes(arrays: Any, reference: Any) -> Any:
+    """The aggregate with the global model's float dtypes. FedOpt's and the DP wrappers'
+    NumPy arithmetic promotes float32 to float64, which would double every later message."""
+    if arrays is None or reference is None:
+        return arrays
+    from flwr.app import Array, ArrayRecord
+
+    changed = False
+    out = {}
+    for key, arr in arrays.items():
+        want = reference[key].dtype if key in reference else None
+        values = arr.numpy()
+        if want is not None and want != values.dtype and values.dtype.kind == "f" and (
+                np.dtype(want).kind == "f"):
+            out[key] = Array(values.astype(want))
+            changed = True
+        else:
+            out[key] = arr
+    return ArrayRecord(out) if changed else arrays
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _guarded(strategy: Any, offset: int) -> Any:
+    """``strategy`` presented to Flower's loop with its rounds shifted by ``offset`` and its
+    replies screened before aggregation."""
+    from flwr.serverapp.strategy import Strategy
+
+    weighted_by_key = _weighted_by_key(strategy)
+    sent: dict[str, Any] = {}
+
+    class GuardedStrategy(Strategy):
+        def configure_train(self, server_round, arrays, config, grid):
+            sent["arrays"] = arrays
+            return strategy.configure_train(server_round + offset, arrays, config, grid)
+
+        def aggregate_train(self, server_round, replies):
+            reference = sent.get("arrays")
+            replies = screen(replies, train=True, weighted_by_key=weighted_by_key,
+                             reference=reference)
+            arrays, metrics = strategy.aggregate_train(server_round + offset, replies)
+            return keep_dtypes(arrays, reference), metrics
+
+        def configure_evaluate(self, server_round, arrays, config, grid):
+            return strategy.configure_evaluate(server_round + offset, arrays, config, grid)
+
+        def aggregate_evaluate(self, server_round, replies):
+            replies = screen(replies, train=False, weighted_by_key=weighted_by_key)
+            return strategy.aggregate_evaluate(server_round + offset, replies)
+
+        def summary(self) -> None:
+            strategy.summary()
+
+    GuardedStrategy.__name__ = type(strategy).__name__
+    return GuardedStrategy()
+
+
+def _transport(grid: Any) -> Any:
+    """The HPCGrid below wrappers (``.grid`` / ``._grid``), if any."""
+    for _ in range(8):
+        if grid is None or hasattr(grid, "export_contexts"):
+            return grid
+        grid = getattr(grid, "grid", None) or getattr(grid, "_grid", None)
+    return None
+
+
+def start(strategy: Any, grid: Any, initial_arrays: Any, num_rounds: int = 3,
+          timeout: float = 3600, train_config: Any = None, evaluate_config: Any = None,
+          evaluate_fn: Callable[[int, Any], Any] | None = None, *,
+          run_dir: str | Path | None = None) -> Any:
+    """``strategy.start(...)`` with reply screening, a checkpoint after every round, and
+    resume from the last checkpoint. ``run_dir`` defaults to ``$FLWR_HPC_RUN_DIR``; without
+    one, rounds are screened but not checkpointed."""
+    run_dir = run_dir or os.environ.get("FLWR_HPC_RUN_DIR")
+    root = Path(run_dir) / checkpoint.CHECKPOINT_DIR if run_dir else None
+    transport = _transport(grid)
+    resumed = checkpoint.load_checkpoint(root) if root is not None else None
+    offset, arrays = 0, initial_arrays
+    if resumed is not None:
+        offset, arrays = resumed.round, resumed.arrays
+        checkpoint.restore_state(strategy, resumed.strategy, resumed.state_arrays)
+        if transport is not None:
+            transport.import_contexts(resumed.contexts)
+        checkpoint.restore_rng(resumed.rng, resumed.state_arrays)
+        log.info("resuming from the checkpoint of round %d (%s); %d of %d rounds left",
+                 offset, resumed.path, max(num_rounds - offset, 0), num_rounds)
+        if offset >= num_rounds:
+            from flwr.serverapp.strategy import Result
+
+            result = Result()
+            result.arrays = arrays
+            return result
+
+    def round_done(server_round: int, round_arrays: Any) -> Any:
+        if server_round == 0:
+            # the initial model: evaluated on a fresh run, already evaluated when resuming
+            return evaluate_fn(0, round_arrays) if evaluate_fn and not offset else None
+        rnd = server_round + offset
+        res = evaluate_fn(rnd, round_arrays) if evaluate_fn else None
+        if root is not None:
+            state_arrays: dict[str, np.ndarray] = {}
+            ckpt = checkpoint.Checkpoint(
+                round=rnd, arrays=round_arrays,
+                strategy=checkpoint.capture_state(strategy, state_arrays),
+                state_arrays=state_arrays,
+                contexts=transport.export_contexts() if transport is not None else {})
+            ckpt.rng = checkpoint.capture_rng(state_arrays)
+            path = checkpoint.write_checkpoint(root, ckpt)
+            log.info("[round %d] checkpoint written: %s", rnd, path)
+        return res
+
+    result = _guarded(strategy, offset).start(
+        grid=grid, initial_arrays=arrays, num_rounds=num_rounds - offset, timeout=timeout,
+        train_config=train_config, evaluate_config=evaluate_config, evaluate_fn=round_done)
+    if offset:
+        for name in ("train_metrics_clientapp", "evaluate_metrics_clientapp",
+                     "evaluate_metrics_serverapp"):
+            shifted = {r + offset: v for r, v in getattr(result, name).items() if r > 0}
+            setattr(result, name, shifted)
+    return result

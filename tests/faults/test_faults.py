@@ -1,0 +1,161 @@
+"""Fault injection: each fault, what the system does, and that nothing bad is aggregated.
+
+The README's fault table lists these tests (and the older ones in test_grid.py,
+test_payload.py, test_globus_compute.py and test_globus_transfer.py)."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import fault_workers
+import numpy as np
+import pytest
+from conftest import fed_of, read_tasks, train_messages
+from flwr.app import ArrayRecord
+from flwr.common.constant import ErrorCode
+
+from flwr_hpc.payload.store import FilesystemStore
+
+
+def _by_node(replies):
+    return {r.metadata.src_node_id: r for r in replies}
+
+
+def test_a_killed_worker_is_reported_and_its_site_keeps_serving(grid_factory, monkeypatch):
+    monkeypatch.setenv("FLWR_HPC_TEST_CRASH_SITE", "b")
+    grid = grid_factory(fed_of({"a": 1, "b": 2}), _worker_fn=fault_workers.crash_first_task)
+    replies = list(grid.send_and_receive(train_messages(grid, 1), timeout=120))
+    by_site: dict[str, list] = {}
+    for r in replies:
+        by_site.setdefault(grid._nodes[r.metadata.src_node_id].site, []).append(r)
+    assert not any(r.has_error() for r in by_site["a"])  # other sites are not affected
+    # a process pool loses the tasks in flight with the dead worker (one site's pool)
+    crashed = [r for r in by_site["b"] if r.has_error()]
+    assert crashed and all(r.error.code == ErrorCode.CLIENT_APP_CRASHED for r in crashed)
+    assert all("site 'b'" in r.error.reason for r in crashed)
+    assert {t["outcome"] for t in grid.task_log.records if t["site"] == "b"} <= {
+        "ok", "error:CLIENT_APP_CRASHED"}
+    # the lost worker is replaced: the next round has every node back
+    again = list(grid.send_and_receive(train_messages(grid, 2), timeout=120))
+    assert len(again) == 3 and not any(r.has_error() for r in again)
+
+
+def test_an_offline_endpoint_sits_out_a_round_and_rejoins(cloud, grid_factory, monkeypatch):
+    from flwr_hpc.compute import globus as gc
+    from flwr_hpc.config import FederationConfig
+
+    monkeypatch.setattr(gc, "STATUS_TTL_S", 0.0)
+    fed = FederationConfig.from_dict({"name": "g", "sites": {
+        name: {"compute": {"type": "globus", "endpoint_id": cloud.add_endpoint()}}
+        for name in ("up", "flaky")}})
+    grid = grid_factory(fed)
+    flaky = fed.site("flaky").compute["endpoint_id"]
+    cloud.set_status(flaky, "offline")
+    first = list(grid.send_and_receive(train_messages(grid, 1), timeout=60))
+    codes = sorted((grid._nodes[r.metadata.src_node_id].site, r.error.code if r.has_error()
+                    else 0) for r in first)
+    assert codes == [("flaky", ErrorCode.NODE_UNAVAILABLE), ("up", 0)]
+    cloud.set_status(flaky, "online")
+    second = list(grid.send_and_receive(train_messages(grid, 2), timeout=60))
+    assert len(second) == 2 and not any(r.has_error() for r in second)
+
+
+def test_disk_full_while_staging_fails_that_site_only_and_leaves_no_partial_object(
+        grid_factory, monkeypatch):
+    grid = grid_factory(fed_of({"a": 1, "full": 1}, engine="thread-pool"))
+    full_root = str(grid.sites["full"].store.root)
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(full_root):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    replies = list(grid.send_and_receive(train_messages(grid, 1), timeout=60))
+    by_site = {grid._nodes[r.metadata.src_node_id].site: r for r in replies}
+    assert not by_site["a"].has_error()
+    assert by_site["full"].error.code == ErrorCode.MESSAGE_UNAVAILABLE
+    assert "No space left" in by_site["full"].error.reason
+    objects = grid.sites["full"].store.objects_dir
+    assert [p for p in objects.rglob("*") if p.is_file()] == []  # nothing half-written
+    monkeypatch.setattr(os, "fsync", real_fsync)  # space freed: the site is staged again
+    again = list(grid.send_and_receive(train_messages(grid, 2), timeout=60))
+    assert len(again) == 2 and not any(r.has_error() for r in again)
+    store = FilesystemStore(full_root)
+    assert all(store.get(p.name) for p in objects.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("kinds", [
+    "0:no-weight,1:nan,2:shape",
+    "0:zero-weight,1:two-arrays,2:metric-keys",
+])
+def test_unusable_replies_become_node_errors_and_the_rest_aggregate(grid_factory,
+                                                                     monkeypatch, kinds):
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.serverapp.strategy.strategy_utils import InconsistentMessageReplies
+
+    from flwr_hpc.rounds import start
+
+    monkeypatch.setenv("FLWR_HPC_TEST_BAD", kinds)
+    grid = grid_factory(fed_of({"a": 4}, engine="thread-pool"),
+                        _worker_fn=fault_workers.bad_reply)
+    initial = ArrayRecord([np.zeros(4, dtype=np.float32)])
+    # Flower's own loop stops the whole run on the first such reply
+    with pytest.raises(InconsistentMessageReplies):
+        FedAvg(fraction_evaluate=0.0).start(grid=grid, initial_arrays=initial, num_rounds=1)
+    result = start(FedAvg(fraction_evaluate=0.0), grid, initial, num_rounds=1, run_dir=None)
+    # only partition 3 was well-formed: the global model is its reply, nothing else
+    # (quickstart: new = global + N(0, 0.01) + partition + 1)
+    (got,) = result.arrays.to_numpy_ndarrays()
+    assert np.allclose(got, 4.0, atol=0.05), got
+    assert result.train_metrics_clientapp[1]["partition-id"] == 3
+
+
+def test_a_stale_reply_is_rejected_not_aggregated(grid_factory):
+    grid = grid_factory(fed_of({"a": 1}, engine="thread-pool"),
+                        _worker_fn=fault_workers.stale_reply)
+    (first,) = grid.send_and_receive(train_messages(grid, 1), timeout=60)
+    assert not first.has_error()
+    (second,) = grid.send_and_receive(train_messages(grid, 2), timeout=60)
+    assert second.has_error() and second.error.code == ErrorCode.REPLY_MESSAGE_UNAVAILABLE
+    assert "answers message" in second.error.reason
+    assert read_tasks(grid.task_log.path.parent)[-1]["outcome"] == (
+        "error:REPLY_MESSAGE_UNAVAILABLE")
+
+
+@pytest.mark.parametrize("bad", ["../../../../etc/passwd", "a" * 63 + "/", "A" * 64,
+                                 "0" * 64 + "\x00"])
+def test_path_traversal_object_ids_are_refused_at_the_site(tmp_path, bad):
+    from flwr_hpc.worker import JOB_VERSION, run_task
+
+    (tmp_path / "store").mkdir()
+    job = {"v": JOB_VERSION, "run_id": 1, "node_id": 2, "site": "a", "message_id": bad,
+           "context_id": "0" * 64, "fab_hash": "0" * 64, "apps_dir": str(tmp_path / "apps"),
+           "store": {"type": "filesystem", "path": str(tmp_path / "store")}}
+    result = run_task(job)
+    assert not result["ok"] and result["error_code"] == ErrorCode.MESSAGE_UNAVAILABLE
+    assert "invalid object id" in result["reason"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["objects", "store"]
+
+
+def test_a_restricted_site_refuses_an_unlisted_fab(grid_factory, monkeypatch,
+                                                    quickstart_fab):
+    from flwr.cli.config_utils import get_fab_metadata
+
+    from flwr_hpc.payload.objects import sha256_hex
+
+    fab_id, _ = get_fab_metadata(quickstart_fab)
+    monkeypatch.setenv("FLWR_HPC_ALLOWED_FABS", "0" * 64 + ", someone-else/*")
+    grid = grid_factory(fed_of({"a": 1}, engine="thread-pool"))
+    (reply,) = grid.send_and_receive(train_messages(grid, 1), timeout=60)
+    assert reply.error.code == ErrorCode.LOAD_CLIENT_APP_EXCEPTION
+    assert "does not run FAB" in reply.error.reason and fab_id in reply.error.reason
+    assert "FLWR_HPC_ALLOWED_FABS" in reply.error.reason
+    apps = grid.sites["a"].apps_dir
+    assert not apps.exists() or not list(apps.glob("*.installed"))  # nothing installed
+    for allowed in (sha256_hex(quickstart_fab), f"{fab_id.split('/')[0]}/*", fab_id):
+        monkeypatch.setenv("FLWR_HPC_ALLOWED_FABS", allowed)
+        (ok,) = grid.send_and_receive(train_messages(grid, 2), timeout=60)
+        assert not ok.has_error(), ok.error.reason
