@@ -103,6 +103,9 @@ DP = {
     "clipping_norm": Field("float", default=1.0, minimum=0.0),
     "poisson_sampling": Field("bool", default=True),
     "accountant": Field("str", default="rdp", choices=("rdp", "prv", "gdp")),
+    # central-*: seed the server's noise. Reproducible noise is NOT private (anyone with the
+    # seed can subtract it): for tests and debugging only. null = fresh OS entropy.
+    "noise_seed": Field("int", default=None, minimum=0),
 }
 OUTPUT = {
     "dir": Field("str|null"),

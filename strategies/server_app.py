@@ -18,7 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 from pathlib import Path
+
+import numpy as np
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -83,6 +86,12 @@ def main(grid: Grid, context: Context) -> None:
     def central(arrays: ArrayRecord) -> dict[str, float]:
         return recipe.evaluate_adapter(arrays.to_torch_state_dict(), recipe.test_set())
 
+    # Node sampling is reproducible from train.seed; central DP noise only if asked for.
+    random.seed(int(job["train"]["seed"]))
+    if job["dp"].get("noise_seed") is not None:
+        log.warning("dp.noise_seed is set: the server's DP noise is reproducible, which "
+                    "voids its privacy guarantee (for tests and debugging only)")
+        np.random.seed(int(job["dp"]["noise_seed"]))
     num_nodes = len(list(grid.get_node_ids()))
     check_federation_size(job, num_nodes)
     strategy = build_strategy(job, num_nodes)

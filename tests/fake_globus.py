@@ -171,6 +171,10 @@ class FakeComputeCloud:
                               "queue_prefix": "fake_", "connection_url": "amqp://fake/"})))
         rsps.add_callback("GET", re.compile(rf"{BASE}/v2/endpoints/[^/]+/status"),
                           callback=self._status)
+        rsps.add_callback("GET", re.compile(rf"{BASE}/v2/version.*"),
+                          callback=lambda req: (200, JSON, json.dumps({
+                              "api": "1.0", "min_sdk_version": "1.0.0",
+                              "min_ep_version": "1.0.0", "sdk_version": "4.19.0"})))
 
     def _register(self, request):
         body = json.loads(request.body)
