@@ -23,7 +23,7 @@ import queue
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -355,17 +355,26 @@ class HPCGrid(Grid):
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
+    ) -> Iterator[Message]:
+        """Submit ``messages`` now and return an iterator that yields each reply as it
+        arrives, until all are in or ``timeout`` passes (the rest are abandoned and their
+        late results discarded). The grid keeps no reference to a yielded reply, so a
+        strategy that aggregates while iterating holds one reply at a time, not all of
+        them (see ``strategies.streaming``); ``list()`` gives Flower's usual behaviour."""
         started = time.monotonic()
         ids = list(self.push_messages(messages))
+        return self._receive(ids, started, timeout)
+
+    def _receive(self, ids: list[str], started: float,
+                 timeout: float | None) -> Iterator[Message]:
         total = len(ids)
         if not total:
-            return []
+            return
         first = self._tasks.get(ids[0])
         round_, phase = (first.round, first.phase) if first else ("?", "?")
         pending = set(ids)
         deadline = None if timeout is None else started + timeout
-        replies: list[Message] = []
+        received = 0
         # Transfer sites: replies are fetched in one transfer per site, once all of the
         # site's tasks of this phase are done (or the deadline ends the wait)
         waiting: dict[str, set[str]] = defaultdict(set)
@@ -375,43 +384,53 @@ class HPCGrid(Grid):
             if task and task.immediate is None and self._fetches(task.node.site):
                 waiting[task.node.site].add(mid)
 
-        def take(mids: list[str]) -> None:
-            for got in self.pull_messages(mids):
-                pending.discard(got.metadata.reply_to_message_id)
-                replies.append(got)
-                outcome = "error" if got.has_error() else "ok"
-                self.progress.task_finished(round_, phase, len(replies), total,
-                                            self._site_of(got), outcome)
-
-        while pending:
-            wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
-            if wait <= 0:
-                break
-            try:
-                mid = self._completed.get(timeout=wait)
-            except queue.Empty:
-                continue
-            if mid not in pending:
-                continue
+        def ready(mids: list[str]) -> list[str]:
+            """The next message ids whose replies can be collected."""
+            mid = mids.pop()
             task = self._tasks.get(mid)
             site = task.node.site if task else ""
-            if mid in waiting.get(site, ()):
-                waiting[site].discard(mid)
-                done_at_site[site].append(mid)
-                if not waiting[site]:
-                    batch = done_at_site.pop(site)
-                    self._fetch_replies(site, batch)
-                    take(batch)
-                continue
-            take([mid])
-        for site, batch in done_at_site.items():  # finished in time; the rest missed it
+            if mid not in waiting.get(site, ()):
+                return [mid]
+            waiting[site].discard(mid)
+            done_at_site[site].append(mid)
+            if waiting[site]:
+                return []
+            batch = done_at_site.pop(site)
             self._fetch_replies(site, batch)
-            take(batch)
-        for mid in pending:
-            self._abandon(mid, timeout)
-        self.progress.phase_finished(round_, phase, len(replies), total,
-                                     time.monotonic() - started)
-        return replies
+            return batch
+
+        try:
+            while pending:
+                wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+                if wait <= 0:
+                    break
+                try:
+                    mid = self._completed.get(timeout=wait)
+                except queue.Empty:
+                    continue
+                if mid not in pending:
+                    continue
+                for got_mid in ready([mid]):
+                    for reply in self.pull_messages([got_mid]):
+                        pending.discard(got_mid)
+                        received += 1
+                        self.progress.task_finished(
+                            round_, phase, received, total, self._site_of(reply),
+                            "error" if reply.has_error() else "ok")
+                        yield reply
+            for site, batch in list(done_at_site.items()):  # in time; the rest missed it
+                done_at_site.pop(site)
+                self._fetch_replies(site, batch)
+                for got_mid in batch:
+                    for reply in self.pull_messages([got_mid]):
+                        pending.discard(got_mid)
+                        received += 1
+                        yield reply
+        finally:  # also when the consumer stops early: nothing stays pending
+            for mid in list(pending):
+                self._abandon(mid, timeout)
+            self.progress.phase_finished(round_, phase, received, total,
+                                         time.monotonic() - started)
 
     # ------------------------------------------------------------------ internals
 

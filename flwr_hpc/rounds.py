@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,12 +79,29 @@ def reply_problem(content: Any, *, train: bool, weighted_by_key: str | None,
     return ""
 
 
-def screen(replies: Iterable[Any], *, train: bool, weighted_by_key: str | None,
-           reference: Any = None) -> list[Any]:
-    """The replies with every unusable one replaced by an error reply for its node."""
+def _dropped(msg: Any, problem: str) -> Any:
     from flwr.app import Error, Message
     from flwr.common.constant import ErrorCode
 
+    reason = f"reply dropped by the server: {problem}"
+    log.warning("node %s: %s", msg.metadata.src_node_id, reason)
+    return Message(metadata=msg.metadata,
+                   error=Error(ErrorCode.REPLY_MESSAGE_UNAVAILABLE, reason))
+
+
+def screen_stream(replies: Iterable[Any], *, train: bool, weighted_by_key: str | None,
+                  reference: Any = None) -> Iterator[Any]:
+    """:func:`screen` one reply at a time, for streaming strategies (which aggregate only
+    the metric keys every reply has, so differing metric keys are not a problem there)."""
+    for msg in replies:
+        problem = "" if msg.has_error() else reply_problem(
+            msg.content, train=train, weighted_by_key=weighted_by_key, reference=reference)
+        yield _dropped(msg, problem) if problem else msg
+
+
+def screen(replies: Iterable[Any], *, train: bool, weighted_by_key: str | None,
+           reference: Any = None) -> list[Any]:
+    """The replies with every unusable one replaced by an error reply for its node."""
     replies = list(replies)
     problems: dict[int, str] = {}
     for i, msg in enumerate(replies):
@@ -102,16 +119,8 @@ def screen(replies: Iterable[Any], *, train: bool, weighted_by_key: str | None,
             if keys != common:
                 problems[i] = (f"metric keys {sorted(keys)} differ from the other replies' "
                                f"{sorted(common)}")
-    out = []
-    for i, msg in enumerate(replies):
-        if i not in problems:
-            out.append(msg)
-            continue
-        reason = f"reply dropped by the server: {problems[i]}"
-        log.warning("node %s: %s", msg.metadata.src_node_id, reason)
-        out.append(Message(metadata=msg.metadata,
-                           error=Error(ErrorCode.REPLY_MESSAGE_UNAVAILABLE, reason)))
-    return out
+    return [_dropped(msg, problems[i]) if i in problems else msg
+            for i, msg in enumerate(replies)]
 
 
 def keep_dtypes(arrays: Any, reference: Any) -> Any:
@@ -144,6 +153,9 @@ def _guarded(strategy: Any, offset: int) -> Any:
     from flwr.serverapp.strategy import Strategy
 
     weighted_by_key = _weighted_by_key(strategy)
+    # a streaming strategy gets the replies one by one; any other gets a list, as from
+    # Flower's own grids (some strategies iterate more than once)
+    check = screen_stream if getattr(strategy, "streaming", False) else screen
     sent: dict[str, Any] = {}
 
     class GuardedStrategy(Strategy):
@@ -153,8 +165,8 @@ def _guarded(strategy: Any, offset: int) -> Any:
 
         def aggregate_train(self, server_round, replies):
             reference = sent.get("arrays")
-            replies = screen(replies, train=True, weighted_by_key=weighted_by_key,
-                             reference=reference)
+            replies = check(replies, train=True, weighted_by_key=weighted_by_key,
+                            reference=reference)
             arrays, metrics = strategy.aggregate_train(server_round + offset, replies)
             return keep_dtypes(arrays, reference), metrics
 
@@ -162,7 +174,7 @@ def _guarded(strategy: Any, offset: int) -> Any:
             return strategy.configure_evaluate(server_round + offset, arrays, config, grid)
 
         def aggregate_evaluate(self, server_round, replies):
-            replies = screen(replies, train=False, weighted_by_key=weighted_by_key)
+            replies = check(replies, train=False, weighted_by_key=weighted_by_key)
             return strategy.aggregate_evaluate(server_round + offset, replies)
 
         def summary(self) -> None:

@@ -70,19 +70,27 @@ def _base_strategy(job: Mapping[str, Any]) -> Strategy:
         train_metrics_aggr_fn=aggregate_train_metrics,
     )
     name = s["name"]
+
+    def cls(flower_class):
+        if not s["streaming"]:
+            return flower_class
+        from strategies.streaming import STREAMING
+
+        return STREAMING[flower_class]
+
     if name == "fedavg":
-        return FedAvg(**common)
+        return cls(FedAvg)(**common)
     if name == "fedprox":
-        return FedProx(**common, proximal_mu=s["proximal_mu"])
+        return cls(FedProx)(**common, proximal_mu=s["proximal_mu"])
     if name in ("fedadam", "fedyogi"):
-        cls = FedAdam if name == "fedadam" else FedYogi
-        return cls(**common, eta=s["eta"], eta_l=s["eta_l"], beta_1=s["beta_1"],
-                   beta_2=s["beta_2"], tau=s["tau"])
+        return cls(FedAdam if name == "fedadam" else FedYogi)(
+            **common, eta=s["eta"], eta_l=s["eta_l"], beta_1=s["beta_1"],
+            beta_2=s["beta_2"], tau=s["tau"])
     if name == "fedadagrad":
-        return FedAdagrad(**common, eta=s["eta"], eta_l=s["eta_l"], tau=s["tau"])
+        return cls(FedAdagrad)(**common, eta=s["eta"], eta_l=s["eta_l"], tau=s["tau"])
     if name == "fedavgm":
-        return FedAvgM(**common, server_learning_rate=s["server_learning_rate"],
-                       server_momentum=s["server_momentum"])
+        return cls(FedAvgM)(**common, server_learning_rate=s["server_learning_rate"],
+                            server_momentum=s["server_momentum"])
     raise ValueError(f"strategy.name {name!r} is not supported")  # validated earlier
 
 
@@ -93,7 +101,8 @@ def sampled_clients(job: Mapping[str, Any], num_nodes: int) -> int:
 
 
 def build_strategy(job: Mapping[str, Any], num_nodes: int) -> Strategy:
-    """The configured strategy, wrapped for central DP when ``dp.type`` asks for it."""
+    """The configured strategy (streaming by default), wrapped for central DP when
+    ``dp.type`` asks for it."""
     strategy = _base_strategy(job)
     dp = job["dp"]
     if not dp["type"].startswith("central"):
@@ -118,7 +127,10 @@ def _accountant(strategy: Strategy, dp: Mapping[str, Any], num_nodes: int):
         log.warning("dp.noise_multiplier is 0: updates are clipped but not noised; "
                     "no privacy is accounted")
         return None
-    if type(strategy).aggregate_train is not FedAvg.aggregate_train:
+    from strategies.streaming import StreamingFedAvg
+
+    if type(strategy).aggregate_train not in (FedAvg.aggregate_train,
+                                              StreamingFedAvg.aggregate_train):
         log.warning("Flower's DP accounting supports FedAvg-style aggregation only; "
                     "epsilon is not reported for strategy %s", type(strategy).__name__)
         return None

@@ -8,7 +8,7 @@ payload a transport has to move, independent of how it moves it.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -69,9 +69,15 @@ class MeteredGrid(Grid):
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
+                         timeout: float | None = None) -> Iterator[Message]:
+        """Replies pass through one by one, as the wrapped grid yields them."""
         messages = list(messages)
         self._count("sent", messages)
-        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        self._count("received", replies)
-        return replies
+        replies = self.grid.send_and_receive(messages, timeout=timeout)
+
+        def counted() -> Iterator[Message]:
+            for reply in replies:
+                self._count("received", [reply])
+                yield reply
+
+        return counted()

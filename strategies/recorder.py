@@ -54,16 +54,23 @@ class RoundRecorder:
         aggregate_evaluate = strategy.aggregate_evaluate
 
         def train_hook(server_round, replies):
-            replies = list(replies)
-            if self.save_client_updates:
-                self._save_updates(server_round, replies)
-            arrays, metrics = aggregate_train(server_round, replies)
+            seen = {"ok": 0}
+
+            def tap():  # one reply at a time: a streaming strategy stays O(model)
+                for m in replies:
+                    if not m.has_error():
+                        seen["ok"] += 1
+                        if self.save_client_updates:
+                            self._save_updates(server_round, [m])
+                    yield m
+
+            arrays, metrics = aggregate_train(server_round, tap())
             self._train = dict(metrics or {})
-            self._train["replies"] = sum(not m.has_error() for m in replies)
+            self._train["replies"] = seen["ok"]
             return arrays, metrics
 
         def evaluate_hook(server_round, replies):
-            metrics = aggregate_evaluate(server_round, list(replies))
+            metrics = aggregate_evaluate(server_round, replies)
             self._evaluate = dict(metrics or {})
             return metrics
 

@@ -22,7 +22,6 @@ import random
 from pathlib import Path
 
 import numpy as np
-
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 

@@ -99,18 +99,29 @@ def test_unusable_replies_become_node_errors_and_the_rest_aggregate(grid_factory
     from flwr_hpc.rounds import start
 
     monkeypatch.setenv("FLWR_HPC_TEST_BAD", kinds)
-    grid = grid_factory(fed_of({"a": 4}, engine="thread-pool"),
+    grid = grid_factory(fed_of({"a": 5}, engine="thread-pool"),
                         _worker_fn=fault_workers.bad_reply)
     initial = ArrayRecord([np.zeros(4, dtype=np.float32)])
     # Flower's own loop stops the whole run on the first such reply
     with pytest.raises(InconsistentMessageReplies):
         FedAvg(fraction_evaluate=0.0).start(grid=grid, initial_arrays=initial, num_rounds=1)
-    result = start(FedAvg(fraction_evaluate=0.0), grid, initial, num_rounds=1, run_dir=None)
-    # only partition 3 was well-formed: the global model is its reply, nothing else
-    # (quickstart: new = global + N(0, 0.01) + partition + 1)
-    (got,) = result.arrays.to_numpy_ndarrays()
-    assert np.allclose(got, 4.0, atol=0.05), got
-    assert result.train_metrics_clientapp[1]["partition-id"] == 3
+    from strategies.streaming import StreamingFedAvg
+
+    for strategy in (FedAvg(fraction_evaluate=0.0), StreamingFedAvg(fraction_evaluate=0.0)):
+        result = start(strategy, grid, initial, num_rounds=1, run_dir=None)
+        # only partitions 3 and 4 were well-formed: the global model is their weighted
+        # mean (quickstart: new = global + N(0, 0.01) + partition + 1, weight 10 (p + 1));
+        # a streaming strategy also keeps a reply whose only fault is an extra metric key
+        # (it aggregates the metric keys all replies share)
+        streams = getattr(strategy, "streaming", False)
+        used = [3, 4] + ([2] if "metric-keys" in kinds and streams else [])
+        weights = {p: 10 * (p + 1) for p in used}
+        total = sum(weights.values())
+        (got,) = result.arrays.to_numpy_ndarrays()
+        assert np.allclose(got, sum(w * (p + 1) for p, w in weights.items()) / total,
+                           atol=0.05), got
+        assert result.train_metrics_clientapp[1]["partition-id"] == pytest.approx(
+            sum(w * p for p, w in weights.items()) / total)
 
 
 def test_a_stale_reply_is_rejected_not_aggregated(grid_factory):
