@@ -5,6 +5,8 @@
     flwr-hpc status                                             sites and runs
     flwr-hpc run APP [-c KEY=VALUE ...] [OVERRIDES...]          one run, in the foreground
     flwr-hpc resume RUN_ID [--foreground]                       continue an interrupted run
+    flwr-hpc bench transport --clients N --size-mb S [--rounds R] [--json]
+                                                                flwr-hpc vs Flower vs floor
 
 OVERRIDES are Hydra overrides, e.g. ``federation=local federation.sites.beta.clients=3``.
 """
@@ -301,6 +303,22 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0 if status == "finished:completed" else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from flwr_hpc.bench.transport import bench_transport, format_table
+
+    if args.rounds < 2:
+        print("error: --rounds must be >= 2 (the first round is a warm-up)", file=sys.stderr)
+        return 2
+    result = bench_transport(args.clients, args.size_mb, args.rounds, sites=args.sites,
+                             flower=not args.no_flower,
+                             workdir=Path(args.workdir) if args.workdir else None)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2, sort_keys=True))
+    print(json.dumps(result, sort_keys=True) if args.json else format_table(result))
+    return 0
+
+
 def cmd_sites(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -351,6 +369,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--run-config", action="append", default=[],
                      help="run config override KEY=VALUE (as `flwr run -c`)")
     add_config(run)
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    transport = bench_sub.add_parser(
+        "transport", help="per-round time of flwr-hpc vs Flower's deployment vs the floor")
+    transport.add_argument("--clients", type=int, required=True)
+    transport.add_argument("--size-mb", type=float, required=True,
+                           help="MB of float32 arrays each client receives and returns")
+    transport.add_argument("--rounds", type=int, default=3,
+                           help="rounds per transport; the first is a warm-up (default 3)")
+    transport.add_argument("--sites", type=int, default=4,
+                           help="flwr-hpc sites the clients are spread over (default 4)")
+    transport.add_argument("--no-flower", action="store_true",
+                           help="skip Flower's deployment (flwr-hpc and the floor only)")
+    transport.add_argument("--json", action="store_true", help="print one JSON object")
+    transport.add_argument("--out", help="also write the JSON result to this file")
+    transport.add_argument("--workdir", help="keep the runs' files here (default: a temp "
+                           "dir, removed)")
     resume = sub.add_parser("resume", help="continue an interrupted run from its last "
                             "checkpointed round")
     resume.add_argument("run_id", type=int)
@@ -369,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "run": cmd_run,
-                "sites": cmd_sites, "resume": cmd_resume}
+                "sites": cmd_sites, "resume": cmd_resume, "bench": cmd_bench}
     try:
         return handlers[args.command](args)
     except ConfigError as err:

@@ -63,7 +63,9 @@ class StreamingFedAvg(FedAvg):
                 raise InconsistentMessageReplies(
                     reason=f"Missing required key `{self.weighted_by_key}` in the "
                     "MetricRecord of reply messages.")
-            weight = float(metrics[self.weighted_by_key])
+            # a float64 scalar: float32 x float64 products are float64 (NEP 50), so the sum
+            # does not depend on the order replies arrive in (beyond float64 rounding)
+            weight = np.float64(metrics[self.weighted_by_key])
             (record,) = content.array_records.values()
             if keys is None:
                 keys = list(record.keys())
@@ -74,10 +76,10 @@ class StreamingFedAvg(FedAvg):
                 values = arr.numpy()
                 if key not in sums:
                     dtypes[key] = values.dtype
-                    sums[key] = values.astype(np.float64) * weight
+                    sums[key] = values * weight
                 else:
                     sums[key] += values * weight
-            total += weight
+            total += float(weight)
             metric_only.append(RecordDict(dict(content.metric_records)))
             del content, record, msg  # nothing of this reply outlives the loop
         log.info("aggregate_train: Received %s results and %s failures",

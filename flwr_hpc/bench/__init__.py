@@ -1,0 +1,1 @@
+"""Benchmarks that anyone can run: ``flwr-hpc bench transport`` (see :mod:`.transport`)."""

@@ -1,0 +1,47 @@
+"""R rounds of FedAvg over S MB of float32 arrays; writes per-round times and peak RSS."""
+
+import json
+import resource
+import time
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+app = ServerApp()
+
+
+def model(size_mb: float) -> ArrayRecord:
+    """``size_mb`` MB of float32 in 8 tensors (LoRA adapters are many small-ish tensors)."""
+    n = max(8, int(size_mb * 2**20 / 4))
+    rng = np.random.default_rng(0)
+    return ArrayRecord({f"layer{i}": Array(rng.standard_normal(n // 8, dtype=np.float32))
+                        for i in range(8)})
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = context.run_config
+    rounds, size_mb = int(cfg["rounds"]), float(cfg["size-mb"])
+    nodes = len(list(grid.get_node_ids()))
+    if bool(cfg["streaming"]):
+        from strategies.streaming import StreamingFedAvg as Strategy
+    else:
+        Strategy = FedAvg
+    strategy = Strategy(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=nodes,
+                        min_available_nodes=nodes, min_evaluate_nodes=0)
+    marks = [time.perf_counter()]
+
+    def tick(server_round, arrays):
+        marks.append(time.perf_counter())
+
+    strategy.start(grid=grid, initial_arrays=model(size_mb), num_rounds=rounds,
+                   timeout=float(cfg["timeout-s"]), evaluate_fn=tick)
+    round_s = [b - a for a, b in zip(marks[1:], marks[2:], strict=False)]  # [1]: round 0
+    result = {"round_s": round_s, "nodes": nodes,
+              "serverapp_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+              * 1024}
+    if cfg["result-file"]:
+        with open(str(cfg["result-file"]), "w") as fh:
+            json.dump(result, fh)

@@ -1,0 +1,317 @@
+"""``flwr-hpc bench transport``: flwr-hpc vs Flower's own deployment vs the physical floor.
+
+One invocation runs the same no-training Flower app (``flwr_hpc/bench/app``: each client
+returns the S MB of float32 arrays it received, plus noise) for R rounds
+
+(a) through flwr-hpc on a local federation (the runner in its own process, sites as local
+    endpoint engines with process-pool workers, payloads through site directories), and
+(b) through Flower's deployment on loopback: a real ``flower-superlink`` and N real
+    ``flower-supernode`` processes (insecure, started and stopped here), driven by
+    ``flwr run``;
+
+and measures on the spot (c) the physical floor: the bytes a round must move -- the model
+to N clients and N updates back, 2 x N x S -- once through memory (copy bandwidth) and
+once through the disk (write bandwidth, fsynced). Reported per transport: the median
+round time over the rounds after the first (warm-up), the server's peak RSS, and for
+flwr-hpc the bytes staged per site per round (which must not grow with the clients a site
+hosts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+APP_DIR = Path(__file__).resolve().parent / "app"
+MiB = 2**20
+
+
+def _say(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- the floor
+
+
+def measure_floor(workdir: Path, probe_mb: int = 256) -> dict[str, float]:
+    """Memory-copy and disk-write bandwidth (bytes/s), best of a few tries."""
+    n = probe_mb * MiB
+    src = np.ones(n // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    copy = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        copy.append(n / (time.perf_counter() - t0))
+    disk = []
+    path = workdir / "floor.bin"
+    payload = src.tobytes()
+    for _ in range(2):
+        t0 = time.perf_counter()
+        with open(path, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        disk.append(n / (time.perf_counter() - t0))
+        path.unlink()
+    del src, dst, payload
+    return {"memcpy_bytes_per_s": max(copy), "disk_bytes_per_s": max(disk)}
+
+
+# ----------------------------------------------------------------------------- peak RSS
+
+
+class _PeakRss(threading.Thread):
+    """Polls the RSS of one process (not its children) and keeps the peak."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak, self._stop_event = pid, 0, threading.Event()
+
+    def run(self) -> None:
+        try:
+            proc = psutil.Process(self.pid)
+            while not self._stop_event.wait(0.05):
+                self.peak = max(self.peak, proc.memory_info().rss)
+        except psutil.Error:
+            pass
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join(timeout=2)
+        return self.peak
+
+
+def _median_after_warmup(round_s: list[float]) -> float:
+    return statistics.median(round_s[1:] if len(round_s) > 1 else round_s)
+
+
+# ----------------------------------------------------------------------------- flwr-hpc
+
+
+def bench_federation(clients: int, sites: int, workdir: Path):
+    from flwr_hpc.config import FederationConfig
+
+    sites = max(1, min(sites, clients))
+    per = [clients // sites + (1 if i < clients % sites else 0) for i in range(sites)]
+    return FederationConfig.from_dict({
+        "name": "bench", "workdir": str(workdir / "sites"),
+        "sites": {f"site{i}": {"clients": n,
+                               "compute": {"type": "local", "engine": "process-pool",
+                                           "workers": min(2, n)}}
+                  for i, n in enumerate(per)}})
+
+
+def run_flwr_hpc(clients: int, size_mb: float, rounds: int, sites: int,
+                 workdir: Path, timeout_s: float) -> dict[str, Any]:
+    from flwr.cli.build import build_fab_from_disk
+
+    from flwr_hpc.runner import prepare_run, read_status
+
+    home = workdir / "hpc-home"
+    fed = bench_federation(clients, sites, workdir)
+    result_file = workdir / "hpc-result.json"
+    fab = build_fab_from_disk(APP_DIR)
+    run_dir = prepare_run(fab, {"rounds": rounds, "size-mb": size_mb, "streaming": True,
+                                "result-file": str(result_file)}, fed, home=home)
+    env = {**os.environ, "FLWR_HOME": str(home)}
+    with open(workdir / "hpc-runner.out", "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "flwr_hpc.runner", str(run_dir)],
+                                env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        watcher = _PeakRss(proc.pid)
+        watcher.start()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise RuntimeError(f"flwr-hpc run did not finish within {timeout_s:.0f} s; "
+                               f"see {run_dir / 'log.txt'}") from None
+        finally:
+            polled = watcher.stop()
+    status = read_status(run_dir)
+    if status.get("sub_status") != "completed" or not result_file.exists():
+        raise RuntimeError(f"flwr-hpc run failed ({status.get('details')}); see "
+                           f"{run_dir / 'log.txt'}")
+    result = json.loads(result_file.read_text())
+    staged: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for line in (run_dir / "tasks.jsonl").read_text().splitlines():
+        task = json.loads(line)
+        staged[task["site"]][task["round"]] += int(task["bytes_to_site"])
+    return {
+        "round_s": result["round_s"],
+        "server_peak_rss_bytes": max(result["serverapp_peak_rss_bytes"], polled),
+        "clients_per_site": {s.name: s.clients for s in fed.sites},
+        # after round 1 (which also carries the FAB): what a site receives per round
+        "staged_bytes_per_site_round": {
+            site: max(v for r, v in by_round.items() if r != "1") if len(by_round) > 1
+            else max(by_round.values()) for site, by_round in staged.items()},
+        "run_dir": str(run_dir),
+    }
+
+
+# ----------------------------------------------------------------------------- Flower
+
+
+def run_flower(clients: int, size_mb: float, rounds: int, workdir: Path,
+               timeout_s: float) -> dict[str, Any]:
+    """Flower's deployment on loopback: flower-superlink + N flower-supernode, flwr run."""
+    bindir = Path(sys.executable).parent
+    home = workdir / "flower-home"
+    home.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    env = {**os.environ, "FLWR_HOME": str(home)}
+    procs: list[subprocess.Popen] = []
+    logs = workdir / "flower-logs"
+    logs.mkdir(exist_ok=True)
+
+    def spawn(name: str, args: list[str]) -> subprocess.Popen:
+        with open(logs / f"{name}.log", "wb") as out:
+            proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        procs.append(proc)
+        return proc
+
+    result_file = workdir / "flower-result.json"
+    try:
+        link = spawn("superlink", [str(bindir / "flower-superlink"), "--insecure",
+                                   "--host", "127.0.0.1", "--port", str(port),
+                                   "--disable-runtime-dependency-installation"])
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if link.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited; see {logs / 'superlink.log'}")
+            time.sleep(0.2)
+        link_rss = _PeakRss(link.pid)
+        link_rss.start()
+        for i in range(clients):
+            spawn(f"supernode-{i}", [
+                str(bindir / "flower-supernode"), "--insecure",
+                "--superlink", f"127.0.0.1:{port}", "--port", str(_free_port()),
+                "--node-config", f"partition-id={i} num-partitions={clients}"])
+        _say(f"flower: superlink + {clients} supernodes started")
+        run_config = (f"rounds={rounds} size-mb={float(size_mb)} streaming=false "
+                      f"result-file='{result_file}'")
+        started = subprocess.run(
+            [str(bindir / "flwr"), "run", str(APP_DIR), "bench", "--run-config", run_config,
+             "--stream"], env=env, capture_output=True, text=True, timeout=timeout_s,
+            stdin=subprocess.DEVNULL)
+        (logs / "flwr-run.log").write_text(started.stdout + started.stderr)
+        link_peak = link_rss.stop()
+        if not result_file.exists():
+            raise RuntimeError(f"the Flower run produced no result; see {logs}")
+        result = json.loads(result_file.read_text())
+        return {"round_s": result["round_s"],
+                "serverapp_peak_rss_bytes": result["serverapp_peak_rss_bytes"],
+                "superlink_peak_rss_bytes": link_peak}
+    finally:
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        time.sleep(1.0)
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+
+
+# ----------------------------------------------------------------------------- the bench
+
+
+def bench_transport(clients: int, size_mb: float, rounds: int = 3, *, sites: int = 4,
+                    flower: bool = True, workdir: Path | None = None,
+                    timeout_s: float = 1800.0) -> dict[str, Any]:
+    own = workdir is None
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="flwr-hpc-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        _say(f"flwr-hpc: {clients} clients, {size_mb:g} MB, {rounds} rounds")
+        t0 = time.monotonic()
+        hpc = run_flwr_hpc(clients, size_mb, rounds, sites, workdir, timeout_s)
+        _say(f"flwr-hpc: done in {time.monotonic() - t0:.0f} s; rounds {hpc['round_s']}")
+        fl = None
+        if flower:
+            _say(f"flower: {clients} supernodes, {size_mb:g} MB, {rounds} rounds")
+            t0 = time.monotonic()
+            fl = run_flower(clients, size_mb, rounds, workdir, timeout_s)
+            _say(f"flower: done in {time.monotonic() - t0:.0f} s; rounds {fl['round_s']}")
+        # after the runs: a child forked from a big process starts with its RSS counted
+        _say(f"floor: measuring memory-copy and disk bandwidth in {workdir}")
+        floor = measure_floor(workdir)
+        nbytes = 2 * clients * size_mb * MiB
+        floor_s = (nbytes / floor["memcpy_bytes_per_s"]) + (nbytes / floor["disk_bytes_per_s"])
+        out: dict[str, Any] = {
+            "clients": clients, "size_mb": size_mb, "rounds": rounds,
+            "sites": len(hpc["clients_per_site"]),
+            "bytes_per_round": int(nbytes),
+            "floor_round_s": floor_s,
+            "memcpy_gb_per_s": floor["memcpy_bytes_per_s"] / 1e9,
+            "disk_gb_per_s": floor["disk_bytes_per_s"] / 1e9,
+            "flwr_hpc_round_s": _median_after_warmup(hpc["round_s"]),
+            "flwr_hpc_rounds_s": hpc["round_s"],
+            "server_peak_rss_bytes": hpc["server_peak_rss_bytes"],
+            "clients_per_site": hpc["clients_per_site"],
+            "staged_bytes_per_site_round": hpc["staged_bytes_per_site_round"],
+            "flwr_hpc_over_floor": _median_after_warmup(hpc["round_s"]) / floor_s,
+        }
+        if fl is not None:
+            out.update(flower_round_s=_median_after_warmup(fl["round_s"]),
+                       flower_rounds_s=fl["round_s"],
+                       flower_serverapp_peak_rss_bytes=fl["serverapp_peak_rss_bytes"],
+                       flower_superlink_peak_rss_bytes=fl["superlink_peak_rss_bytes"])
+            out["flwr_hpc_over_flower"] = out["flwr_hpc_round_s"] / out["flower_round_s"]
+        return out
+    finally:
+        if own:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def format_table(r: dict[str, Any]) -> str:
+    rows = [("clients", r["clients"]), ("size (MB)", r["size_mb"]),
+            ("bytes per round", f"{r['bytes_per_round'] / MiB:,.0f} MiB"),
+            ("floor round (s)", f"{r['floor_round_s']:.3f}"),
+            ("flwr-hpc round (s)", f"{r['flwr_hpc_round_s']:.3f}"),
+            ("flwr-hpc / floor", f"{r['flwr_hpc_over_floor']:.2f}"),
+            ("flwr-hpc server peak RSS", f"{r['server_peak_rss_bytes'] / MiB:,.0f} MiB")]
+    if "flower_round_s" in r:
+        rows += [("Flower round (s)", f"{r['flower_round_s']:.3f}"),
+                 ("flwr-hpc / Flower", f"{r['flwr_hpc_over_flower']:.3f}"),
+                 ("Flower SuperLink peak RSS",
+                  f"{r['flower_superlink_peak_rss_bytes'] / MiB:,.0f} MiB")]
+    per_site = ", ".join(f"{s}: {r['clients_per_site'][s]} clients -> "
+                         f"{b / MiB:,.1f} MiB" for s, b in
+                         sorted(r["staged_bytes_per_site_round"].items()))
+    rows.append(("staged per site per round", per_site))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
