@@ -135,8 +135,9 @@ def test_missing_credentials_fail_fast_naming_the_variables(monkeypatch, tmp_pat
     assert time.monotonic() - t0 < 2
 
 
-def test_refused_credentials_are_a_clear_error(monkeypatch):
+def test_refused_credentials_are_a_clear_error(monkeypatch, tmp_path):
     """A 401 from Globus Auth (faked at the HTTP edge; the SDK's own client flow is real)."""
+    monkeypatch.setenv("GLOBUS_COMPUTE_USER_DIR", str(tmp_path))  # no cached token
     monkeypatch.setenv(gc.ENV_CLIENT_ID, "6f1f2d3e-0000-4000-8000-000000000009")
     monkeypatch.setenv(gc.ENV_CLIENT_SECRET, "wrong")
     gc.set_shared_client(None)

@@ -32,7 +32,8 @@ def test_no_secret_or_token_in_anything_a_run_writes(cloud, tcloud, rsps, run_qu
     from flwr_hpc.config import FederationConfig
     from flwr_hpc.payload import transfer as gt
 
-    monkeypatch.setenv("GLOBUS_COMPUTE_CLIENT_ID", "6f1f2d3e-0000-4000-8000-000000000009")
+    # its own client id: the SDK keeps apps (and their tokens) per client id in memory
+    monkeypatch.setenv("GLOBUS_COMPUTE_CLIENT_ID", "6f1f2d3e-0000-4000-8000-0000000000ab")
     monkeypatch.setenv("GLOBUS_COMPUTE_CLIENT_SECRET", SECRET)
     monkeypatch.setenv("GLOBUS_COMPUTE_USER_DIR", str(tmp_path / "sdk-token-store"))
     _auth(rsps)
