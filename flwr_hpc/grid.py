@@ -93,6 +93,25 @@ class _Task:
         return round_of(self.message)
 
 
+class _PhaseObjects:
+    """Deflated objects of one phase, shared by the sites' staging threads: the global
+    model is serialized once per phase, not once per site."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, bytes] = {}
+        self._locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._lock = threading.Lock()
+
+    def get(self, object_id: str, obj: Any) -> bytes:
+        with self._lock:
+            lock = self._locks[object_id]
+        with lock:  # a second site waits for the first deflate instead of repeating it
+            data = self._data.get(object_id)
+            if data is None:
+                data = self._data[object_id] = obj.deflate()
+            return data
+
+
 @dataclass
 class SiteRuntime:
     """What the grid holds for one site: its backend, its store, its apps dir."""
@@ -317,7 +336,8 @@ class HPCGrid(Grid):
                 self._completed.put(t.message_id)
         # Stage every site in parallel (I/O bound, seconds for a Transfer site) and submit
         # each site's tasks as soon as its own staging is done.
-        staged = {self._stage_pool.submit(self._stage_site, site, ts): site
+        deflated = _PhaseObjects()  # each object deflated once per phase, for all sites
+        staged = {self._stage_pool.submit(self._stage_site, site, ts, deflated): site
                   for site, ts in by_site.items()}
         for fut in as_completed(staged):
             site = staged[fut]
@@ -461,8 +481,10 @@ class HPCGrid(Grid):
         node = self._nodes.get(reply.metadata.src_node_id)
         return node.site if node else "?"
 
-    def _stage_site(self, site: str, tasks: list[_Task]) -> None:
+    def _stage_site(self, site: str, tasks: list[_Task],
+                    deflated: _PhaseObjects | None = None) -> None:
         """Write everything ``site`` lacks for these tasks, each object once."""
+        deflated = deflated or _PhaseObjects()
         rt = self.sites[site]
         t0 = time.monotonic()
         written = 0
@@ -475,7 +497,7 @@ class HPCGrid(Grid):
             objects = get_all_nested_objects(t.message)
             for oid, obj in objects.items():
                 if oid not in seen and not rt.store.has(oid):
-                    written += rt.store.put(oid, obj.deflate())
+                    written += rt.store.put(oid, deflated.get(oid, obj))
                 seen.add(oid)
             ctx_bytes = context_to_bytes(self.node_context(t.node.node_id))
             t.context_id = sha256_hex(ctx_bytes)

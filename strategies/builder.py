@@ -71,8 +71,12 @@ def _base_strategy(job: Mapping[str, Any]) -> Strategy:
     )
     name = s["name"]
 
+    # Flower's central-DP wrappers clip every reply in a list first (no memory to save) and
+    # account privacy only for FedAvg.aggregate_train itself: keep Flower's classes there.
+    streaming = s["streaming"] and not job["dp"]["type"].startswith("central")
+
     def cls(flower_class):
-        if not s["streaming"]:
+        if not streaming:
             return flower_class
         from strategies.streaming import STREAMING
 

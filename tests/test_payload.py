@@ -106,3 +106,31 @@ def test_shared_model_is_one_set_of_objects():
         union.update(message_objects(m))
     total = sum(len(v) for v in union.values())
     assert 32 * 2**20 <= total < 32.1 * 2**20  # ~32 MiB, not ~96 MiB
+
+
+def test_worker_reads_a_large_object_once_per_process_and_bounds_its_cache(tmp_path,
+                                                                           monkeypatch):
+    from flwr_hpc import worker
+
+    store = FilesystemStore(tmp_path / "s")
+    big = [bytes([i]) * (3 << 20) for i in range(3)]
+    small = b"tiny"
+    ids = [sha256_hex(b) for b in big]
+    for oid, data in zip(ids, big, strict=True):
+        store.put(oid, data)
+    store.put(sha256_hex(small), small)
+    calls = []
+    real_get = store.get
+    monkeypatch.setattr(store, "get", lambda oid: calls.append(oid) or real_get(oid))
+    monkeypatch.setattr(worker, "_cache", __import__("collections").OrderedDict())
+    monkeypatch.setattr(worker, "_cache_bytes", 0)
+    monkeypatch.setattr(worker, "_CACHE_LIMIT", 7 << 20)  # room for two big objects
+    read = worker.cached_reader(store)
+    assert [read(ids[0]), read(ids[0]), read(sha256_hex(small)), read(sha256_hex(small))] == [
+        big[0], big[0], small, small]
+    assert calls == [ids[0], sha256_hex(small), sha256_hex(small)]  # small ones not cached
+    read(ids[1])
+    read(ids[2])  # evicts ids[0], the least recently used
+    assert list(worker._cache) == [ids[1], ids[2]] and worker._cache_bytes == 6 << 20
+    read(ids[0])
+    assert calls.count(ids[0]) == 2
