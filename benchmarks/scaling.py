@@ -43,12 +43,14 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         flower = r.get("flower_round_s")
         ratio = f"{r['flwr_hpc_over_flower']:.3f}" if flower else "—"
+        flower_cell = (f"{flower:.2f}" if flower else
+                       "failed" if r.get("flower_error") else "not run")
         staged = ", ".join(f"{r['staged_bytes_per_site_round'][s] / 2**20:.0f} "
                            f"({r['clients_per_site'][s]})"
                            for s in sorted(r["staged_bytes_per_site_round"]))
         lines.append(
             f"| {r['clients']} | {r['size_mb']:g} | {r['flwr_hpc_round_s']:.2f} | "
-            f"{f'{flower:.2f}' if flower else '—'} | {r['floor_round_s']:.2f} | "
+            f"{flower_cell} | {r['floor_round_s']:.2f} | "
             f"{ratio} | "
             f"{r['flwr_hpc_over_floor']:.2f} | {r['server_peak_rss_bytes'] / 2**20:.0f} | "
             f"{staged} |")

@@ -16,6 +16,7 @@ reply first and so take a list: they still work, without the memory saving.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Iterable
 
@@ -81,7 +82,10 @@ class StreamingFedAvg(FedAvg):
                     sums[key] += values * weight
             total += float(weight)
             metric_only.append(RecordDict(dict(content.metric_records)))
-            del content, record, msg  # nothing of this reply outlives the loop
+            del content, record, msg, values  # nothing of this reply outlives the loop
+            # Flower's inflated messages hold reference cycles: without a collection their
+            # arrays would wait for the next full GC and several replies would pile up.
+            gc.collect()
         log.info("aggregate_train: Received %s results and %s failures",
                  len(metric_only), failures)
         if not metric_only:

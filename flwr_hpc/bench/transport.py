@@ -174,6 +174,21 @@ def run_flwr_hpc(clients: int, size_mb: float, rounds: int, sites: int,
 # ----------------------------------------------------------------------------- Flower
 
 
+class FlowerRunFailed(RuntimeError):
+    """Flower's own deployment gave up on the run (reported, not raised, by the bench)."""
+
+
+def _flower_status(bindir: Path, env: dict, run_id: str) -> str:
+    try:
+        out = subprocess.run([str(bindir / "flwr"), "ls", "bench", "--run-id",
+                              run_id, "--format", "json"], env=env, capture_output=True,
+                             text=True, timeout=60, stdin=subprocess.DEVNULL)
+        data = json.loads(out.stdout[out.stdout.index("{"):])
+        return str(data["runs"][0]["status"])
+    except (subprocess.TimeoutExpired, ValueError, KeyError, IndexError):
+        return "unknown"
+
+
 def run_flower(clients: int, size_mb: float, rounds: int, workdir: Path,
                timeout_s: float) -> dict[str, Any]:
     """Flower's deployment on loopback: flower-superlink + N flower-supernode, flwr run."""
@@ -219,19 +234,44 @@ def run_flower(clients: int, size_mb: float, rounds: int, workdir: Path,
         _say(f"flower: superlink + {clients} supernodes started")
         run_config = (f"rounds={rounds} size-mb={float(size_mb)} streaming=false "
                       f"result-file='{result_file}'")
-        started = subprocess.run(
-            [str(bindir / "flwr"), "run", str(APP_DIR), "bench", "--run-config", run_config,
-             "--stream"], env=env, capture_output=True, text=True, timeout=timeout_s,
-            stdin=subprocess.DEVNULL)
+        started = subprocess.run(  # returns once the run is submitted; we poll the result
+            [str(bindir / "flwr"), "run", str(APP_DIR), "bench", "--run-config", run_config],
+            env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
         (logs / "flwr-run.log").write_text(started.stdout + started.stderr)
+        if started.returncode != 0:
+            raise RuntimeError(f"flwr run failed: {started.stderr[-1000:]}")
+        run_id = started.stdout.split("Successfully started run", 1)[-1].split()[0]
+        deadline = time.monotonic() + timeout_s
+        last_check = 0.0
+        while not result_file.exists():
+            if link.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited; see {logs / 'superlink.log'}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Flower run did not finish within {timeout_s:.0f} s; "
+                                   f"see {logs}")
+            if time.monotonic() - last_check > 5:
+                last_check = time.monotonic()
+                status = _flower_status(bindir, env, run_id)
+                if status.startswith("finished") and not result_file.exists():
+                    time.sleep(1.0)
+                    if not result_file.exists():
+                        raise FlowerRunFailed(
+                            f"Flower's deployment ended run {run_id} as '{status}' before "
+                            f"it finished its rounds (see {logs / 'superlink.log'})")
+            time.sleep(0.5)
+        time.sleep(0.5)  # the result file is written in one go; let it close
         link_peak = link_rss.stop()
-        if not result_file.exists():
-            raise RuntimeError(f"the Flower run produced no result; see {logs}")
         result = json.loads(result_file.read_text())
         return {"round_s": result["round_s"],
                 "serverapp_peak_rss_bytes": result["serverapp_peak_rss_bytes"],
                 "superlink_peak_rss_bytes": link_peak}
     finally:
+        family = []  # descendants may live in sessions of their own
+        for proc in procs:
+            try:
+                family += psutil.Process(proc.pid).children(recursive=True)
+            except psutil.Error:
+                pass
         for proc in procs:
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -244,6 +284,19 @@ def run_flower(clients: int, size_mb: float, rounds: int, workdir: Path,
             except ProcessLookupError:
                 pass
             proc.wait()
+        for p in family:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        # SuperExec starts flwr-serverapp / flwr-clientapp in their own sessions
+        for p in psutil.process_iter(["cmdline"]):
+            cmdline = " ".join(p.info["cmdline"] or [])
+            if f"127.0.0.1:{port}" in cmdline or str(home) in cmdline:
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
 
 
 # ----------------------------------------------------------------------------- the bench
@@ -260,12 +313,17 @@ def bench_transport(clients: int, size_mb: float, rounds: int = 3, *, sites: int
         t0 = time.monotonic()
         hpc = run_flwr_hpc(clients, size_mb, rounds, sites, workdir, timeout_s)
         _say(f"flwr-hpc: done in {time.monotonic() - t0:.0f} s; rounds {hpc['round_s']}")
-        fl = None
+        fl, flower_error = None, None
         if flower:
             _say(f"flower: {clients} supernodes, {size_mb:g} MB, {rounds} rounds")
             t0 = time.monotonic()
-            fl = run_flower(clients, size_mb, rounds, workdir, timeout_s)
-            _say(f"flower: done in {time.monotonic() - t0:.0f} s; rounds {fl['round_s']}")
+            try:
+                fl = run_flower(clients, size_mb, rounds, workdir, timeout_s)
+                _say(f"flower: done in {time.monotonic() - t0:.0f} s; rounds "
+                     f"{fl['round_s']}")
+            except FlowerRunFailed as err:
+                _say(f"flower: FAILED after {time.monotonic() - t0:.0f} s: {err}")
+                flower_error = str(err)
         # after the runs: a child forked from a big process starts with its RSS counted
         _say(f"floor: measuring memory-copy and disk bandwidth in {workdir}")
         floor = measure_floor(workdir)
@@ -285,6 +343,8 @@ def bench_transport(clients: int, size_mb: float, rounds: int = 3, *, sites: int
             "staged_bytes_per_site_round": hpc["staged_bytes_per_site_round"],
             "flwr_hpc_over_floor": _median_after_warmup(hpc["round_s"]) / floor_s,
         }
+        if flower_error:
+            out["flower_error"] = flower_error
         if fl is not None:
             out.update(flower_round_s=_median_after_warmup(fl["round_s"]),
                        flower_rounds_s=fl["round_s"],
@@ -304,6 +364,8 @@ def format_table(r: dict[str, Any]) -> str:
             ("flwr-hpc round (s)", f"{r['flwr_hpc_round_s']:.3f}"),
             ("flwr-hpc / floor", f"{r['flwr_hpc_over_floor']:.2f}"),
             ("flwr-hpc server peak RSS", f"{r['server_peak_rss_bytes'] / MiB:,.0f} MiB")]
+    if r.get("flower_error"):
+        rows.append(("Flower", r["flower_error"]))
     if "flower_round_s" in r:
         rows += [("Flower round (s)", f"{r['flower_round_s']:.3f}"),
                  ("flwr-hpc / Flower", f"{r['flwr_hpc_over_flower']:.3f}"),

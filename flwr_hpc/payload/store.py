@@ -6,7 +6,8 @@ the same small ``spec`` dict, so a task carries only a reference, never the byte
 
 Guarantees of every store:
 - writes are atomic (temp file, fsync, rename): a reader never sees a partial object;
-- an object is stored only if its bytes hash to its id;
+- an object is stored only if its bytes hash to its id (checked, unless the caller has just
+  computed the id from the same bytes: ``trusted=True``);
 - every read is verified against the id; a mismatching object is quarantined (moved aside,
   so a later stage can replace it) and :class:`PayloadIntegrityError` is raised;
 - ids are validated as hex sha256 before any path is built from them.
@@ -32,8 +33,11 @@ class PayloadStore(Protocol):
 
     def has(self, object_id: str) -> bool: ...
 
-    def put(self, object_id: str, data: bytes) -> int:
-        """Store ``data`` under ``object_id``; return bytes written (0 if already held)."""
+    def put(self, object_id: str, data: bytes, *, trusted: bool = False) -> int:
+        """Store ``data`` under ``object_id``; return bytes written (0 if already held).
+        ``trusted``: the caller just computed ``object_id`` from these bytes (Flower's
+        object ids are the sha256 of ``deflate()``), so the store skips hashing them again.
+        Readers verify every object regardless."""
 
     def get(self, object_id: str) -> bytes:
         """Return the verified bytes of ``object_id``."""
@@ -64,11 +68,12 @@ class FilesystemStore:
     def has(self, object_id: str) -> bool:
         return self._path(object_id).is_file()
 
-    def put(self, object_id: str, data: bytes | memoryview) -> int:
+    def put(self, object_id: str, data: bytes | memoryview, *, trusted: bool = False) -> int:
         path = self._path(object_id)
         if path.is_file():
             return 0
-        verify_object(object_id, data, f"data staged for {self}")
+        if not trusted:
+            verify_object(object_id, data, f"data staged for {self}")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".tmp-{object_id[:16]}-{uuid.uuid4().hex}"
         try:

@@ -354,11 +354,11 @@ class GlobusTransferStore:
     def has(self, object_id: str) -> bool:
         return object_id in self._held or object_id in self._pending
 
-    def put(self, object_id: str, data: bytes) -> int:
+    def put(self, object_id: str, data: bytes, *, trusted: bool = False) -> int:
         check_object_id(object_id)
         if self.has(object_id):
             return 0
-        self.local.put(object_id, data)  # verified against the id; 0 if already staged
+        self.local.put(object_id, data, trusted=trusted)  # 0 if already staged
         with self._lock:
             self._pending[object_id] = len(data)
         return len(data)
