@@ -199,7 +199,9 @@ def run_flower(clients: int, size_mb: float, rounds: int, workdir: Path,
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\n'
         f'address = "127.0.0.1:{port}"\ninsecure = true\n')
-    env = {**os.environ, "FLWR_HOME": str(home)}
+    # Flower's processes start flower-superexec / flwr-serverapp / flwr-clientapp by name
+    env = {**os.environ, "FLWR_HOME": str(home),
+           "PATH": os.pathsep.join([str(bindir), os.environ.get("PATH", "")])}
     procs: list[subprocess.Popen] = []
     logs = workdir / "flower-logs"
     logs.mkdir(exist_ok=True)
