@@ -236,8 +236,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flwr.cli.build import build_fab_from_disk
     from flwr.common.config import parse_config_args
 
-    from flwr_hpc.runner import execute_run, prepare_run
-    from flwr_hpc.telemetry import Progress, RichProgress
+    from flwr_hpc.runner import prepare_run
 
     app = Path(args.app)
     if not (app / "pyproject.toml").exists():
@@ -247,6 +246,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     fab = build_fab_from_disk(app)
     run_dir = prepare_run(fab, parse_config_args(args.run_config), federation)
     print(f"run {run_dir.name}: run directory {run_dir}", flush=True)
+    return _run_in_foreground(run_dir)
+
+
+def _run_in_foreground(run_dir: Path) -> int:
+    """Execute (or resume) ``run_dir`` here with progress; SIGTERM stops it cleanly."""
+    from flwr_hpc.runner import execute_run
+    from flwr_hpc.telemetry import Progress, RichProgress
+
     progress = RichProgress() if sys.stderr.isatty() else Progress()
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
@@ -261,8 +268,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     """Continue an interrupted run after its last checkpointed round: on the running HPC
     SuperLink (follow it with ``flwr log RUN_ID``), else in the foreground."""
-    from flwr_hpc.runner import check_resumable, execute_run, runs_dir
-    from flwr_hpc.telemetry import Progress, RichProgress
+    from flwr_hpc.runner import check_resumable, runs_dir
 
     home = _home()
     run_dir = runs_dir(home) / str(args.run_id)
@@ -292,15 +298,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
               f"{CONNECTION_NAME}")
         return 0
     print(f"run {args.run_id}: resuming after round {done} in the foreground", flush=True)
-    progress = RichProgress() if sys.stderr.isatty() else Progress()
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    try:
-        status = execute_run(run_dir, progress=progress, console=True)
-    finally:
-        if isinstance(progress, RichProgress):
-            progress.stop()
-    print(f"run {args.run_id}: {status}; tasks in {run_dir / 'tasks.jsonl'}")
-    return 0 if status == "finished:completed" else 1
+    return _run_in_foreground(run_dir)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
