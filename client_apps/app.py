@@ -6,8 +6,10 @@ match (causal LM) or accuracy (classifier) on this node's share of the held-out 
 
 Contract with the ServerApp (``strategies.server_app``): every message's ``config``
 ConfigRecord carries ``job-config`` (the composed Hydra config as JSON) and may carry
-``proximal-mu`` (FedProx) or a clipping norm (central DP with client-side clipping, applied
-by Flower's ``fixedclipping_mod``). Only adapter tensors travel, in the ``arrays``
+``proximal-mu`` (FedProx), ``local-steps`` / ``lr-scale`` (a per-node budget from a
+scheduler-aware strategy, overriding ``train.local_steps`` / scaling the lr) or a
+clipping norm (central DP with client-side clipping, applied by Flower's
+``fixedclipping_mod``). Only adapter tensors travel, in the ``arrays``
 ArrayRecord. Under ``dp=opacus`` the update is DP-SGD and the metrics carry ``epsilon``
 (accumulated over rounds; the accountant lives in the node's ``Context.state``).
 
@@ -93,13 +95,16 @@ def _train(msg: Message, context: Context) -> Message:
     seed = int(t["seed"]) + 1000 * server_round + partition_id
     loader = make_loader(shard, recipe.collate, batch_size=int(t["batch_size"]), seed=seed,
                          dist=me)
+    # a scheduler-aware strategy may give this node its own budget (strategies/queue_aware.py)
+    steps = int(config.get("local-steps", t["local_steps"]))
+    lr = float(t["lr"]) * float(config.get("lr-scale", 1.0))
     stats = train_steps(
-        recipe.model, loader, recipe.loss_fn, steps=int(t["local_steps"]), lr=float(t["lr"]),
+        recipe.model, loader, recipe.loss_fn, steps=steps, lr=lr,
         optimizer=t["optimizer"], weight_decay=float(t["weight_decay"]),
         max_grad_norm=float(t["max_grad_norm"]),
         proximal_mu=float(config.get("proximal-mu", 0.0)), device=recipe.device, dist=me,
         dp=dp if private else None,
-        dp_total_steps=int(t["local_steps"]) * int(job["strategy"]["num_rounds"]),
+        dp_total_steps=steps * int(job["strategy"]["num_rounds"]),
         dp_state=_dp_state(context))
 
     state = lora.adapter_state(recipe.model)
@@ -110,10 +115,11 @@ def _train(msg: Message, context: Context) -> Message:
         "tokens_per_s": stats.tokens_per_s * me.world_size,
         "step_time_s": stats.step_time_s,
         "world-size": me.world_size,
+        "local-steps": steps,
         "replica-max-abs-diff": _replica_divergence(state, me),
     }
     if private:
-        check_adapter_moved(received, state, float(t["lr"]))
+        check_adapter_moved(received, state, lr)
         metrics.update(epsilon=stats.epsilon, delta=float(dp["delta"]),
                        **{"noise-multiplier": stats.noise_multiplier})
         context.state[STATE_KEY] = ConfigRecord({"accountant": stats.dp_state})

@@ -22,7 +22,7 @@ from flwr_hpc.errors import ConfigError
 
 PACKAGE_CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
-COMPUTE_TYPES = ("local", "globus")
+COMPUTE_TYPES = ("local", "globus", "sim")
 LOCAL_ENGINES = ("process-pool", "thread-pool", "htex")
 # filesystem == shared-fs: a directory the server and the site both see.
 PAYLOAD_TYPES = ("filesystem", "shared-fs", "inline", "globus-transfer")
@@ -45,6 +45,18 @@ class Field:
     section: Mapping[str, Field] | None = None
 
 
+# sim: the site simulator's model of a site (flwr_hpc.sim); durations in virtual seconds
+_SIM = {
+    "queue_median_s": Field("float", default=60.0, minimum=0.0),  # lognormal batch-queue wait
+    "queue_sigma": Field("float", default=0.5, minimum=0.0),      # its spread (log-space sd)
+    "startup_s": Field("float", default=30.0, minimum=0.0),       # job start: load model, data
+    "step_s": Field("float", default=1.0, minimum=0.0),           # one local optimizer step
+    "eval_s": Field("float", default=10.0, minimum=0.0),          # one evaluate task
+    "bandwidth_mb_s": Field("float", default=100.0, minimum=0.001),  # each way, MB/s
+    "latency_s": Field("float", default=1.0, minimum=0.0),        # per transfer
+    "failure_prob": Field("float", default=0.0, minimum=0.0),     # the job dies mid-run
+    "seed": Field("int", default=0),
+}
 _COMPUTE = {
     "type": Field("str", default="local", choices=COMPUTE_TYPES),
     # local: an endpoint engine in-process
@@ -55,6 +67,8 @@ _COMPUTE = {
     "resource_specification": Field("any-map", default={}),  # num_nodes, ranks_per_node, ...
     "user_endpoint_config": Field("any-map", default={}),    # templated multi-user endpoints
     "amqp_port": Field("int", default=443, minimum=1),
+    # sim: virtual-time model of the site (the real ClientApps run on `workers` processes)
+    "sim": Field("section", section=_SIM),
 }
 _PAYLOAD = {
     "type": Field("str", default="filesystem", choices=PAYLOAD_TYPES),
@@ -278,6 +292,7 @@ class FederationConfig:
         sites = tuple(
             SiteConfig(name=name, **values) for name, values in checked["sites"].items()
         )
+        _check_sim(sites, source)
         for s in sites:
             if s.compute["type"] == "globus":
                 _check_globus_compute(s, source)
@@ -295,8 +310,36 @@ class FederationConfig:
             transfer=checked["transfer"],
         )
 
+    def is_simulated(self) -> bool:
+        """All sites are simulated (``compute.type: sim``): the grid runs on virtual time."""
+        return all(s.compute["type"] == "sim" for s in self.sites)
+
     def uses_transfer(self) -> bool:
         return any(uses_transfer(s) for s in self.sites)
+
+
+def _check_sim(sites: tuple[SiteConfig, ...], source: str) -> None:
+    simulated = [s.name for s in sites if s.compute["type"] == "sim"]
+    if simulated and len(simulated) != len(sites):
+        other = next(s.name for s in sites if s.compute["type"] != "sim")
+        raise ConfigError(source, f"sites.{other}.compute.type",
+                          f"sites {simulated} are simulated (virtual time) and this one is "
+                          "not; a federation is either all 'sim' or has no 'sim' site")
+    for s in sites:
+        if s.compute["type"] != "sim":
+            continue
+        if s.payload["type"] not in ("filesystem", "shared-fs"):
+            raise ConfigError(source, f"sites.{s.name}.payload.type",
+                              "a simulated site moves payloads through a local directory; "
+                              f"use 'shared-fs', not {s.payload['type']!r}")
+        p = s.compute["sim"]
+        if p["failure_prob"] > 1:
+            raise ConfigError(source, f"sites.{s.name}.compute.sim.failure_prob",
+                              f"a probability must be in [0, 1], got {p['failure_prob']}")
+        if s.launcher["type"] != "none":
+            raise ConfigError(source, f"sites.{s.name}.launcher.type",
+                              "simulated sites run each ClientApp as one process; "
+                              "use launcher 'none'")
 
 
 def _check_globus_compute(site: SiteConfig, source: str) -> None:

@@ -44,6 +44,7 @@ from flwr_hpc.payload.inline import InlineStore
 from flwr_hpc.payload.objects import inflate_message, sha256_hex
 from flwr_hpc.payload.store import FilesystemStore, PayloadStore
 from flwr_hpc.telemetry import Progress, TaskLog
+from flwr_hpc.timing import SiteTimings, TaskTiming, WallClock, local_steps_of
 from flwr_hpc.worker import JOB_VERSION, context_from_bytes, context_to_bytes, run_task
 
 log = logging.getLogger("flwr_hpc")
@@ -56,6 +57,10 @@ _ERROR_NAMES = {
 def _error_outcome(code: int) -> str:
     """The ``tasks.jsonl`` outcome of an error reply, e.g. ``error:NODE_UNAVAILABLE``."""
     return f"error:{_ERROR_NAMES.get(code, code)}"
+
+
+def _r6(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
 
 
 def round_of(message: Message) -> str:
@@ -83,6 +88,8 @@ class _Task:
     context_id: str = ""
     object_ids: list[str] = field(default_factory=list)  # what an inline task carries
     fetch_error: str = ""  # the site's reply transfer failed (Transfer stores)
+    done_at: float | None = None  # server clock when the result was known
+    steps: int | None = None  # local steps the message asks for (timing signals)
 
     @property
     def phase(self) -> str:
@@ -124,8 +131,11 @@ class SiteRuntime:
 
 def local_thread_share(federation: FederationConfig) -> int:
     """CPU threads per rank when all local sites' workers share this machine's cores."""
-    ranks = sum(s.compute["workers"] * s.launcher["ranks"] for s in federation.sites
-                if s.compute["type"] == "local")
+    if federation.is_simulated():  # one shared pool runs every simulated site's tasks
+        ranks = federation.sites[0].compute["workers"]
+    else:
+        ranks = sum(s.compute["workers"] * s.launcher["ranks"] for s in federation.sites
+                    if s.compute["type"] == "local")
     return max(1, (os.cpu_count() or 1) // max(ranks, 1))
 
 
@@ -206,6 +216,9 @@ class HPCGrid(Grid):
         self._completed: queue.Queue[str] = queue.Queue()
         self._lock = threading.Lock()
         self._closed = False
+        self._cond = threading.Condition()  # notified whenever a task's result is known
+        self.clock = WallClock()  # the server's clock; every timing signal is read on it
+        self.timings = SiteTimings()  # per-site history for scheduler-aware strategies
         # one staging thread per site: a Transfer store waits seconds on its transfer task
         self._stage_pool = ThreadPoolExecutor(max_workers=max(4, len(sites)),
                                               thread_name_prefix="flwr-hpc-stage")
@@ -226,13 +239,23 @@ class HPCGrid(Grid):
         """Build backends and stores for every site and return a ready grid."""
         sites: dict[str, SiteRuntime] = {}
         threads = local_thread_share(federation)
+        simulated = federation.is_simulated()
+        if simulated and cls is HPCGrid:  # virtual time: the site simulator's grid
+            from flwr_hpc.sim import VirtualTimeGrid
+
+            cls = VirtualTimeGrid
         try:
+            if simulated:
+                from flwr_hpc.sim import make_sim_backends
+
+                sim_backends = make_sim_backends(federation, run_dir)
             for s in federation.sites:
                 root = site_root(federation, s.name, flwr_home)
                 store = open_site_store(federation, s.name, flwr_home)
-                backend = make_backend(s, run_dir / "sites" / s.name)
+                backend = (sim_backends[s.name] if simulated
+                           else make_backend(s, run_dir / "sites" / s.name))
                 extras: dict[str, Any] = {"launcher": dict(s.launcher)}
-                if s.compute["type"] == "local":
+                if s.compute["type"] in ("local", "sim"):
                     extras["threads"] = threads
                 sites[s.name] = SiteRuntime(backend=backend, store=store, apps_dir=root / "apps",
                                             job_extras=extras)
@@ -268,6 +291,44 @@ class HPCGrid(Grid):
     def get_nodes(self) -> Iterable[NodeInfo]:
         return [NodeInfo(node_id=nid, name=f"{c.site}/{c.slot}", location=c.site)
                 for nid, c in self._nodes.items()]
+
+    def site_of(self, node_id: int) -> str:
+        """The site that hosts ``node_id``."""
+        node = self._nodes.get(node_id)
+        if node is None:
+            raise KeyError(f"node {node_id} is not part of federation "
+                           f"'{self.federation.name}'")
+        return node.site
+
+    def wait_any(self, message_ids: Iterable[str], until: float | None = None) -> list[str]:
+        """Block until at least one of ``message_ids`` has a reply ready for
+        :meth:`pull_messages`, or until the grid clock reaches ``until``; return the ids
+        ready now (``[]`` at ``until`` or when none of them is in flight). The non-blocking
+        ``push_messages`` / ``wait_any`` / ``pull_messages`` trio is what asynchronous
+        strategies use to keep sites busy across rounds."""
+        ids = list(message_ids)
+        with self._cond:
+            while True:
+                live = [m for m in ids if m in self._tasks and not self._tasks[m].abandoned]
+                ready = [m for m in live if self._is_ready(self._tasks[m])]
+                if ready or not live:
+                    return ready
+                wait = None if until is None else until - self.clock.now()
+                if wait is not None and wait <= 0:
+                    return []
+                self._cond.wait(timeout=1.0 if wait is None else min(wait, 1.0))
+
+    @staticmethod
+    def _is_ready(task: _Task) -> bool:
+        return task.immediate is not None or (task.future is not None and task.future.done())
+
+    def _mark_done(self, message_id: str) -> None:
+        task = self._tasks.get(message_id)
+        if task is not None and task.done_at is None:
+            task.done_at = self.clock.now()
+        self._completed.put(message_id)
+        with self._cond:
+            self._cond.notify_all()
 
     def node_context(self, node_id: int) -> Context:
         """The node's current ``Context`` (what its ClientApp will receive next)."""
@@ -321,7 +382,7 @@ class HPCGrid(Grid):
                     reply_to=msg,
                 )
             else:
-                task = _Task(msg, md.message_id, node)
+                task = _Task(msg, md.message_id, node, steps=local_steps_of(msg))
             tasks.append(task)
 
         by_site: dict[str, list[_Task]] = defaultdict(list)
@@ -333,7 +394,7 @@ class HPCGrid(Grid):
                 self._tasks[t.message_id] = t
         for t in tasks:
             if t.immediate is not None:
-                self._completed.put(t.message_id)
+                self._mark_done(t.message_id)
         # Stage every site in parallel (I/O bound, seconds for a Transfer site) and submit
         # each site's tasks as soon as its own staging is done.
         deflated = _PhaseObjects()  # each object deflated once per phase, for all sites
@@ -351,7 +412,7 @@ class HPCGrid(Grid):
                               f"staging to site '{site}' failed: {err}"),
                         reply_to=t.message,
                     )
-                    self._completed.put(t.message_id)
+                    self._mark_done(t.message_id)
                 continue
             for t in by_site[site]:
                 self._submit(t)
@@ -364,9 +425,7 @@ class HPCGrid(Grid):
         for mid in message_ids:
             with self._lock:
                 task = self._tasks.get(mid)
-                ready = task is not None and not task.abandoned and (
-                    task.immediate is not None or (task.future is not None and task.future.done())
-                )
+                ready = task is not None and not task.abandoned and self._is_ready(task)
                 if ready:
                     del self._tasks[mid]
             if ready:
@@ -530,7 +589,7 @@ class HPCGrid(Grid):
             "apps_dir": str(rt.apps_dir),
             **rt.job_extras,
         }
-        task.submitted_at = time.time()
+        task.submitted_at = self.clock.now()
         try:
             if isinstance(rt.store, InlineStore):
                 job["objects"] = rt.store.bundle(task.object_ids)
@@ -551,7 +610,7 @@ class HPCGrid(Grid):
                       f"submit to site '{task.node.site}' failed: {err}"),
                 reply_to=task.message,
             )
-            self._completed.put(task.message_id)
+            self._mark_done(task.message_id)
             return
         task.future.add_done_callback(lambda _f, mid=task.message_id: self._on_done(mid))
 
@@ -562,11 +621,12 @@ class HPCGrid(Grid):
             if late:
                 del self._tasks[message_id]
         if late:
+            task.done_at = self.clock.now()
             log.info("discarded late result of node %s (site %s, round %s, %s)",
                      task.node.node_id, task.node.site, task.round, task.phase)
             self._record(task, "late-discarded", result=self._safe_result(task))
             return
-        self._completed.put(message_id)
+        self._mark_done(message_id)
 
     def _abandon(self, message_id: str, timeout: float | None) -> None:
         with self._lock:
@@ -668,8 +728,8 @@ class HPCGrid(Grid):
 
     def _record(self, task: _Task, outcome: str, *, result: dict | None = None,
                 bytes_from_site: int = 0, fetch_s: float = 0.0, error: str | None = None) -> None:
-        started = (result or {}).get("started_at")
-        finished = (result or {}).get("finished_at")
+        timing = self._timing(task, outcome, result, fetch_s)
+        self.timings.add(timing)
         self.task_log.write({
             "run_id": self._run.run_id if self._run else None,
             "message_id": task.message_id,
@@ -681,15 +741,34 @@ class HPCGrid(Grid):
             "bytes_to_site": task.bytes_to_site,
             "bytes_from_site": bytes_from_site,
             "stage_s": round(task.stage_s, 6),
-            "queue_wait_s": (round(started - task.submitted_at, 6)
-                             if started and task.submitted_at else None),
-            "run_s": round(finished - started, 6) if started and finished else None,
+            "queue_wait_s": _r6(timing.queue_wait_s),
+            "run_s": _r6(timing.run_s),
             "fetch_s": round(fetch_s, 6),
+            "transfer_s": _r6(timing.transfer_s),
+            "turnaround_s": _r6(timing.turnaround_s),
+            "steps": task.steps,
+            "clock": "virtual" if self.clock.virtual else "server",
             "ranks": (result or {}).get("ranks", 1),
             "launcher": (result or {}).get("launcher", "none"),
             "submitted_at": task.submitted_at,
             "error": (error or None) and str(error)[-1000:],
         })
+
+    def _timing(self, task: _Task, outcome: str, result: dict | None,
+                fetch_s: float) -> TaskTiming:
+        """The task's durations, every one measured on the server's clock: the site's
+        ``finished_at - started_at`` is a difference on one clock, so offsets cancel."""
+        started = (result or {}).get("started_at")
+        finished = (result or {}).get("finished_at")
+        run_s = (finished - started) if started and finished else None
+        turnaround = (task.done_at - task.submitted_at
+                      if task.done_at is not None and task.submitted_at else None)
+        queue_wait = (max(turnaround - run_s, 0.0)
+                      if turnaround is not None and run_s is not None else None)
+        return TaskTiming(site=task.node.site, node_id=task.node.node_id, round=task.round,
+                          phase=task.phase, outcome=outcome, submitted_at=task.submitted_at,
+                          turnaround_s=turnaround, queue_wait_s=queue_wait, run_s=run_s,
+                          transfer_s=task.stage_s + fetch_s, steps=task.steps)
 
     def close(self) -> None:
         """Drop in-flight tasks and shut every site backend down (kills local workers)."""

@@ -193,13 +193,24 @@ def _transport(grid: Any) -> Any:
     return None
 
 
+class _BudgetSpent(Exception):
+    """Raised after the round that used up ``time_budget_s`` (ends the loop early)."""
+
+
 def start(strategy: Any, grid: Any, initial_arrays: Any, num_rounds: int = 3,
           timeout: float = 3600, train_config: Any = None, evaluate_config: Any = None,
           evaluate_fn: Callable[[int, Any], Any] | None = None, *,
-          run_dir: str | Path | None = None) -> Any:
+          run_dir: str | Path | None = None, time_budget_s: float | None = None) -> Any:
     """``strategy.start(...)`` with reply screening, a checkpoint after every round, and
     resume from the last checkpoint. ``run_dir`` defaults to ``$FLWR_HPC_RUN_DIR``; without
-    one, rounds are screened but not checkpointed."""
+    one, rounds are screened but not checkpointed. With ``time_budget_s`` no round starts
+    once that many seconds have passed on the grid's clock (virtual under the simulator)
+    since this call: the round that crosses the budget is the last one."""
+    from flwr_hpc.timing import clock_of
+
+    clock = clock_of(grid)
+    began = clock.now()
+    last: dict[str, Any] = {}
     run_dir = run_dir or os.environ.get("FLWR_HPC_RUN_DIR")
     root = Path(run_dir) / checkpoint.CHECKPOINT_DIR if run_dir else None
     transport = _transport(grid)
@@ -236,11 +247,27 @@ def start(strategy: Any, grid: Any, initial_arrays: Any, num_rounds: int = 3,
             ckpt.rng = checkpoint.capture_rng(state_arrays)
             path = checkpoint.write_checkpoint(root, ckpt)
             log.info("[round %d] checkpoint written: %s", rnd, path)
+        last.update(round=rnd, arrays=round_arrays, metrics=res)
+        elapsed = clock.now() - began
+        if time_budget_s is not None and elapsed >= time_budget_s and rnd < num_rounds:
+            log.info("[round %d] time budget of %.0f s spent (%.0f s on the %s clock); "
+                     "no further rounds", rnd, time_budget_s, elapsed,
+                     "virtual" if clock.virtual else "server")
+            raise _BudgetSpent
         return res
 
-    result = _guarded(strategy, offset).start(
-        grid=grid, initial_arrays=arrays, num_rounds=num_rounds - offset, timeout=timeout,
-        train_config=train_config, evaluate_config=evaluate_config, evaluate_fn=round_done)
+    try:
+        result = _guarded(strategy, offset).start(
+            grid=grid, initial_arrays=arrays, num_rounds=num_rounds - offset,
+            timeout=timeout, train_config=train_config, evaluate_config=evaluate_config,
+            evaluate_fn=round_done)
+    except _BudgetSpent:
+        from flwr.serverapp.strategy import Result
+
+        result = Result()
+        result.arrays = last["arrays"]
+        if last.get("metrics") is not None:
+            result.evaluate_metrics_serverapp[last["round"] - offset] = last["metrics"]
     if offset:
         for name in ("train_metrics_clientapp", "evaluate_metrics_clientapp",
                      "evaluate_metrics_serverapp"):

@@ -13,7 +13,7 @@ log = logging.getLogger("flwr_hpc")
 TASK_FIELDS = (
     "run_id", "message_id", "node_id", "site", "phase", "round", "outcome",
     "bytes_to_site", "bytes_from_site", "stage_s", "queue_wait_s", "run_s", "fetch_s",
-    "submitted_at", "error",
+    "transfer_s", "turnaround_s", "steps", "clock", "submitted_at", "error",
 )
 
 

@@ -13,6 +13,12 @@ keys onto their constructor arguments, so ``strategy=fedadam strategy.eta=0.01``
                           ``beta_2``, ``tau``)
 ``fedadagrad``            ``FedAdagrad`` (``eta``, ``eta_l``, ``tau``)
 ``fedavgm``               ``FedAvgM`` (``server_learning_rate``, ``server_momentum``)
+``deadline``              ``strategies.deadline.DeadlineFedAvg`` (``quorum``, ``deadline_s``,
+                          ``staleness_exponent``, ``max_staleness``)
+``fedbuff``               ``strategies.buffered_async.BufferedAsyncFedAvg`` (``buffer_size``,
+                          ``server_learning_rate``, ``staleness_exponent``, ...)
+``queue_aware``           ``strategies.queue_aware.QueueAwareFedAvg`` (``target_round_s``,
+                          ``min_steps``, ``max_steps``, ``lr_exponent``, ``ewma_alpha``, ...)
 ========================  ==================================================================
 
 ``dp.type: central-server`` / ``central-client`` wraps the strategy in Flower's
@@ -82,6 +88,8 @@ def _base_strategy(job: Mapping[str, Any]) -> Strategy:
 
         return STREAMING[flower_class]
 
+    if name in ("deadline", "fedbuff", "queue_aware"):
+        return _scheduled(job, common)
     if name == "fedavg":
         return cls(FedAvg)(**common)
     if name == "fedprox":
@@ -96,6 +104,28 @@ def _base_strategy(job: Mapping[str, Any]) -> Strategy:
         return cls(FedAvgM)(**common, server_learning_rate=s["server_learning_rate"],
                             server_momentum=s["server_momentum"])
     raise ValueError(f"strategy.name {name!r} is not supported")  # validated earlier
+
+
+def _scheduled(job: Mapping[str, Any], common: dict[str, Any]) -> Strategy:
+    """The scheduler-aware strategies (``strategies/scheduled.py``)."""
+    s = job["strategy"]
+    kwargs = dict(common, staleness_exponent=s["staleness_exponent"],
+                  max_staleness=s["max_staleness"], deadline_s=s["deadline_s"])
+    if s["name"] == "deadline":
+        from strategies.deadline import DeadlineFedAvg
+
+        return DeadlineFedAvg(quorum=s["quorum"], **kwargs)
+    if s["name"] == "fedbuff":
+        from strategies.buffered_async import BufferedAsyncFedAvg
+
+        return BufferedAsyncFedAvg(buffer_size=s["buffer_size"],
+                                   server_lr=s["server_learning_rate"], **kwargs)
+    from strategies.queue_aware import QueueAwareFedAvg
+
+    return QueueAwareFedAvg(default_steps=job["train"]["local_steps"], min_steps=s["min_steps"],
+                            max_steps=s["max_steps"], target_round_s=s["target_round_s"],
+                            lr_exponent=s["lr_exponent"], lr_scale_max=s["lr_scale_max"],
+                            ewma_alpha=s["ewma_alpha"], quorum=s["quorum"], **kwargs)
 
 
 def sampled_clients(job: Mapping[str, Any], num_nodes: int) -> int:

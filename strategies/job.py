@@ -20,7 +20,10 @@ from flwr_hpc.config import Field, check_section, compose
 from flwr_hpc.errors import ConfigError
 
 APP_CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
+              "deadline", "fedbuff", "queue_aware")
+# scheduler-aware: train tasks span rounds (strategies/scheduled.py)
+SCHEDULED = ("deadline", "fedbuff", "queue_aware")
 DP_TYPES = ("none", "opacus", "central-server", "central-client")
 
 _LORA = {
@@ -91,9 +94,24 @@ STRATEGY = {
     "beta_1": Field("float", default=0.9, minimum=0.0),
     "beta_2": Field("float", default=0.99, minimum=0.0),
     "tau": Field("float", default=1e-3, minimum=0.0),
-    # fedavgm
+    # fedavgm; also fedbuff's server step size
     "server_learning_rate": Field("float", default=1.0, minimum=0.0),
     "server_momentum": Field("float", default=0.0, minimum=0.0),
+    # stop after the round that ends past this many seconds on the grid's clock (virtual
+    # under the simulator): an allocation's time budget. null = run num_rounds.
+    "time_budget_s": Field("float", default=None, minimum=0.0),
+    # scheduler-aware strategies (deadline, fedbuff, queue_aware)
+    "quorum": Field("float", default=0.5, minimum=0.0),        # deadline: share of asked nodes
+    "deadline_s": Field("float", default=None, minimum=0.0),    # round deadline, grid clock
+    "staleness_exponent": Field("float", default=0.5, minimum=0.0),  # s = (1+tau)^-a
+    "max_staleness": Field("int", default=8, minimum=0),        # older updates are dropped
+    "buffer_size": Field("int", default=2, minimum=1),          # fedbuff: K
+    "target_round_s": Field("float", default=None, minimum=0.0),  # queue_aware; null = auto
+    "min_steps": Field("int", default=1, minimum=1),            # queue_aware step budget
+    "max_steps": Field("int", default=None, minimum=1),         # null = 4 x train.local_steps
+    "lr_exponent": Field("float", default=0.5, minimum=0.0),    # lr x (default/steps)^e
+    "lr_scale_max": Field("float", default=4.0, minimum=1.0),
+    "ewma_alpha": Field("float", default=0.3, minimum=0.0),     # queue-wait prediction
 }
 DP = {
     "type": Field("str", default="none", choices=DP_TYPES),
@@ -140,7 +158,32 @@ def validate(raw: Mapping[str, Any], choices: Mapping[str, str] | None = None) -
         raise ConfigError(_source("strategy", choices), "strategy.proximal_mu",
                           "FedProx needs proximal_mu > 0")
     _check_dp(job["dp"], _source("dp", choices))
+    _check_scheduled(job, choices)
     return job
+
+
+def _check_scheduled(job: dict, choices: Mapping[str, str]) -> None:
+    s = job["strategy"]
+    source = _source("strategy", choices)
+    if s["name"] not in SCHEDULED:
+        return
+    if job["dp"]["type"].startswith("central"):
+        raise ConfigError(_source("dp", choices), "dp.type",
+                          f"strategy {s['name']!r} collects its own replies across rounds, "
+                          "which Flower's central-DP wrappers never see; use dp=opacus "
+                          "(sample-level DP at the clients) or a synchronous strategy")
+    if not 0 < s["quorum"] <= 1:
+        raise ConfigError(source, "strategy.quorum", f"must be in (0, 1], got {s['quorum']}")
+    if s["deadline_s"] is not None and s["deadline_s"] <= 0:
+        raise ConfigError(source, "strategy.deadline_s", "must be > 0 (or null: no deadline)")
+    if not 0 < s["ewma_alpha"] <= 1:
+        raise ConfigError(source, "strategy.ewma_alpha",
+                          f"must be in (0, 1], got {s['ewma_alpha']}")
+    if s["server_learning_rate"] <= 0:
+        raise ConfigError(source, "strategy.server_learning_rate", "must be > 0")
+    if s["max_steps"] is not None and s["max_steps"] < s["min_steps"]:
+        raise ConfigError(source, "strategy.max_steps",
+                          f"must be >= strategy.min_steps ({s['min_steps']})")
 
 
 def _check_dp(dp: dict, source: str) -> None:

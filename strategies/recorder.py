@@ -33,7 +33,8 @@ class RoundRecorder:
                  save_fn: Callable[[ArrayRecord, Path], None] | None = None,
                  central_fn: Callable[[ArrayRecord], dict[str, float]] | None = None,
                  extra_fn: Callable[[dict[str, float]], dict[str, Any]] | None = None,
-                 score_key: str = "exact_match", save_client_updates: bool = False) -> None:
+                 score_key: str = "exact_match", save_client_updates: bool = False,
+                 clock_fn: Callable[[], float] | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.out_dir / "metrics.jsonl"
@@ -47,6 +48,9 @@ class RoundRecorder:
         self._train: dict[str, float] = {}
         self._evaluate: dict[str, float] = {}
         self._round_started = time.perf_counter()
+        # the grid's clock (virtual under the site simulator): clock_s of every row
+        self.clock_fn = clock_fn or time.time
+        self._clock_origin = self.clock_fn()
 
     def attach(self, strategy):
         """Record what ``strategy`` aggregates; returns the strategy for chaining."""
@@ -66,7 +70,8 @@ class RoundRecorder:
 
             arrays, metrics = aggregate_train(server_round, tap())
             self._train = dict(metrics or {})
-            self._train["replies"] = seen["ok"]
+            # scheduler-aware strategies pull their own replies and report how many
+            self._train["replies"] = seen["ok"] or int(self._train.get("updates", 0))
             return arrays, metrics
 
         def evaluate_hook(server_round, replies):
@@ -94,6 +99,7 @@ class RoundRecorder:
             "federated_eval_loss": self._evaluate.get("eval_loss"),
             f"federated_{self.score_key}": self._evaluate.get(self.score_key),
             "round_time_s": round(now - self._round_started, 3),
+            "clock_s": round(self.clock_fn() - self._clock_origin, 3),
             "bytes_sent": moved.get("sent_bytes", 0),
             "bytes_received": moved.get("received_bytes", 0),
             "train_message_bytes": (moved.get("sent_train_bytes", 0) // train_messages

@@ -95,13 +95,22 @@ def main(grid: Grid, context: Context) -> None:
     check_federation_size(job, num_nodes)
     strategy = build_strategy(job, num_nodes)
     metered = MeteredGrid(grid)
+    try:  # the grid's clock: virtual under the flwr-hpc site simulator
+        from flwr_hpc.timing import clock_of
+
+        clock_fn = clock_of(grid).now
+    except ImportError:
+        import time
+
+        clock_fn = time.time
     score_key = "exact_match" if job["model"]["task"] == "causal_lm" else "accuracy"
     recorder = RoundRecorder(out_dir, metered, save_fn=save,
                              central_fn=central if job["evaluate"]["central"] else None,
                              extra_fn=lambda train_metrics: round_facts(job, strategy,
                                                                         train_metrics),
                              score_key=score_key,
-                             save_client_updates=job["output"]["save_client_updates"])
+                             save_client_updates=job["output"]["save_client_updates"],
+                             clock_fn=clock_fn)
     strategy = recorder.attach(strategy)
     job_config = ConfigRecord({"job-config": json.dumps(job, sort_keys=True)})
     # flwr-hpc's start = Flower's loop + a checkpoint after every round + resume from one
@@ -109,6 +118,11 @@ def main(grid: Grid, context: Context) -> None:
         from flwr_hpc.rounds import start
     except ImportError:  # plain Flower (simulation, SuperLink): no checkpoints
         start = type(strategy).start
+    budget = job["strategy"]["time_budget_s"]
+    kwargs = {"time_budget_s": budget} if budget is not None else {}
+    if budget is not None and start is type(strategy).start:
+        log.warning("strategy.time_budget_s needs flwr-hpc's round loop; running all rounds")
+        kwargs = {}
     start(
         strategy,
         grid=metered,
@@ -118,8 +132,10 @@ def main(grid: Grid, context: Context) -> None:
         train_config=job_config,
         evaluate_config=job_config,
         evaluate_fn=recorder.evaluate_fn,
+        **kwargs,
     )
-    final = out_dir / "global" / f"round-{job['strategy']['num_rounds']}"
+    last_round = recorder.rows[-1]["round"] if recorder.rows else job["strategy"]["num_rounds"]
+    final = out_dir / "global" / f"round-{last_round}"
     log.info("rounds:\n%s", recorder.table())
     log.info("final global adapter: %s (PeftModel.from_pretrained(base, path)); "
              "metrics: %s", final, recorder.metrics_path)

@@ -10,7 +10,7 @@ from flwr_hpc.config import SiteConfig
 
 def make_backend(site: SiteConfig, run_dir: Path) -> ComputeBackend:
     kind = site.compute["type"]
-    if kind == "local":
+    if kind in ("local", "sim"):  # sim: the real work of a simulated site runs here too
         from flwr_hpc.compute.local import LocalEngineBackend
 
         return LocalEngineBackend(
