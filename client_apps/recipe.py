@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,9 @@ class Recipe:
     tokenizer: Any
     device: torch.device
     _shards: dict = field(default_factory=dict)
+    # the freshly initialised adapter: the cached model's own adapter changes as soon as a
+    # global adapter is loaded into it (central evaluation, a client's training)
+    initial: dict = field(default_factory=dict)
 
     @property
     def task(self) -> str:
@@ -134,13 +138,14 @@ def load_recipe(job: Mapping[str, Any]) -> Recipe:
         model = lora.apply_lora(base, model_cfg, seed=int(model_cfg.get("seed", 0)))
         _CACHE.clear()  # one model per process: a new job config replaces the old one
         _CACHE[key] = Recipe(job=copy.deepcopy(dict(job)), model=model, tokenizer=tokenizer,
-                             device=device)
+                             device=device, initial=lora.adapter_state(model))
     return _CACHE[key]
 
 
 def initial_adapter(job: Mapping[str, Any]):
-    """The adapter every client starts from (LoRA B = 0: the base model's behaviour)."""
-    return lora.adapter_state(load_recipe(job).model)
+    """The adapter every client starts from (LoRA B = 0: the base model's behaviour), as
+    initialised -- not whatever adapter the process's cached model holds now."""
+    return OrderedDict((k, v.clone()) for k, v in load_recipe(job).initial.items())
 
 
 def _quiet_hf() -> None:

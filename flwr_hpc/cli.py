@@ -7,6 +7,8 @@
     flwr-hpc resume RUN_ID [--foreground]                       continue an interrupted run
     flwr-hpc bench transport --clients N --size-mb S [--rounds R] [--json]
                                                                 flwr-hpc vs Flower vs floor
+    flwr-hpc bench schedulers [--hours H] [--seed S] [--json] [--out DIR]
+                                          FedAvg vs scheduler-aware strategies, virtual time
 
 OVERRIDES are Hydra overrides, e.g. ``federation=local federation.sites.beta.clients=3``.
 """
@@ -302,6 +304,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench_command == "schedulers":
+        return cmd_bench_schedulers(args)
     from flwr_hpc.bench.transport import bench_transport, format_table
 
     if args.rounds < 2:
@@ -314,6 +318,42 @@ def cmd_bench(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2, sort_keys=True))
     print(json.dumps(result, sort_keys=True) if args.json else format_table(result))
+    return 0
+
+
+def cmd_bench_schedulers(args: argparse.Namespace) -> int:
+    from flwr_hpc.bench import schedulers as bench
+
+    strategies = tuple(x.strip() for x in args.strategies.split(",") if x.strip())
+    from strategies.job import STRATEGIES
+
+    unknown = [x for x in strategies if x not in STRATEGIES]
+    if unknown or not strategies:
+        print(f"error: --strategies: unknown {unknown or 'empty list'}; choose from "
+              f"{', '.join(STRATEGIES)}", file=sys.stderr)
+        return 2
+    if args.hours <= 0:
+        print("error: --hours must be > 0", file=sys.stderr)
+        return 2
+    bench._quiet()
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    result = bench.bench_schedulers(
+        strategies, federation=args.federation, hours=args.hours,
+        local_steps=args.local_steps, seed=args.seed, target_loss=args.target_loss,
+        workdir=Path(args.workdir) if args.workdir else None, progress=say)
+    if args.out:
+        for path in bench.write_outputs(result, Path(args.out)):
+            say(f"[bench schedulers] wrote {path}")
+    if args.json:
+        slim = {k: v for k, v in result.items() if k != "strategies"}
+        slim["strategies"] = {k: {kk: vv for kk, vv in r.items() if kk != "curve"}
+                              for k, r in result["strategies"].items()}
+        print(json.dumps(slim, sort_keys=True))
+    else:
+        print(bench.format_table(result))
     return 0
 
 
@@ -384,6 +424,24 @@ def build_parser() -> argparse.ArgumentParser:
     transport.add_argument("--out", help="also write the JSON result to this file")
     transport.add_argument("--workdir", help="keep the runs' files here (default: a temp "
                            "dir, removed)")
+    sched = bench_sub.add_parser(
+        "schedulers", help="FedAvg vs scheduler-aware strategies on simulated facilities "
+        "(virtual time)")
+    sched.add_argument("--strategies", default=",".join(
+        ("fedavg", "deadline", "fedbuff", "queue_aware")),
+        help="comma-separated; the first is the baseline (default: %(default)s)")
+    sched.add_argument("--federation", default="sim_4facilities",
+                       help="a simulated federation (default: %(default)s)")
+    sched.add_argument("--hours", type=float, default=48.0,
+                       help="virtual hours per strategy (default: %(default)s)")
+    sched.add_argument("--local-steps", type=int, default=10,
+                       help="default local steps per train task (default: %(default)s)")
+    sched.add_argument("--seed", type=int, default=0)
+    sched.add_argument("--target-loss", type=float, default=None,
+                       help="eval loss to reach (default: the baseline's final eval loss)")
+    sched.add_argument("--json", action="store_true", help="print one JSON object")
+    sched.add_argument("--out", help="write schedulers.json/.md/.svg into this directory")
+    sched.add_argument("--workdir", help="keep the runs here (default: a temp dir, removed)")
     resume = sub.add_parser("resume", help="continue an interrupted run from its last "
                             "checkpointed round")
     resume.add_argument("run_id", type=int)

@@ -634,6 +634,12 @@ class HPCGrid(Grid):
             if task is None:
                 return
             task.abandoned = True
+        if timeout is None:  # the grid is closing (end of run): not a missed deadline
+            log.info("node %s (site %s) still had round %s (%s) in flight at the end of the "
+                     "run; its result will be discarded", task.node.node_id, task.node.site,
+                     task.round, task.phase)
+            self._record(task, "abandoned")
+            return
         log.warning("node %s (site %s) missed the %s s deadline of round %s (%s); "
                     "dropped from the round, its late result will be discarded",
                     task.node.node_id, task.node.site, timeout, task.round, task.phase)

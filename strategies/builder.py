@@ -110,7 +110,8 @@ def _scheduled(job: Mapping[str, Any], common: dict[str, Any]) -> Strategy:
     """The scheduler-aware strategies (``strategies/scheduled.py``)."""
     s = job["strategy"]
     kwargs = dict(common, staleness_exponent=s["staleness_exponent"],
-                  max_staleness=s["max_staleness"], deadline_s=s["deadline_s"])
+                  max_staleness=s["max_staleness"], deadline_s=s["deadline_s"],
+                  round_timeout_s=s["round_timeout_s"])
     if s["name"] == "deadline":
         from strategies.deadline import DeadlineFedAvg
 

@@ -21,6 +21,8 @@ with ``n_i`` the reply's ``num-examples``; ``norm = sum(n_i s_i)`` (Deadline, Qu
 with only fresh updates this *is* FedAvg) or ``sum(n_i)`` (BufferedAsync: staleness
 shrinks the step, as in FedBuff). Updates staler than ``max_staleness`` are dropped.
 
+Without a deadline a round still stops waiting after ``round_timeout_s`` (the job's
+``strategy.round_timeout_s``); what has not arrived stays in flight for later rounds.
 A node with a task in flight is busy: it gets no second task (its ``Context`` would fork)
 and no evaluate message. Unusable replies are screened as ``flwr_hpc.rounds`` does and
 count as failures of their node. Tasks still in flight when the run ends are abandoned
@@ -87,7 +89,8 @@ class ScheduledFedAvg(FedAvg):
 
     def __init__(self, *, staleness_exponent: float = 0.5, max_staleness: int = 8,
                  server_lr: float = 1.0, deadline_s: float | None = None,
-                 poll_s: float = 0.5, **fedavg: Any) -> None:
+                 round_timeout_s: float | None = None, poll_s: float = 0.5,
+                 **fedavg: Any) -> None:
         super().__init__(**fedavg)
         if staleness_exponent < 0 or max_staleness < 0 or server_lr <= 0:
             raise ValueError("staleness_exponent and max_staleness must be >= 0 and "
@@ -96,6 +99,8 @@ class ScheduledFedAvg(FedAvg):
         self.max_staleness = int(max_staleness)
         self.server_lr = float(server_lr)
         self.deadline_s = deadline_s
+        # a safety net without a deadline: stop waiting (tasks stay in flight, nothing is lost)
+        self.round_timeout_s = round_timeout_s
         self.poll_s = poll_s
         self.version = 0  # how many aggregations the global model has seen
         self._inflight: dict[str, InFlight] = {}
@@ -174,7 +179,8 @@ class ScheduledFedAvg(FedAvg):
     # ------------------------------------------------------------------ collecting
 
     def _until(self) -> float | None:
-        return None if self.deadline_s is None else self._round_started + self.deadline_s
+        limits = [x for x in (self.deadline_s, self.round_timeout_s) if x is not None]
+        return self._round_started + min(limits) if limits else None
 
     def _collect(self, server_round: int) -> list[tuple[InFlight, Message]]:
         grid = self._grid

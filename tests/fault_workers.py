@@ -106,3 +106,12 @@ def bad_reply(job: dict) -> dict:
                   object_ids=written + [result["context_id"]] if result.get("context_id")
                   else written)
     return result
+
+
+def skewed_clock(job: dict) -> dict:
+    """A site whose clock runs one hour ahead of the server's."""
+    result = run_task(job)
+    for key in ("started_at", "finished_at"):
+        if result.get(key):
+            result[key] += 3600.0
+    return result
