@@ -27,7 +27,26 @@ from strategies.scheduled import ScheduledFedAvg
 
 
 class BufferedAsyncFedAvg(ScheduledFedAvg):
-    """FedBuff: aggregate every ``buffer_size`` arrivals, staleness-discounted."""
+    """FedBuff: aggregate every ``buffer_size`` arrivals, staleness-discounted.
+
+    Expects from the ClientApp what ``FedAvg`` does; from the grid ``push_messages`` /
+    ``pull_messages`` and, under flwr-hpc, ``wait_any`` and the grid clock.
+
+    Parameters
+    ----------
+    buffer_size : int (default: 2)
+        Usable updates per aggregation (K).
+    server_lr : float (default: 1.0)
+        Server step size applied to the buffered, staleness-discounted mean delta.
+    staleness_exponent, max_staleness, deadline_s, round_timeout_s, **fedavg
+        As for :class:`strategies.deadline.DeadlineFedAvg`.
+
+    Example
+    -------
+    >>> strategy = BufferedAsyncFedAvg(buffer_size=2, fraction_evaluate=0.0)
+    >>> flwr_hpc.rounds.start(strategy, grid, initial_arrays, num_rounds=200,
+    ...                       time_budget_s=48 * 3600)
+    """
 
     normalize_by_staleness = False
 

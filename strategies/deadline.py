@@ -28,7 +28,32 @@ from strategies.scheduled import ScheduledFedAvg, quorum_count
 
 
 class DeadlineFedAvg(ScheduledFedAvg):
-    """Semi-synchronous FedAvg with a quorum, a deadline and stale-update merging."""
+    """Semi-synchronous FedAvg with a quorum, a deadline and stale-update merging.
+
+    Expects from the ClientApp what ``FedAvg`` does (one ArrayRecord, a MetricRecord with
+    ``num-examples``); from the grid ``push_messages`` / ``pull_messages`` and, under
+    flwr-hpc, ``wait_any`` and the grid clock (any other Flower grid is polled on wall time).
+
+    Parameters
+    ----------
+    quorum : float (default: 0.5)
+        Share of the nodes asked this round whose usable replies close the round.
+    deadline_s : float, optional
+        Seconds after the round started (grid clock) at which it closes regardless.
+    staleness_exponent : float (default: 0.5)
+        ``a`` in the staleness weight ``(1 + tau) ** -a``.
+    max_staleness : int (default: 8)
+        Updates more aggregations old than this are dropped.
+    round_timeout_s : float, optional
+        Without a deadline, stop waiting after this long (the tasks stay in flight).
+    **fedavg
+        ``FedAvg``'s arguments (``fraction_train``, ``min_train_nodes``, ...).
+
+    Example
+    -------
+    >>> strategy = DeadlineFedAvg(quorum=0.5, deadline_s=3600, fraction_evaluate=0.0)
+    >>> flwr_hpc.rounds.start(strategy, grid, initial_arrays, num_rounds=50)
+    """
 
     def __init__(self, *, quorum: float = 0.5, deadline_s: float | None = None,
                  **kwargs: Any) -> None:

@@ -94,7 +94,32 @@ def run_time_model(history: list[Any], window: int = 8) -> tuple[float, float] |
 
 
 class QueueAwareFedAvg(DeadlineFedAvg):
-    """Per-site step budgets and learning-rate scales from predicted queue waits."""
+    """Per-site step budgets and learning-rate scales from predicted queue waits.
+
+    Expects from the ClientApp that it trains ``config["local-steps"]`` steps with its
+    learning rate times ``config["lr-scale"]`` (this repository's ClientApp does); from the
+    grid, under flwr-hpc, the timing history (``flwr_hpc.timing.timings_of``) and
+    ``site_of``. On other grids every node gets the defaults.
+
+    Parameters
+    ----------
+    default_steps : int
+        The job's ``train.local_steps``: the budget without history and of the slowest site.
+    min_steps, max_steps : int (default: 1, 4 x default_steps)
+        Bounds of a site's budget.
+    target_round_s : float, optional
+        The round's target time; default: the slowest asked site's predicted arrival.
+    lr_exponent, lr_scale_max : float (default: 0.5, 4.0)
+        ``lr-scale = (default_steps / steps) ** lr_exponent`` within ``[1/max, max]``.
+    ewma_alpha : float (default: 0.3)
+        Weight of the newest observation in the queue-wait and transfer EWMAs.
+    quorum : float (default: 1.0)
+        Synchronous by default; see :class:`strategies.deadline.DeadlineFedAvg`.
+
+    Example
+    -------
+    >>> strategy = QueueAwareFedAvg(default_steps=30, max_steps=120, fraction_evaluate=0.0)
+    """
 
     def __init__(self, *, default_steps: int, min_steps: int = 1, max_steps: int | None = None,
                  target_round_s: float | None = None, lr_exponent: float = 0.5,

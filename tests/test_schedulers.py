@@ -246,3 +246,25 @@ def test_job_config_refuses_central_dp_with_a_scheduled_strategy():
         compose_job(["strategy=deadline", "strategy.quorum=1.5"])
     job = compose_job(["strategy=queue_aware"])
     assert job["strategy"]["quorum"] == 1.0 and job["strategy"]["time_budget_s"] is None
+
+
+def test_checkpoint_keeps_the_model_version_not_the_tasks_in_flight():
+    """A restarted server redispatches (in-flight tasks are not in checkpoints) and keeps
+    counting model versions, so staleness stays right."""
+    import json
+
+    from flwr_hpc.checkpoint import capture_state, restore_state
+
+    s = QueueAwareFedAvg(default_steps=10, quorum=0.5, deadline_s=60.0)
+    _state(s, current=1.0, bases={3: 0.0}, version=4)
+    s._inflight["m1"] = InFlight(7, 4, 3)
+    s._grid = object()
+    arrays: dict = {}
+    meta = capture_state(s, arrays)
+    json.dumps(meta)  # only JSON and arrays are kept
+    assert meta["version"] == {"kind": "scalar", "value": 4}
+    assert meta["quorum"]["value"] == 0.5 and meta["deadline_s"]["value"] == 60.0
+    assert not {"_inflight", "_models", "_grid"} & set(meta)
+    fresh = QueueAwareFedAvg(default_steps=10)
+    restore_state(fresh, meta, arrays)
+    assert fresh.version == 4 and fresh.quorum == 0.5 and fresh._inflight == {}
