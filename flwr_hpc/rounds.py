@@ -184,15 +184,6 @@ def _guarded(strategy: Any, offset: int) -> Any:
     return GuardedStrategy()
 
 
-def _transport(grid: Any) -> Any:
-    """The HPCGrid below wrappers (``.grid`` / ``._grid``), if any."""
-    for _ in range(8):
-        if grid is None or hasattr(grid, "export_contexts"):
-            return grid
-        grid = getattr(grid, "grid", None) or getattr(grid, "_grid", None)
-    return None
-
-
 class _BudgetSpent(Exception):
     """Raised after the round that used up ``time_budget_s`` (ends the loop early)."""
 
@@ -206,14 +197,14 @@ def start(strategy: Any, grid: Any, initial_arrays: Any, num_rounds: int = 3,
     one, rounds are screened but not checkpointed. With ``time_budget_s`` no round starts
     once that many seconds have passed on the grid's clock (virtual under the simulator)
     since this call: the round that crosses the budget is the last one."""
-    from flwr_hpc.timing import clock_of
+    from flwr_hpc.timing import clock_of, transport_of
 
     clock = clock_of(grid)
     began = clock.now()
     last: dict[str, Any] = {}
     run_dir = run_dir or os.environ.get("FLWR_HPC_RUN_DIR")
     root = Path(run_dir) / checkpoint.CHECKPOINT_DIR if run_dir else None
-    transport = _transport(grid)
+    transport = transport_of(grid)
     resumed = checkpoint.load_checkpoint(root) if root is not None else None
     offset, arrays = 0, initial_arrays
     if resumed is not None:

@@ -43,6 +43,7 @@ from flwr.common.constant import ErrorCode
 
 from flwr_hpc.compute.base import ComputeBackend
 from flwr_hpc.grid import HPCGrid, _Task
+from flwr_hpc.payload.objects import array_bytes
 from flwr_hpc.timing import TaskTiming, VirtualClock
 
 log = logging.getLogger("flwr_hpc")
@@ -99,13 +100,6 @@ class SimSiteBackend(ComputeBackend):
         self._runner.close()  # shared; closing twice is a no-op
 
 
-def message_array_bytes(message: Message) -> int:
-    if message.has_error():
-        return 0
-    return sum(len(arr.data) for rec in message.content.array_records.values()
-               for arr in rec.values())
-
-
 class VirtualTimeGrid(HPCGrid):
     """An :class:`HPCGrid` over simulated sites: replies arrive in virtual-time order and
     every deadline (``send_and_receive``'s ``timeout``, ``wait_any``'s ``until``) is
@@ -122,7 +116,7 @@ class VirtualTimeGrid(HPCGrid):
     def _submit(self, task: _Task) -> None:
         backend = self.sites[task.node.site].backend
         assert isinstance(backend, SimSiteBackend)
-        plan = backend.plan(task.phase, task.steps, message_array_bytes(task.message))
+        plan = backend.plan(task.phase, task.steps, array_bytes(task.message))
         now = self.clock.now()
         self._plans[task.message_id] = plan
         self._due[task.message_id] = now + plan.total_s

@@ -158,8 +158,8 @@ class VirtualClock:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _transport(grid: Any) -> Any:
-    """The flwr-hpc grid below wrappers (``.grid`` / ``._grid``), if any."""
+def transport_of(grid: Any) -> Any:
+    """The flwr-hpc grid (``HPCGrid``) below wrappers (``.grid`` / ``._grid``), if any."""
     for _ in range(8):
         if grid is None or hasattr(grid, "timings"):
             return grid
@@ -169,19 +169,19 @@ def _transport(grid: Any) -> Any:
 
 def timings_of(grid: Any) -> SiteTimings | None:
     """The timing history of ``grid`` (``None`` for grids without one, e.g. Flower's)."""
-    transport = _transport(grid)
+    transport = transport_of(grid)
     return transport.timings if transport is not None else None
 
 
 def clock_of(grid: Any) -> WallClock | VirtualClock:
     """The grid's clock: virtual under the simulator, else the server's wall clock."""
-    transport = _transport(grid)
+    transport = transport_of(grid)
     return transport.clock if transport is not None else WallClock()
 
 
 def site_of(grid: Any, node_id: int) -> str:
     """The site hosting ``node_id`` (``"node-<id>"`` on grids that do not know sites)."""
-    transport = _transport(grid)
+    transport = transport_of(grid)
     if transport is not None:
         return transport.site_of(node_id)
     return f"node-{node_id}"

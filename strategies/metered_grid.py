@@ -14,12 +14,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-
-def array_bytes(message: Message) -> int:
-    if message.has_error():
-        return 0
-    return sum(len(arr.data) for rec in message.content.array_records.values()
-               for arr in rec.values())
+from flwr_hpc.payload.objects import array_bytes
 
 
 class MeteredGrid(Grid):

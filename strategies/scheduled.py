@@ -64,11 +64,10 @@ class InFlight:
 
 
 def _transport(grid: Any) -> Any:
-    try:
-        from flwr_hpc.timing import _transport as find
-    except ImportError:  # plain Flower: no flwr-hpc grid below
-        return None
-    return find(grid)
+    """The flwr-hpc grid below ``grid`` (None on Flower's own grids)."""
+    from flwr_hpc.timing import transport_of
+
+    return transport_of(grid)
 
 
 def grid_now(grid: Any) -> float:

@@ -46,6 +46,14 @@ def check_object_id(value: object) -> str:
     return value  # type: ignore[return-value]
 
 
+def array_bytes(message: Message) -> int:
+    """Bytes of the arrays a message carries (0 for an error message)."""
+    if message.has_error():
+        return 0
+    return sum(len(arr.data) for rec in message.content.array_records.values()
+               for arr in rec.values())
+
+
 def message_objects(message: Message) -> dict[str, bytes]:
     """Deflate ``message`` into ``{object_id: bytes}``, children included."""
     return {oid: obj.deflate() for oid, obj in get_all_nested_objects(message).items()}
