@@ -309,8 +309,9 @@ class HPCGrid(Grid):
         ids = list(message_ids)
         with self._cond:
             while True:
-                live = [m for m in ids if m in self._tasks and not self._tasks[m].abandoned]
-                ready = [m for m in live if self._is_ready(self._tasks[m])]
+                live = {m: t for m in ids
+                        if (t := self._tasks.get(m)) is not None and not t.abandoned}
+                ready = [m for m, t in live.items() if self._is_ready(t)]
                 if ready or not live:
                     return ready
                 wait = None if until is None else until - self.clock.now()
