@@ -32,12 +32,11 @@ from typing import Any
 
 from flwr.app import ConfigRecord
 
+from flwr_hpc.timing import LOCAL_STEPS_KEY, LR_SCALE_KEY, timings_of, transport_of
 from strategies.deadline import DeadlineFedAvg
 
 log = logging.getLogger("flwr")
 
-LOCAL_STEPS_KEY = "local-steps"  # = flwr_hpc.timing.LOCAL_STEPS_KEY
-LR_SCALE_KEY = "lr-scale"
 
 
 @dataclass(frozen=True)
@@ -142,10 +141,6 @@ class QueueAwareFedAvg(DeadlineFedAvg):
 
     def predict(self, site: str) -> SitePrediction | None:
         """The site's next train task, from the grid's timing history (None: no history)."""
-        try:
-            from flwr_hpc.timing import timings_of
-        except ImportError:
-            return None
         timings = timings_of(self._grid)
         if timings is None:
             return None
@@ -164,9 +159,7 @@ class QueueAwareFedAvg(DeadlineFedAvg):
         return nodes
 
     def _plan(self, nodes: list[int]) -> None:
-        from strategies.scheduled import _transport
-
-        transport = _transport(self._grid)
+        transport = transport_of(self._grid)
         site_of = (transport.site_of if transport is not None
                    else (lambda n: f"node-{n}"))
         sites = {n: site_of(n) for n in nodes}

@@ -44,6 +44,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from flwr_hpc.rounds import reply_problem
+from flwr_hpc.timing import clock_of, transport_of
+
 log = logging.getLogger("flwr")
 
 
@@ -63,17 +66,9 @@ class InFlight:
     version: int  # the global model version it started from
 
 
-def _transport(grid: Any) -> Any:
-    """The flwr-hpc grid below ``grid`` (None on Flower's own grids)."""
-    from flwr_hpc.timing import transport_of
-
-    return transport_of(grid)
-
-
 def grid_now(grid: Any) -> float:
     """The grid's clock (virtual under the flwr-hpc simulator), else wall time."""
-    transport = _transport(grid)
-    return transport.clock.now() if transport is not None else time.time()
+    return clock_of(grid).now()
 
 
 class ScheduledFedAvg(FedAvg):
@@ -206,7 +201,7 @@ class ScheduledFedAvg(FedAvg):
                       block: bool = True) -> list[tuple[InFlight, Message]]:
         """Block until some in-flight replies are in (or ``until``); pop and return them."""
         ids = sorted(self._inflight)
-        transport = _transport(grid)
+        transport = transport_of(grid)
         if transport is not None and hasattr(transport, "wait_any"):
             ready = transport.wait_any(ids, until=until if block else grid_now(grid))
             replies = list(grid.pull_messages(ready)) if ready else []
@@ -234,10 +229,6 @@ class ScheduledFedAvg(FedAvg):
         """Why this reply cannot be merged ('' if it can)."""
         if reply.has_error():
             return f"error {reply.error.code}: {reply.error.reason}"
-        try:
-            from flwr_hpc.rounds import reply_problem
-        except ImportError:
-            return ""
         return reply_problem(reply.content, train=True, weighted_by_key=self.weighted_by_key,
                              reference=self._models.get(task.version))
 

@@ -25,6 +25,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from flwr_hpc.rounds import start
+from flwr_hpc.timing import clock_of
 from strategies.builder import build_strategy
 from strategies.job import check_federation_size, compose_job, parse_overrides
 from strategies.metered_grid import MeteredGrid
@@ -95,14 +97,7 @@ def main(grid: Grid, context: Context) -> None:
     check_federation_size(job, num_nodes)
     strategy = build_strategy(job, num_nodes)
     metered = MeteredGrid(grid)
-    try:  # the grid's clock: virtual under the flwr-hpc site simulator
-        from flwr_hpc.timing import clock_of
-
-        clock_fn = clock_of(grid).now
-    except ImportError:
-        import time
-
-        clock_fn = time.time
+    clock_fn = clock_of(grid).now  # virtual under the flwr-hpc site simulator
     score_key = "exact_match" if job["model"]["task"] == "causal_lm" else "accuracy"
     recorder = RoundRecorder(out_dir, metered, save_fn=save,
                              central_fn=central if job["evaluate"]["central"] else None,
@@ -114,15 +109,7 @@ def main(grid: Grid, context: Context) -> None:
     strategy = recorder.attach(strategy)
     job_config = ConfigRecord({"job-config": json.dumps(job, sort_keys=True)})
     # flwr-hpc's start = Flower's loop + a checkpoint after every round + resume from one
-    try:
-        from flwr_hpc.rounds import start
-    except ImportError:  # plain Flower (simulation, SuperLink): no checkpoints
-        start = type(strategy).start
-    budget = job["strategy"]["time_budget_s"]
-    kwargs = {"time_budget_s": budget} if budget is not None else {}
-    if budget is not None and start is type(strategy).start:
-        log.warning("strategy.time_budget_s needs flwr-hpc's round loop; running all rounds")
-        kwargs = {}
+    # (on any grid; checkpoints where a run directory is known) + the time budget
     start(
         strategy,
         grid=metered,
@@ -132,7 +119,7 @@ def main(grid: Grid, context: Context) -> None:
         train_config=job_config,
         evaluate_config=job_config,
         evaluate_fn=recorder.evaluate_fn,
-        **kwargs,
+        time_budget_s=job["strategy"]["time_budget_s"],
     )
     last_round = recorder.rows[-1]["round"] if recorder.rows else job["strategy"]["num_rounds"]
     final = out_dir / "global" / f"round-{last_round}"
