@@ -80,6 +80,8 @@ _PAYLOAD = {
     # globus-transfer (and inline file replies through Transfer): the site's collection
     "collection_id": Field("str|null", default=None),
     "collection_path": Field("str|null", default=None),  # the store dir as the collection names it
+    # force every object to disk before it is announced (reads verify sha256 regardless)
+    "fsync": Field("bool", default=False),
 }
 # The server's side of Globus Transfer: its collection, and the directory behind it.
 _TRANSFER = {

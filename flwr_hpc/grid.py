@@ -41,7 +41,13 @@ from flwr_hpc.compute.base import task_serializer
 from flwr_hpc.config import SUPERLINK_NODE_ID, ClientSlot, FederationConfig
 from flwr_hpc.errors import FlwrHpcError, RemoteTaskError, WorkerLostError
 from flwr_hpc.payload.inline import InlineStore
-from flwr_hpc.payload.objects import inflate_message, sha256_hex
+from flwr_hpc.payload.objects import (
+    Parts,
+    fast_object_ids,
+    inflate_message,
+    object_parts,
+    sha256_hex,
+)
 from flwr_hpc.payload.store import FilesystemStore, PayloadStore
 from flwr_hpc.telemetry import Progress, TaskLog
 from flwr_hpc.timing import SiteTimings, TaskTiming, WallClock, local_steps_of
@@ -100,25 +106,6 @@ class _Task:
         return round_of(self.message)
 
 
-class _PhaseObjects:
-    """Deflated objects of one phase, shared by the sites' staging threads: the global
-    model is serialized once per phase, not once per site."""
-
-    def __init__(self) -> None:
-        self._data: dict[str, bytes] = {}
-        self._locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
-        self._lock = threading.Lock()
-
-    def get(self, object_id: str, obj: Any) -> bytes:
-        with self._lock:
-            lock = self._locks[object_id]
-        with lock:  # a second site waits for the first deflate instead of repeating it
-            data = self._data.get(object_id)
-            if data is None:
-                data = self._data[object_id] = obj.deflate()
-            return data
-
-
 @dataclass
 class SiteRuntime:
     """What the grid holds for one site: its backend, its store, its apps dir."""
@@ -151,7 +138,8 @@ def open_site_store(federation: FederationConfig, site: str, flwr_home: Path) ->
             collection_path=payload["collection_path"], site_path=payload["path"],
             settings=TransferSettings.from_config(federation.transfer))
     if payload["type"] == "inline":
-        reply_store = transfer or (FilesystemStore(payload["path"], site=site)
+        reply_store = transfer or (FilesystemStore(payload["path"], site=site,
+                                                   fsync=payload["fsync"])
                                    if payload["path"] else None)
         return InlineStore(site, max_task_bytes=payload["max_task_bytes"],
                            max_result_bytes=payload["max_result_bytes"],
@@ -160,7 +148,7 @@ def open_site_store(federation: FederationConfig, site: str, flwr_home: Path) ->
         return transfer
     root = site_root(federation, site, flwr_home)
     return FilesystemStore(Path(payload["path"]) if payload.get("path") else root / "store",
-                           site=site)
+                           site=site, fsync=payload["fsync"])
 
 
 def site_root(federation: FederationConfig, site: str, flwr_home: Path) -> Path:
@@ -365,14 +353,27 @@ class HPCGrid(Grid):
         if self._closed:
             raise RuntimeError("HPCGrid is closed")
         run_id = self.run.run_id
-        tasks: list[_Task] = []
+        messages = list(messages)
         for msg in messages:
             md = msg.metadata
             if md.reply_to_message_id:
                 raise ValueError("HPCGrid.push_messages: a reply cannot be pushed")
             md.__dict__["_run_id"] = run_id
             md.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
-            md.__dict__["_message_id"] = msg.object_id
+        # Messages of a phase share their records: every object is hashed once (in place,
+        # no copies) and deflated once for all sites, here, before the staging threads.
+        parts: dict[str, Parts] = {}
+        with fast_object_ids(*messages):
+            objects_of = {}
+            for msg in messages:
+                msg.metadata.__dict__["_message_id"] = msg.object_id
+                objects_of[msg.object_id] = objects = get_all_nested_objects(msg)
+                for oid, obj in objects.items():
+                    if oid not in parts:
+                        parts[oid] = object_parts(obj)
+        tasks: list[_Task] = []
+        for msg in messages:
+            md = msg.metadata
             node = self._nodes.get(md.dst_node_id)
             if node is None:
                 task = _Task(msg, md.message_id, ClientSlot(md.dst_node_id, "?", -1, -1, {}))
@@ -383,7 +384,8 @@ class HPCGrid(Grid):
                     reply_to=msg,
                 )
             else:
-                task = _Task(msg, md.message_id, node, steps=local_steps_of(msg))
+                task = _Task(msg, md.message_id, node, steps=local_steps_of(msg),
+                             object_ids=list(objects_of[md.message_id]))
             tasks.append(task)
 
         by_site: dict[str, list[_Task]] = defaultdict(list)
@@ -398,8 +400,7 @@ class HPCGrid(Grid):
                 self._mark_done(t.message_id)
         # Stage every site in parallel (I/O bound, seconds for a Transfer site) and submit
         # each site's tasks as soon as its own staging is done.
-        deflated = _PhaseObjects()  # each object deflated once per phase, for all sites
-        staged = {self._stage_pool.submit(self._stage_site, site, ts, deflated): site
+        staged = {self._stage_pool.submit(self._stage_site, site, ts, parts): site
                   for site, ts in by_site.items()}
         for fut in as_completed(staged):
             site = staged[fut]
@@ -544,10 +545,9 @@ class HPCGrid(Grid):
         node = self._nodes.get(reply.metadata.src_node_id)
         return node.site if node else "?"
 
-    def _stage_site(self, site: str, tasks: list[_Task],
-                    deflated: _PhaseObjects | None = None) -> None:
-        """Write everything ``site`` lacks for these tasks, each object once."""
-        deflated = deflated or _PhaseObjects()
+    def _stage_site(self, site: str, tasks: list[_Task], parts: dict[str, Parts]) -> None:
+        """Write everything ``site`` lacks for these tasks, each object once.
+        ``parts``: every object of the phase by id (see :meth:`push_messages`)."""
         rt = self.sites[site]
         t0 = time.monotonic()
         written = 0
@@ -556,17 +556,15 @@ class HPCGrid(Grid):
         before = 0
         seen: set[str] = set()
         for t in tasks:
-            # Messages of a phase share their records: deflate each object once per site.
-            objects = get_all_nested_objects(t.message)
-            for oid, obj in objects.items():
+            for oid in t.object_ids:  # the message's objects, children first
                 if oid not in seen and not rt.store.has(oid):
-                    # Flower computed oid from these very bytes: no second hash
-                    written += rt.store.put(oid, deflated.get(oid, obj), trusted=True)
+                    # the id was computed from these very bytes: no second hash
+                    written += rt.store.put(oid, parts[oid], trusted=True)
                 seen.add(oid)
             ctx_bytes = context_to_bytes(self.node_context(t.node.node_id))
             t.context_id = sha256_hex(ctx_bytes)
             written += rt.store.put(t.context_id, ctx_bytes, trusted=True)
-            t.object_ids = [*objects, t.context_id, self.fab_hash]
+            t.object_ids = [*t.object_ids, t.context_id, self.fab_hash]
             t.bytes_to_site = written - before
             before = written
         flush = getattr(rt.store, "flush", None)

@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from flwr_hpc._proc import return_large_buffers
+from flwr_hpc._proc import large_buffer_env, return_large_buffers
 from flwr_hpc.config import SUPERLINK_NODE_ID, FederationConfig, dump_federation, read_federation
 from flwr_hpc.payload.objects import sha256_hex
 from flwr_hpc.telemetry import Progress
@@ -180,6 +180,7 @@ def execute_run(run_dir: Path, *, progress: Progress | None = None, console: boo
 
     handler = _setup_logging(run_dir, console)
     return_large_buffers()  # the server holds models of many MB: keep RSS = live memory
+    os.environ.update(large_buffer_env())  # for the local site workers this run starts
     spec = json.loads((run_dir / "run.json").read_text())
     run_id = int(spec["run_id"])
     update_status(run_dir, status="starting", starting_at=now_iso(), pid=os.getpid())

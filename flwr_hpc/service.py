@@ -37,7 +37,7 @@ from flwr.proto.control_pb2 import (  # pylint: disable=E0611
 )
 from flwr.supercore.run import Run, RunStatus
 
-from flwr_hpc._proc import pid_alive
+from flwr_hpc._proc import large_buffer_env, pid_alive
 from flwr_hpc.config import FederationConfig, read_federation
 from flwr_hpc.errors import FlwrHpcError
 from flwr_hpc.payload.objects import sha256_hex
@@ -127,6 +127,7 @@ class HPCSuperLink:
             [sys.executable, "-m", "flwr_hpc.runner", str(run_dir)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: stop kills the whole tree
+            env=large_buffer_env(),  # huge pages for payload buffers (see flwr_hpc._proc)
         )
         out.close()
         with self._lock:

@@ -20,11 +20,8 @@ import fcntl
 import os
 import random
 import sys
-import threading
 import time
 import traceback
-from collections import OrderedDict
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +34,10 @@ from flwr_hpc.errors import FlwrHpcError
 from flwr_hpc.payload.inline import InlineSiteStore
 from flwr_hpc.payload.inline import encode as encode_objects
 from flwr_hpc.payload.objects import (
+    ArrayCache,
     check_object_id,
     inflate_message,
-    message_objects,
+    message_parts,
     sha256_hex,
 )
 from flwr_hpc.payload.store import open_store
@@ -52,36 +50,11 @@ ENV_ALLOWED_FABS = "FLWR_HPC_ALLOWED_FABS"
 
 _APP_CACHE: dict[str, Any] = {}
 
-# Objects this worker process has read and verified, by id (content-addressed, so a hit is
-# the same bytes): the global model is read and hashed once per worker, not once per task.
-CACHE_MIN_OBJECT = 1 << 20
+# Arrays this worker process has assembled from verified chunks, by Array object id
+# (content-addressed, so a hit is the same bytes): the global model is read, hashed and
+# assembled once per worker and phase, not once per task.
 _CACHE_LIMIT = int(os.environ.get("FLWR_HPC_WORKER_CACHE_MB", "1024")) << 20
-_cache: OrderedDict[str, bytes] = OrderedDict()
-_cache_bytes = 0
-_cache_lock = threading.Lock()
-
-
-def cached_reader(store) -> Callable[[str], bytes]:
-    """``store.get`` with this process's cache of verified large objects in front."""
-    def read(object_id: str) -> bytes:
-        global _cache_bytes
-        with _cache_lock:
-            data = _cache.get(object_id)
-            if data is not None:
-                _cache.move_to_end(object_id)
-                return data
-        data = store.get(object_id)  # sha256-verified by the store
-        if CACHE_MIN_OBJECT <= len(data) <= _CACHE_LIMIT:
-            with _cache_lock:
-                if object_id not in _cache:
-                    _cache[object_id] = data
-                    _cache_bytes += len(data)
-                while _cache_bytes > _CACHE_LIMIT:
-                    _, old = _cache.popitem(last=False)
-                    _cache_bytes -= len(old)
-        return data
-
-    return read
+ARRAYS = ArrayCache(_CACHE_LIMIT)
 
 
 def context_to_bytes(context: Context) -> bytes:
@@ -207,8 +180,8 @@ def execute(job: dict[str, Any], started_at: float, *, primary: bool) -> dict[st
         message_id = check_object_id(job["message_id"])
         context_id = check_object_id(job["context_id"])
         fab_hash = check_object_id(job["fab_hash"])
-        read = store.get if isinstance(store, InlineSiteStore) else cached_reader(store)
-        message = inflate_message(message_id, read)
+        message = inflate_message(message_id, store.get,
+                                  cache=None if isinstance(store, InlineSiteStore) else ARRAYS)
         context = context_from_bytes(store.get(context_id))
     except FlwrHpcError as err:
         return _failure(job, ErrorCode.MESSAGE_UNAVAILABLE, str(err), started_at)
@@ -245,10 +218,11 @@ def execute(job: dict[str, Any], started_at: float, *, primary: bool) -> dict[st
         context_out = None
     app_done_at = time.time()
 
+    parts = message_parts(reply)  # {id: bytes}, children first: the reply's id is last
     result: dict[str, Any] = {
         "ok": True,
         "message_id": message_id,
-        "reply_id": reply.object_id,
+        "reply_id": next(reversed(parts)),
         "reply_bytes": 0,
         "context_id": None,
         "started_at": started_at,
@@ -261,7 +235,7 @@ def execute(job: dict[str, Any], started_at: float, *, primary: bool) -> dict[st
         result["finished_at"] = time.time()
         return result
     written = []
-    for oid, data in message_objects(reply).items():  # ids just computed from the bytes
+    for oid, data in parts.items():  # ids just computed from the bytes
         result["reply_bytes"] += store.put(oid, data, trusted=True)
         written.append(oid)
     if context_out is not None:

@@ -17,11 +17,13 @@ reply first and so take a list: they still work, without the memory saving.
 from __future__ import annotations
 
 import gc
+import io
 import logging
 from collections.abc import Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SType
 from flwr.serverapp.strategy import (
     FedAdagrad,
     FedAdam,
@@ -33,6 +35,47 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy.strategy_utils import InconsistentMessageReplies
 
 log = logging.getLogger("flwr")
+
+_BLOCK = 1 << 20  # elements per step of the running sum (8 MiB of float64 scratch)
+
+
+def ndarray_view(arr: Array) -> np.ndarray:
+    """``arr.numpy()`` without the copy: a read-only view of the ``np.save`` bytes the
+    Array holds (Flower's ``numpy()`` reads them through a BytesIO into a new array)."""
+    if arr.stype != SType.NUMPY:
+        return arr.numpy()
+    fp = io.BytesIO(arr.data)
+    version = np.lib.format.read_magic(fp)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+    elif version in ((2, 0), (3, 0)):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+    else:
+        return arr.numpy()
+    if dtype.hasobject:
+        return arr.numpy()  # refuses it (allow_pickle=False), as Flower does
+    count = int(np.prod(shape, dtype=np.int64))
+    flat = np.frombuffer(arr.data, dtype=dtype, count=count, offset=fp.tell())
+    if fortran:
+        return flat.reshape(shape[::-1]).transpose()
+    return flat.reshape(shape)
+
+
+def _accumulate(total: np.ndarray, values: np.ndarray, weight: np.float64) -> None:
+    """``total += values * weight`` (the same float64 operations, bit for bit) in blocks,
+    so no temporary the size of the tensor is made for every reply."""
+    if (values.size <= _BLOCK or values.shape != total.shape
+            or not total.flags.c_contiguous):
+        total += values * weight
+        return
+    flat_total = total.reshape(-1)
+    flat_values = np.ascontiguousarray(values).reshape(-1)
+    scratch = np.empty(_BLOCK, dtype=np.result_type(values.dtype, weight))
+    for start in range(0, flat_values.size, _BLOCK):
+        part = flat_values[start:start + _BLOCK]
+        step = scratch[:part.size]
+        np.multiply(part, weight, out=step)
+        flat_total[start:start + _BLOCK] += step
 
 
 class StreamingFedAvg(FedAvg):
@@ -74,18 +117,20 @@ class StreamingFedAvg(FedAvg):
                 raise InconsistentMessageReplies(
                     reason="All ArrayRecords must have the same keys for aggregation.")
             for key, arr in record.items():
-                values = arr.numpy()
+                values = ndarray_view(arr)  # no copy of the reply's bytes
                 if key not in sums:
                     dtypes[key] = values.dtype
-                    sums[key] = values * weight
+                    sums[key] = np.multiply(values, weight, order="C")
                 else:
-                    sums[key] += values * weight
+                    _accumulate(sums[key], values, weight)
             total += float(weight)
             metric_only.append(RecordDict(dict(content.metric_records)))
             del content, record, msg, values  # nothing of this reply outlives the loop
-            # Flower's inflated messages hold reference cycles: without a collection their
-            # arrays would wait for the next full GC and several replies would pile up.
-            gc.collect()
+            # Flower's ``RecordDict.array_records`` (and friends) build a ``_SyncedDict``
+            # that refers to itself through a bound method, and to the RecordDict: until
+            # that young cycle is collected, the reply's arrays stay in memory. A young-
+            # generation collection frees it (a full one would scan the whole heap).
+            gc.collect(1)
         log.info("aggregate_train: Received %s results and %s failures",
                  len(metric_only), failures)
         if not metric_only:

@@ -7,11 +7,14 @@ import os
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.task_identity import TaskIdentity
 
 from flwr_hpc.errors import InvalidObjectIdError, PayloadIntegrityError, PayloadMissingError
 from flwr_hpc.payload import FilesystemStore, inflate_message, message_objects, sha256_hex
+from flwr_hpc.payload.objects import ArrayCache, fast_object_ids, message_parts
+from flwr_hpc.payload.store import open_store
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +69,7 @@ def test_wrong_bytes_for_id_are_never_stored(tmp_path):
 
 
 def test_failed_write_leaves_no_partial_object(tmp_path, monkeypatch):
-    store = FilesystemStore(tmp_path / "s")
+    store = FilesystemStore(tmp_path / "s", fsync=True)
     data = os.urandom(4096)
     oid = sha256_hex(data)
 
@@ -78,6 +81,110 @@ def test_failed_write_leaves_no_partial_object(tmp_path, monkeypatch):
         store.put(oid, data)
     assert not store.has(oid)
     assert [p for p in store.objects_dir.rglob("*") if p.is_file()] == []
+    # without fsync: a failure half-way through the parts (the first part was written)
+    plain = FilesystemStore(tmp_path / "p")
+    with pytest.raises(TypeError):
+        plain.put(oid, (data[:100], 12345), trusted=True)
+    assert not plain.has(oid)
+    assert [p for p in plain.objects_dir.rglob("*") if p.is_file()] == []
+
+
+def test_parts_are_written_as_their_concatenation(tmp_path):
+    store = FilesystemStore(tmp_path / "s")
+    body = np.arange(1000, dtype=np.float32)
+    parts = (b"head\x00", memoryview(body.tobytes())[40:], bytearray(b"tail"))
+    data = b"head\x00" + body.tobytes()[40:] + b"tail"
+    oid = sha256_hex(data)
+    assert sha256_hex(parts) == oid
+    assert store.put(oid, parts) == len(data)  # verified (not trusted) from the parts
+    assert store.get(oid) == data
+    with pytest.raises(PayloadIntegrityError):
+        store.put(sha256_hex(b"other"), parts)
+    assert store.spec()["fsync"] is False
+    assert open_store(store.spec()).fsync is False
+    assert open_store(FilesystemStore(tmp_path / "f", fsync=True).spec()).fsync is True
+
+
+def _flower_objects(msg: Message) -> dict[str, bytes]:
+    """Flower's own deflate, object by object (the reference for our codec)."""
+    return {oid: obj.deflate() for oid, obj in get_all_nested_objects(msg).items()}
+
+
+def _odd_message() -> Message:
+    rng = np.random.default_rng(5)
+    arrays = {
+        "multi": rng.standard_normal(3 * 2**20 + 7, dtype=np.float32),  # 3 chunks, last short
+        "zeros": np.zeros(3 * 2**20, dtype=np.float32),  # identical chunks: one id, twice
+        "empty": np.zeros((0, 4), dtype=np.float64),
+        "ints": np.arange(12, dtype=np.int16).reshape(3, 4),
+    }
+    record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    msg = Message(RecordDict({"arrays": record,
+                              "config": ConfigRecord({"server-round": 3})}), 42, "train")
+    msg.metadata.__dict__["_created_at"] = 1.5e9  # fresh objects, identical bytes
+    return msg
+
+
+def test_codec_bytes_and_ids_equal_flowers():
+    reference = _flower_objects(_odd_message())
+    assert len(reference) >= 8
+    msg = _odd_message()
+    parts = message_parts(msg)
+    assert list(parts) == list(reference)  # same ids, same (post-)order: root last
+    for oid, body in parts.items():
+        joined = b"".join(body)
+        assert joined == reference[oid]
+        assert sha256_hex(joined) == oid
+    assert next(reversed(parts)) == _odd_message().object_id
+    assert message_objects(_odd_message()) == reference
+    chunks = [p for p in parts.values() if bytes(p[0]).startswith(b"ArrayChunk ")]
+    assert len(chunks) >= 4 and all(isinstance(p[1], memoryview) for p in chunks)
+    # ids stay right after the block, for Flower's own (recomputing) object_id
+    with fast_object_ids(msg):
+        inside = msg.object_id
+    assert inside == msg.object_id == next(reversed(parts))
+    msg.content["config"]["server-round"] = 4  # changed outside the block: new id
+    assert msg.object_id != inside
+
+
+def test_codec_inflate_restores_arrays_and_ids(tmp_path):
+    store = FilesystemStore(tmp_path / "s")
+    msg = _odd_message()
+    for oid, data in message_parts(msg).items():
+        store.put(oid, data, trusted=True)
+    back = inflate_message(msg.object_id, store.get)
+    assert back.metadata.message_id == msg.object_id
+    for key, arr in msg.content["arrays"].items():
+        got = back.content["arrays"][key]
+        assert (got.dtype, got.shape, got.stype) == (arr.dtype, arr.shape, arr.stype)
+        assert got.data == arr.data
+        np.testing.assert_array_equal(got.numpy(), arr.numpy())
+    assert back.content["config"]["server-round"] == 3
+    back.metadata.__dict__["_message_id"] = ""  # as on the sending side
+    assert back.object_id == msg.object_id  # re-deflates to the same tree
+
+
+def test_codec_refuses_an_array_whose_head_lies(tmp_path):
+    import json
+
+    store = FilesystemStore(tmp_path / "s")
+    msg = _odd_message()
+    objects = message_objects(msg)
+    array_id = next(oid for oid, data in objects.items() if data.startswith(b"Array ")
+                    and b'"shape": [3145735]' in data)
+    head, body = objects[array_id].split(b"\x00", 1)
+    meta = json.loads(body)
+    meta["arraychunk_ids"] = [9, 9, 9]  # an index past the children it lists
+    bad_body = json.dumps(meta).encode()
+    kind, children, _ = head.decode().split(" ")
+    bad = f"{kind} {children} {len(bad_body)}".encode() + b"\x00" + bad_body
+    for oid, data in objects.items():
+        store.put(oid, data)
+    store.put(sha256_hex(bad), bad)
+    with pytest.raises(ValueError, match="chunk indices"):
+        inflate_message(sha256_hex(bad), store.get)
+    with pytest.raises(TypeError, match="not a Message"):
+        inflate_message(array_id, store.get)
 
 
 def test_message_roundtrip_through_store(tmp_path):
@@ -108,29 +215,34 @@ def test_shared_model_is_one_set_of_objects():
     assert 32 * 2**20 <= total < 32.1 * 2**20  # ~32 MiB, not ~96 MiB
 
 
-def test_worker_reads_a_large_object_once_per_process_and_bounds_its_cache(tmp_path,
-                                                                           monkeypatch):
-    from flwr_hpc import worker
-
+def test_worker_assembles_an_array_once_per_process_and_bounds_its_cache(tmp_path):
     store = FilesystemStore(tmp_path / "s")
-    big = [bytes([i]) * (3 << 20) for i in range(3)]
-    small = b"tiny"
-    ids = [sha256_hex(b) for b in big]
-    for oid, data in zip(ids, big, strict=True):
-        store.put(oid, data)
-    store.put(sha256_hex(small), small)
+    rng = np.random.default_rng(2)
+    models = [ArrayRecord({"w": Array(rng.standard_normal(3 << 18, dtype=np.float32))})
+              for _ in range(3)]
+    msgs = {}
+    for i, model in enumerate(models):
+        for node in (11, 12):
+            m = Message(RecordDict({"arrays": model}), node, "train")
+            for oid, data in message_parts(m).items():
+                store.put(oid, data, trusted=True)
+            msgs[i, node] = m.object_id
     calls = []
     real_get = store.get
-    monkeypatch.setattr(store, "get", lambda oid: calls.append(oid) or real_get(oid))
-    monkeypatch.setattr(worker, "_cache", __import__("collections").OrderedDict())
-    monkeypatch.setattr(worker, "_cache_bytes", 0)
-    monkeypatch.setattr(worker, "_CACHE_LIMIT", 7 << 20)  # room for two big objects
-    read = worker.cached_reader(store)
-    assert [read(ids[0]), read(ids[0]), read(sha256_hex(small)), read(sha256_hex(small))] == [
-        big[0], big[0], small, small]
-    assert calls == [ids[0], sha256_hex(small), sha256_hex(small)]  # small ones not cached
-    read(ids[1])
-    read(ids[2])  # evicts ids[0], the least recently used
-    assert list(worker._cache) == [ids[1], ids[2]] and worker._cache_bytes == 6 << 20
-    read(ids[0])
-    assert calls.count(ids[0]) == 2
+
+    def counting_get(oid):
+        data = real_get(oid)
+        calls.append(data[:11])
+        return data
+
+    cache = ArrayCache(limit_bytes=7 << 20)  # room for two of the three models
+    reads = []
+    for key in [(0, 11), (0, 12), (1, 11), (2, 11), (0, 11)]:
+        calls.clear()
+        back = inflate_message(msgs[key], counting_get, cache=cache)
+        np.testing.assert_array_equal(back.content["arrays"]["w"].numpy(),
+                                      models[key[0]]["w"].numpy())
+        reads.append(sum(1 for c in calls if c.startswith(b"ArrayChunk ")))
+    # model 0 read once for both nodes; model 2 evicts it (LRU), so it is read again
+    assert reads == [1, 0, 1, 1, 1]
+    assert cache.nbytes == 2 * (3 << 20) + 2 * 128 and len(cache.keys()) == 2

@@ -127,6 +127,7 @@ def run_flwr_hpc(clients: int, size_mb: float, rounds: int, sites: int,
                  workdir: Path, timeout_s: float) -> dict[str, Any]:
     from flwr.cli.build import build_fab_from_disk
 
+    from flwr_hpc._proc import large_buffer_env
     from flwr_hpc.runner import prepare_run, read_status
 
     home = workdir / "hpc-home"
@@ -135,7 +136,7 @@ def run_flwr_hpc(clients: int, size_mb: float, rounds: int, sites: int,
     fab = build_fab_from_disk(APP_DIR)
     run_dir = prepare_run(fab, {"rounds": rounds, "size-mb": size_mb, "streaming": True,
                                 "result-file": str(result_file)}, fed, home=home)
-    env = {**os.environ, "FLWR_HOME": str(home)}
+    env = large_buffer_env({**os.environ, "FLWR_HOME": str(home)})  # as the service does
     with open(workdir / "hpc-runner.out", "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "flwr_hpc.runner", str(run_dir)],
                                 env=env, stdout=out, stderr=subprocess.STDOUT,

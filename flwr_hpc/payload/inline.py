@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from flwr_hpc.errors import PayloadMissingError
-from flwr_hpc.payload.objects import check_object_id, verify_object
+from flwr_hpc.payload.objects import ObjectData, check_object_id, join_parts, verify_object
 
 DEFAULT_MAX_TASK_BYTES = 8_000_000
 DEFAULT_MAX_RESULT_BYTES = 6 * 2**20
@@ -67,8 +67,8 @@ class InlineStore:
     def has(self, object_id: str) -> bool:
         return object_id in self._objects
 
-    def put(self, object_id: str, data: bytes, *, trusted: bool = False) -> int:
-        data = bytes(data)
+    def put(self, object_id: str, data: ObjectData, *, trusted: bool = False) -> int:
+        data = join_parts(data)
         check_object_id(object_id)
         if not trusted:
             verify_object(object_id, data, f"site '{self.site}' (inline)")
@@ -118,8 +118,8 @@ class InlineSiteStore:
             raise PayloadMissingError(oid, f"site '{self.site}' (inline task)")
         return verify_object(oid, data, f"site '{self.site}' (inline task)")
 
-    def put(self, object_id: str, data: bytes, *, trusted: bool = False) -> int:
-        data = bytes(data)
+    def put(self, object_id: str, data: ObjectData, *, trusted: bool = False) -> int:
+        data = join_parts(data)
         check_object_id(object_id)
         if not trusted:
             verify_object(object_id, data, f"site '{self.site}' (inline task)")

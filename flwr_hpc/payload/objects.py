@@ -6,6 +6,19 @@ head, so a reader needs only the root id to fetch and verify the whole tree. The
 global model sent to many nodes is the same set of objects, which is what lets a site
 receive it once per round however many clients it hosts.
 
+The bytes and ids are exactly Flower's (tested against Flower's own ``deflate`` and
+``object_id``), but the array data is never copied on the way out and copied once on the
+way in:
+
+- :func:`message_parts` returns each object as a tuple of buffers: an ``ArrayChunk`` is its
+  small head plus a view into the ``Array``'s bytes, hashed in place (Flower's ``deflate``
+  builds each chunk through a bytearray and a ``bytes`` copy, and computes every id again
+  whenever ``object_id`` is asked). :func:`fast_object_ids` is the same trick for code that
+  walks Flower's tree itself: inside it every id is computed once.
+- :func:`inflate_message` joins an Array's verified chunk bodies straight into its data
+  (Flower slices each body, appends it to a bytearray and copies that again), and with an
+  :class:`ArrayCache` it does not even read an Array it has assembled before.
+
 Nothing here unpickles: object bodies are Flower protobufs and ``np.save`` bytes loaded
 with ``allow_pickle=False``.
 """
@@ -13,13 +26,21 @@ with ``allow_pickle=False``.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
-from collections.abc import Callable
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
-from flwr.app import Message
+from flwr.app import Array, Message
+from flwr.app.message import array as _flwr_array
+from flwr.app.message.arraychunk import ArrayChunk
+from flwr.supercore.constant import HEAD_BODY_DIVIDER, HEAD_VALUE_DIVIDER
+from flwr.supercore.inflatable import inflatable_object as _flwr_objects
 from flwr.supercore.inflatable.inflatable_object import (
     get_all_nested_objects,
-    get_object_children_ids_from_object_content,
+    get_object_head_values_from_object_content,
 )
 from flwr.supercore.inflatable.inflatable_utils import (
     inflate_object_from_contents,
@@ -30,9 +51,39 @@ from flwr_hpc.errors import InvalidObjectIdError, PayloadIntegrityError
 
 _OBJECT_ID = re.compile(r"[0-9a-f]{64}")
 
+Buffer = bytes | bytearray | memoryview
+# An object's bytes as one buffer or as a tuple of buffers to be written one after another
+Parts = tuple[Buffer, ...]
+ObjectData = Buffer | Parts
 
-def sha256_hex(data: bytes | memoryview) -> str:
+
+def sha256_hex(data: ObjectData) -> str:
+    if isinstance(data, tuple):
+        digest = hashlib.sha256()
+        for part in data:
+            digest.update(part)
+        return digest.hexdigest()
     return hashlib.sha256(data).hexdigest()
+
+
+def as_parts(data: ObjectData) -> Parts:
+    return data if isinstance(data, tuple) else (data,)
+
+
+def data_len(data: ObjectData) -> int:
+    """Byte length of an object given as one buffer or as parts."""
+    if isinstance(data, tuple):
+        return sum(memoryview(p).nbytes for p in data)
+    return memoryview(data).nbytes
+
+
+def join_parts(data: ObjectData) -> bytes:
+    """The object's bytes as one ``bytes`` (one copy for parts; none for ``bytes``)."""
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, tuple):
+        return b"".join(data)
+    return bytes(data)
 
 
 def is_object_id(value: object) -> bool:
@@ -54,20 +105,162 @@ def array_bytes(message: Message) -> int:
                for arr in rec.values())
 
 
+# ----------------------------------------------------------------------------- deflate
+
+
+def _chunk_head(nbytes: int) -> bytes:
+    """The head Flower gives an ArrayChunk of ``nbytes`` (no children)."""
+    return (f"ArrayChunk{HEAD_VALUE_DIVIDER}{HEAD_VALUE_DIVIDER}{nbytes}".encode()
+            + HEAD_BODY_DIVIDER)
+
+
+def _array_chunks(arr: Array) -> list[tuple[str, ArrayChunk]]:
+    """``arr``'s chunks with their ids, as Flower's ``Array.slice_array`` caches them, but
+    hashed in place: head, then a view of the data (Flower deflates each chunk to a copy)."""
+    chunks = arr.__dict__.get("_chunks")  # Flower clears it whenever ``data`` is set
+    if chunks is not None:
+        return chunks
+    view = memoryview(arr.data).cast("B")
+    step = _flwr_array.FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
+    chunks = []
+    for start in range(0, len(view), step):
+        body = view[start:start + step]
+        digest = hashlib.sha256(_chunk_head(len(body)))
+        digest.update(body)
+        chunk = ArrayChunk(body)
+        oid = chunk.__dict__["_object_id"] = digest.hexdigest()
+        chunks.append((oid, chunk))
+    arr.__dict__["_chunks"] = chunks
+    return chunks
+
+
+def _arrays(message: Message) -> Iterator[Array]:
+    if message.has_content():
+        for record in message.content.array_records.values():
+            yield from record.values()
+
+
+@contextmanager
+def fast_object_ids(*messages: Message) -> Iterator[None]:
+    """Inside this block Flower computes each object id of ``messages`` at most once, and
+    their array chunks are hashed in place. The messages must not change inside it (their
+    ids would go stale); Flower's own ``no_object_id_recompute`` is what makes ids stick.
+    The block is per thread."""
+    with _flwr_objects.no_object_id_recompute():
+        computed = _flwr_objects._get_computed_object_ids()  # noqa: SLF001 - flwr 1.41
+        for message in messages:
+            for arr in _arrays(message):
+                for oid, chunk in _array_chunks(arr):
+                    chunk.__dict__["_object_id"] = oid
+                    computed.add(oid)
+        yield
+
+
+def object_parts(obj) -> Parts:
+    """One object's bytes (Flower's ``deflate``) as parts; an ArrayChunk is not copied."""
+    if type(obj) is ArrayChunk:
+        body = memoryview(obj.data).cast("B")
+        return (_chunk_head(len(body)), body)
+    return (obj.deflate(),)
+
+
+def message_parts(message: Message) -> dict[str, Parts]:
+    """Deflate ``message`` into ``{object_id: parts}``, children first, nothing copied."""
+    with fast_object_ids(message):
+        return {oid: object_parts(obj)
+                for oid, obj in get_all_nested_objects(message).items()}
+
+
 def message_objects(message: Message) -> dict[str, bytes]:
     """Deflate ``message`` into ``{object_id: bytes}``, children included."""
-    return {oid: obj.deflate() for oid, obj in get_all_nested_objects(message).items()}
+    return {oid: join_parts(parts) for oid, parts in message_parts(message).items()}
 
 
-def verify_object(object_id: str, content: bytes, where: str) -> bytes:
+def verify_object(object_id: str, content: ObjectData, where: str) -> ObjectData:
     actual = sha256_hex(content)
     if actual != object_id:
         raise PayloadIntegrityError(object_id, actual, where)
     return content
 
 
-def collect_tree(root_id: str, read: Callable[[str], bytes]) -> dict[str, bytes]:
-    """Read the object tree below ``root_id``; ``read`` must verify each object's sha256."""
+# ----------------------------------------------------------------------------- inflate
+
+
+class ArrayCache:
+    """Verified array data by ``Array`` object id, least recently used first out.
+
+    An Array's id hashes its head, which lists its chunks' ids, which hash the data: a hit
+    is the same bytes, so a worker assembles the global model once per phase, not once per
+    task. Arrays under ``min_bytes`` are not worth keeping; ``limit_bytes`` bounds the rest.
+    """
+
+    def __init__(self, limit_bytes: int, min_bytes: int = 1 << 20) -> None:
+        self.limit_bytes, self.min_bytes = int(limit_bytes), int(min_bytes)
+        self._data: OrderedDict[str, bytes] = OrderedDict()
+        self.nbytes = 0
+        self._lock = threading.Lock()
+
+    def __contains__(self, object_id: str) -> bool:
+        with self._lock:
+            return object_id in self._data
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._data)
+
+    def get(self, object_id: str) -> bytes | None:
+        with self._lock:
+            data = self._data.get(object_id)
+            if data is not None:
+                self._data.move_to_end(object_id)
+            return data
+
+    def put(self, object_id: str, data: bytes) -> None:
+        if not self.min_bytes <= len(data) <= self.limit_bytes:
+            return
+        with self._lock:
+            if object_id in self._data:
+                return
+            self._data[object_id] = data
+            self.nbytes += len(data)
+            while self.nbytes > self.limit_bytes:
+                _, old = self._data.popitem(last=False)
+                self.nbytes -= len(old)
+
+
+def _array_head(object_id: str, content: bytes) -> tuple[dict, list[str]]:
+    """An Array object's metadata and its chunk ids in data order (Flower's checks)."""
+    obj_type, children, _ = get_object_head_values_from_object_content(content)
+    if obj_type != "Array":
+        raise ValueError(f"object {object_id[:16]}… is a {obj_type}, not an Array")
+    body = memoryview(content)[content.index(HEAD_BODY_DIVIDER) + 1:]
+    meta = json.loads(bytes(body).decode("utf-8"))
+    try:
+        chunk_ids = [children[i] for i in meta["arraychunk_ids"]]
+    except (IndexError, TypeError, KeyError):
+        raise ValueError(f"Array {object_id[:16]}…: chunk indices do not match its "
+                         "children") from None
+    if set(chunk_ids) != set(children):
+        raise ValueError(f"Array {object_id[:16]}…: unexpected set of children")
+    return meta, chunk_ids
+
+
+def _new_array(meta: dict, data: bytes) -> Array:
+    return Array(dtype=str(meta["dtype"]), shape=tuple(int(d) for d in meta["shape"]),
+                 stype=str(meta["stype"]), data=data)
+
+
+def _chunk_body(object_id: str, content: bytes) -> memoryview:
+    obj_type, children, body_len = get_object_head_values_from_object_content(content)
+    if obj_type != "ArrayChunk" or children:
+        raise ValueError(f"object {object_id[:16]}… is a {obj_type}, not an ArrayChunk")
+    return memoryview(content)[len(content) - body_len:]
+
+
+def collect_tree(root_id: str, read: Callable[[str], bytes],
+                 skip: Callable[[str, str], bool] | None = None) -> dict[str, bytes]:
+    """Read the object tree below ``root_id``; ``read`` must verify each object's sha256.
+    ``skip(object_id, object_type)``: read that object but not its children."""
     contents: dict[str, bytes] = {}
     pending = [check_object_id(root_id)]
     while pending:
@@ -77,15 +270,39 @@ def collect_tree(root_id: str, read: Callable[[str], bytes]) -> dict[str, bytes]
         data = read(oid)
         validate_object_content(data)
         contents[oid] = data
-        children = get_object_children_ids_from_object_content(data)
+        obj_type, children, _ = get_object_head_values_from_object_content(data)
+        if skip is not None and skip(oid, obj_type):
+            continue
         pending.extend(check_object_id(c) for c in children)
     return contents
 
 
-def inflate_message(root_id: str, read: Callable[[str], bytes]) -> Message:
-    """Rebuild a ``Message`` from its verified objects and restore its message id."""
-    contents = collect_tree(root_id, read)
-    message = inflate_object_from_contents(root_id, contents, keep_object_contents=False)
+def inflate_message(root_id: str, read: Callable[[str], bytes], *,
+                    cache: ArrayCache | None = None) -> Message:
+    """Rebuild a ``Message`` from its verified objects and restore its message id.
+
+    Arrays are assembled here (each chunk body joined once into the array's data) and, with
+    a ``cache``, taken from it without reading their chunks at all."""
+    cached = (lambda oid, kind: kind == "Array" and oid in cache) if cache else None
+    contents = collect_tree(root_id, read, skip=cached)
+    arrays: dict[str, Array] = {}
+    for oid, content in list(contents.items()):
+        if get_object_head_values_from_object_content(content)[0] != "Array":
+            continue
+        meta, chunk_ids = _array_head(oid, content)
+        data = cache.get(oid) if cache is not None else None
+        if data is None:  # (a cached array may have been evicted since: read it now)
+            for cid in chunk_ids:
+                if cid not in contents:
+                    contents[cid] = read(check_object_id(cid))
+            data = b"".join([_chunk_body(cid, contents[cid]) for cid in chunk_ids])
+            if cache is not None:
+                cache.put(oid, data)
+        arrays[oid] = _new_array(meta, data)
+    for oid in [oid for oid, c in contents.items() if c.startswith(b"ArrayChunk ")]:
+        del contents[oid]  # their bytes now live in the arrays
+    message = inflate_object_from_contents(root_id, contents, keep_object_contents=False,
+                                           objects=arrays)
     if not isinstance(message, Message):
         raise TypeError(f"object {root_id[:16]}… is a {type(message).__name__}, not a Message")
     # ``Message.deflate`` omits the id; Flower's grids use the object id as message id.

@@ -5,7 +5,11 @@ local directory standing in for either). Both the server and the site worker ope
 the same small ``spec`` dict, so a task carries only a reference, never the bytes.
 
 Guarantees of every store:
-- writes are atomic (temp file, fsync, rename): a reader never sees a partial object;
+- writes are atomic (temp file, rename): a reader never sees a partial object. The bytes
+  are not forced to disk (``fsync``) unless the store is opened with ``fsync=True``: every
+  read verifies the sha256, so an object torn by a machine crash is caught and
+  quarantined, never used, and a flush per object would cost more than the whole
+  transfer on a parallel filesystem;
 - an object is stored only if its bytes hash to its id (checked, unless the caller has just
   computed the id from the same bytes: ``trusted=True``);
 - every read is verified against the id; a mismatching object is quarantined (moved aside,
@@ -22,7 +26,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from flwr_hpc.errors import PayloadIntegrityError, PayloadMissingError
-from flwr_hpc.payload.objects import check_object_id, verify_object
+from flwr_hpc.payload.objects import (
+    ObjectData,
+    as_parts,
+    check_object_id,
+    data_len,
+    verify_object,
+)
 
 
 class PayloadStore(Protocol):
@@ -33,8 +43,9 @@ class PayloadStore(Protocol):
 
     def has(self, object_id: str) -> bool: ...
 
-    def put(self, object_id: str, data: bytes, *, trusted: bool = False) -> int:
-        """Store ``data`` under ``object_id``; return bytes written (0 if already held).
+    def put(self, object_id: str, data: ObjectData, *, trusted: bool = False) -> int:
+        """Store ``data`` (one buffer, or a tuple of buffers to concatenate) under
+        ``object_id``; return bytes written (0 if already held).
         ``trusted``: the caller just computed ``object_id`` from these bytes (Flower's
         object ids are the sha256 of ``deflate()``), so the store skips hashing them again.
         Readers verify every object regardless."""
@@ -46,9 +57,10 @@ class PayloadStore(Protocol):
 class FilesystemStore:
     """Objects as files under ``<root>/objects/<id[:2]>/<id>``."""
 
-    def __init__(self, root: str | Path, site: str = "") -> None:
+    def __init__(self, root: str | Path, site: str = "", *, fsync: bool = False) -> None:
         self.root = Path(root)
         self.site = site or self.root.name
+        self.fsync = bool(fsync)
         self.objects_dir = self.root / "objects"
         self.objects_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -59,7 +71,8 @@ class FilesystemStore:
         return f"FilesystemStore(site={self.site!r}, root={str(self.root)!r})"
 
     def spec(self) -> dict[str, Any]:
-        return {"type": "filesystem", "path": str(self.root), "site": self.site}
+        return {"type": "filesystem", "path": str(self.root), "site": self.site,
+                "fsync": self.fsync}
 
     def _path(self, object_id: str) -> Path:
         oid = check_object_id(object_id)
@@ -68,7 +81,7 @@ class FilesystemStore:
     def has(self, object_id: str) -> bool:
         return self._path(object_id).is_file()
 
-    def put(self, object_id: str, data: bytes | memoryview, *, trusted: bool = False) -> int:
+    def put(self, object_id: str, data: ObjectData, *, trusted: bool = False) -> int:
         path = self._path(object_id)
         if path.is_file():
             return 0
@@ -77,18 +90,22 @@ class FilesystemStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".tmp-{object_id[:16]}-{uuid.uuid4().hex}"
         try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+            with open(tmp, "wb", buffering=0) as fh:  # parts go straight to the kernel
+                for part in as_parts(data):
+                    view = memoryview(part).cast("B")
+                    while view:
+                        view = view[fh.write(view):]
+                if self.fsync:
+                    os.fsync(fh.fileno())
             os.replace(tmp, path)
         finally:
             if tmp.exists():
                 tmp.unlink()
+        nbytes = data_len(data)
         with self._lock:
-            self.bytes_written += len(data)
+            self.bytes_written += nbytes
             self.objects_written += 1
-        return len(data)
+        return nbytes
 
     def get(self, object_id: str) -> bytes:
         path = self._path(object_id)
@@ -116,5 +133,6 @@ def open_store(spec: dict[str, Any]) -> PayloadStore:
     kind = spec.get("type")
     # globus-transfer: at the site the store is plain files; the server moves them
     if kind in ("filesystem", "shared-fs", "globus-transfer"):
-        return FilesystemStore(spec["path"], site=spec.get("site", ""))
+        return FilesystemStore(spec["path"], site=spec.get("site", ""),
+                               fsync=bool(spec.get("fsync", False)))
     raise ValueError(f"unknown payload store type {kind!r} in {spec!r}")

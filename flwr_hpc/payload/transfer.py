@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr_hpc.errors import GlobusServiceError, PayloadMissingError
-from flwr_hpc.payload.objects import check_object_id
+from flwr_hpc.payload.objects import ObjectData, check_object_id, data_len
 from flwr_hpc.payload.store import FilesystemStore
 
 log = logging.getLogger(__name__)
@@ -354,14 +354,15 @@ class GlobusTransferStore:
     def has(self, object_id: str) -> bool:
         return object_id in self._held or object_id in self._pending
 
-    def put(self, object_id: str, data: bytes, *, trusted: bool = False) -> int:
+    def put(self, object_id: str, data: ObjectData, *, trusted: bool = False) -> int:
         check_object_id(object_id)
         if self.has(object_id):
             return 0
         self.local.put(object_id, data, trusted=trusted)  # 0 if already staged
+        nbytes = data_len(data)
         with self._lock:
-            self._pending[object_id] = len(data)
-        return len(data)
+            self._pending[object_id] = nbytes
+        return nbytes
 
     def flush(self, label: str) -> TransferReport | None:
         """Move every pending object to the site in one transfer task."""
