@@ -179,7 +179,8 @@ def execute_run(run_dir: Path, *, progress: Progress | None = None, console: boo
     from flwr_hpc.grid import HPCGrid
 
     handler = _setup_logging(run_dir, console)
-    return_large_buffers()  # the server holds models of many MB: keep RSS = live memory
+    if "glibc.malloc.mmap_max" not in os.environ.get("GLIBC_TUNABLES", ""):
+        return_large_buffers()  # started without large_buffer_env: keep RSS = live memory
     os.environ.update(large_buffer_env())  # for the local site workers this run starts
     spec = json.loads((run_dir / "run.json").read_text())
     run_id = int(spec["run_id"])

@@ -127,7 +127,7 @@ class HPCSuperLink:
             [sys.executable, "-m", "flwr_hpc.runner", str(run_dir)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: stop kills the whole tree
-            env=large_buffer_env(),  # huge pages for payload buffers (see flwr_hpc._proc)
+            env=large_buffer_env(),  # reuse payload buffers (see flwr_hpc._proc)
         )
         out.close()
         with self._lock:

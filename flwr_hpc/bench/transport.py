@@ -185,9 +185,33 @@ def _flower_status(bindir: Path, env: dict, run_id: str) -> str:
                               run_id, "--format", "json"], env=env, capture_output=True,
                              text=True, timeout=60, stdin=subprocess.DEVNULL)
         data = json.loads(out.stdout[out.stdout.index("{"):])
-        return str(data["runs"][0]["status"])
+        run = data["runs"][0]
+        details = run.get("status-details") or run.get("status_details") or ""
+        return str(run["status"]) + (f" ({details})" if details else "")
     except (subprocess.TimeoutExpired, ValueError, KeyError, IndexError):
         return "unknown"
+
+
+# Flower's liveness checks, made patient for an overloaded loopback deployment. With
+# Flower's defaults a SuperNode or the ServerApp task that misses its heartbeats for
+# 2 x 30 s is declared dead, and the SuperLink fails the whole run ("No heartbeat received
+# from the task") although every process is alive and working: on 2 cores, N supernodes
+# each (de)serialising 64 MB starve the heartbeats. flwr 1.41 has no flag or variable for
+# these, so a ``sitecustomize`` on the Flower processes' PYTHONPATH sets them before any
+# Flower module binds them. Only liveness changes; the data path is Flower's own.
+FLOWER_PATIENCE = {"HEARTBEAT_DEFAULT_INTERVAL": 120, "HEARTBEAT_CALL_TIMEOUT": 30,
+                   "HEARTBEAT_PATIENCE": 5}
+
+
+def _patient_flower_pythonpath(workdir: Path) -> str:
+    patch = workdir / "flower-patience"
+    patch.mkdir(parents=True, exist_ok=True)
+    lines = ["import flwr.common.constant as _c"]
+    lines += [f"_c.{name} = {value}" for name, value in FLOWER_PATIENCE.items()]
+    (patch / "sitecustomize.py").write_text(
+        "# written by flwr-hpc bench transport: see FLOWER_PATIENCE there\n"
+        + "\n".join(lines) + "\n")
+    return str(patch)
 
 
 def run_flower(clients: int, size_mb: float, rounds: int, workdir: Path,
@@ -202,7 +226,10 @@ def run_flower(clients: int, size_mb: float, rounds: int, workdir: Path,
         f'address = "127.0.0.1:{port}"\ninsecure = true\n')
     # Flower's processes start flower-superexec / flwr-serverapp / flwr-clientapp by name
     env = {**os.environ, "FLWR_HOME": str(home),
-           "PATH": os.pathsep.join([str(bindir), os.environ.get("PATH", "")])}
+           "PATH": os.pathsep.join([str(bindir), os.environ.get("PATH", "")]),
+           "PYTHONPATH": os.pathsep.join(
+               p for p in (_patient_flower_pythonpath(workdir),
+                           os.environ.get("PYTHONPATH", "")) if p)}
     procs: list[subprocess.Popen] = []
     logs = workdir / "flower-logs"
     logs.mkdir(exist_ok=True)
