@@ -45,6 +45,13 @@ def table(rows: list[dict]) -> str:
         ratio = f"{r['flwr_hpc_over_flower']:.3f}" if flower else "—"
         flower_cell = (f"{flower:.2f}" if flower else
                        "failed" if r.get("flower_error") else "not run")
+        partial = r.get("flower_rounds_s") if r.get("flower_error") else None
+        if partial:  # Flower failed part-way: compare the rounds it completed
+            k = len(partial)
+            done = "round 1" if k == 1 else f"rounds 1–{k}"
+            flower_cell = (f"failed in round {k + 1}; {done}: "
+                           + ", ".join(f"{v:.1f}" for v in partial))
+            ratio = f"{r['flwr_hpc_over_flower_completed_rounds']:.3f} ({done})"
         staged = ", ".join(f"{r['staged_bytes_per_site_round'][s] / 2**20:.0f} "
                            f"({r['clients_per_site'][s]})"
                            for s in sorted(r["staged_bytes_per_site_round"]))
@@ -57,6 +64,10 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _failed_part_way(r: dict) -> bool:
+    return bool(r.get("flower_error") and r.get("flower_rounds_s"))
+
+
 def svg(rows: list[dict]) -> str:
     """Round time vs clients, log-log, one panel per size: flwr-hpc, Flower, floor."""
     sizes = sorted({r["size_mb"] for r in rows})
@@ -65,10 +76,11 @@ def svg(rows: list[dict]) -> str:
               ("flower_round_s", "#d62728", "Flower deployment"),
               ("floor_round_s", "#7f7f7f", "floor"))
     values = [r[k] for r in rows for k, _, _ in series if r.get(k)]
+    values += [r["flower_rounds_s"][0] for r in rows if _failed_part_way(r)]
     lo, hi = math.log10(min(values)) - 0.2, math.log10(max(values)) + 0.2
     xs = sorted({r["clients"] for r in rows})
     xlo, xhi = math.log10(min(xs)) - 0.1, math.log10(max(xs)) + 0.1
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w * len(sizes)}" '
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{max(w * len(sizes), 720)}" '
              f'height="{h + 30}" font-family="sans-serif" font-size="11">']
     for i, size in enumerate(sizes):
         ox = i * w
@@ -105,6 +117,16 @@ def svg(rows: list[dict]) -> str:
                          'stroke-width="2"/>')
             parts += [f'<circle cx="{px(n):.1f}" cy="{py(s):.1f}" r="3" fill="{color}"/>'
                       for n, s in pts]
+        for r in rows:  # Flower failed part-way: its first (warm-up) round, hollow
+            if r["size_mb"] == size and _failed_part_way(r):
+                parts.append(f'<circle cx="{px(r["clients"]):.1f}" '
+                             f'cy="{py(r["flower_rounds_s"][0]):.1f}" r="4" fill="none" '
+                             'stroke="#d62728" stroke-width="1.5"/>')
+    if any(_failed_part_way(r) for r in rows):
+        parts.append(f'<circle cx="{16 + 150 * len(series)}" cy="{h + 18}" r="4" '
+                     'fill="none" stroke="#d62728" stroke-width="1.5"/>'
+                     f'<text x="{26 + 150 * len(series)}" y="{h + 22}">Flower: warm-up '
+                     'round, then failed</text>')
     for j, (_, color, label) in enumerate(series):
         parts.append(f'<rect x="{10 + 150 * j}" y="{h + 16}" width="12" height="4" '
                      f'fill="{color}"/><text x="{26 + 150 * j}" y="{h + 22}">{label}</text>')

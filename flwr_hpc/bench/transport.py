@@ -7,7 +7,8 @@ returns the S MB of float32 arrays it received, plus noise) for R rounds
     endpoint engines with process-pool workers, payloads through site directories), and
 (b) through Flower's deployment on loopback: a real ``flower-superlink`` and N real
     ``flower-supernode`` processes (insecure, started and stopped here), driven by
-    ``flwr run``;
+    ``flwr run``, with Flower's liveness and request timeouts lengthened
+    (``FLOWER_PATIENCE``) so that an overloaded but working deployment is not failed;
 
 and measures on the spot (c) the physical floor: the bytes a round must move -- the model
 to N clients and N updates back, 2 x N x S -- once through memory (copy bandwidth) and
@@ -115,11 +116,15 @@ def bench_federation(clients: int, sites: int, workdir: Path):
 
     sites = max(1, min(sites, clients))
     per = [clients // sites + (1 if i < clients % sites else 0) for i in range(sites)]
+    # one worker process per core over all sites (at least one per site): more workers
+    # than cores only time-slice the same work and finish every task late together
+    # (N=32, S=64 on 2 cores: 7.0 s/round with 2 workers per site, 6.3 s with 1)
+    share = max(1, (os.cpu_count() or 1) // sites)
     return FederationConfig.from_dict({
         "name": "bench", "workdir": str(workdir / "sites"),
         "sites": {f"site{i}": {"clients": n,
                                "compute": {"type": "local", "engine": "process-pool",
-                                           "workers": min(2, n)}}
+                                           "workers": min(share, n)}}
                   for i, n in enumerate(per)}})
 
 
@@ -176,7 +181,38 @@ def run_flwr_hpc(clients: int, size_mb: float, rounds: int, sites: int,
 
 
 class FlowerRunFailed(RuntimeError):
-    """Flower's own deployment gave up on the run (reported, not raised, by the bench)."""
+    """Flower's own deployment gave up on the run (reported, not raised, by the bench).
+    ``rounds_s``: the round times it completed before that (warm-up round first)."""
+
+    def __init__(self, message: str, rounds_s: list[float] | None = None) -> None:
+        super().__init__(message)
+        self.rounds_s = list(rounds_s or [])
+
+
+def _rounds_so_far(result_file: Path) -> list[float]:
+    """Round times the bench ServerApp has recorded so far (written after every round)."""
+    try:
+        return list(json.loads(Path(f"{result_file}.rounds").read_text())["round_s"])
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def _serverapps(home: Path) -> list[psutil.Process]:
+    """The live (non-zombie) ServerApp processes of this Flower deployment."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        cmdline = " ".join(p.info["cmdline"] or [])
+        if ("flwr-serverapp" in cmdline and p.info["status"] != psutil.STATUS_ZOMBIE
+                and str(home) in " ".join(p.info["cmdline"] or []) + _environ_home(p)):
+            found.append(p)
+    return found
+
+
+def _environ_home(p: psutil.Process) -> str:
+    try:
+        return p.environ().get("FLWR_HOME", "")
+    except psutil.Error:
+        return ""
 
 
 def _flower_status(bindir: Path, env: dict, run_id: str) -> str:
@@ -192,22 +228,33 @@ def _flower_status(bindir: Path, env: dict, run_id: str) -> str:
         return "unknown"
 
 
-# Flower's liveness checks, made patient for an overloaded loopback deployment. With
-# Flower's defaults a SuperNode or the ServerApp task that misses its heartbeats for
-# 2 x 30 s is declared dead, and the SuperLink fails the whole run ("No heartbeat received
-# from the task") although every process is alive and working: on 2 cores, N supernodes
-# each (de)serialising 64 MB starve the heartbeats. flwr 1.41 has no flag or variable for
-# these, so a ``sitecustomize`` on the Flower processes' PYTHONPATH sets them before any
-# Flower module binds them. Only liveness changes; the data path is Flower's own.
-FLOWER_PATIENCE = {"HEARTBEAT_DEFAULT_INTERVAL": 120, "HEARTBEAT_CALL_TIMEOUT": 30,
-                   "HEARTBEAT_PATIENCE": 5}
+# Flower's timeouts, made patient for an overloaded loopback deployment. On 2 cores, N
+# SuperNodes each (de)serialising 64 MB starve the SuperLink, and with Flower's defaults
+# a live deployment is failed (seen at N=32, S=64): a ServerApp task that misses its
+# heartbeats for 2 x 30 s is declared dead ("No heartbeat received from the task"), and a
+# 5 MB object push that takes over the 30 s HTTP timeout is retried, the retry finds the
+# object already stored and the ServerApp fails ("The push session may have expired or
+# been replaced"). flwr 1.41 has no flag or variable for these, so a ``sitecustomize`` on
+# the Flower processes' PYTHONPATH sets them before any Flower module binds them. Only
+# timeouts change; the data path is Flower's own.
+FLOWER_PATIENCE = {
+    "flwr.common.constant": {"HEARTBEAT_DEFAULT_INTERVAL": 120, "HEARTBEAT_CALL_TIMEOUT": 30,
+                             "HEARTBEAT_PATIENCE": 5},
+    "flwr.supercore.constant": {"OBJECT_PUSH_SESSION_TTL_SECONDS": 1800},
+}
+FLOWER_HTTP_TIMEOUT_S = 900.0  # ProtobufClient's default request timeout (30 s)
 
 
 def _patient_flower_pythonpath(workdir: Path) -> str:
     patch = workdir / "flower-patience"
     patch.mkdir(parents=True, exist_ok=True)
-    lines = ["import flwr.common.constant as _c"]
-    lines += [f"_c.{name} = {value}" for name, value in FLOWER_PATIENCE.items()]
+    lines = []
+    for i, (module, values) in enumerate(FLOWER_PATIENCE.items()):
+        lines.append(f"import {module} as _c{i}")
+        lines += [f"_c{i}.{name} = {value}" for name, value in values.items()]
+    lines += ["import flwr.supercore.protobuf.client as _pc",
+              f'_pc.ProtobufClient.__init__.__kwdefaults__["timeout"] = '
+              f"{FLOWER_HTTP_TIMEOUT_S}"]
     (patch / "sitecustomize.py").write_text(
         "# written by flwr-hpc bench transport: see FLOWER_PATIENCE there\n"
         + "\n".join(lines) + "\n")
@@ -273,12 +320,14 @@ def run_flower(clients: int, size_mb: float, rounds: int, workdir: Path,
         run_id = started.stdout.split("Successfully started run", 1)[-1].split()[0]
         deadline = time.monotonic() + timeout_s
         last_check = 0.0
+        seen_serverapp, gone_since = False, None
         while not result_file.exists():
             if link.poll() is not None:
                 raise RuntimeError(f"flower-superlink exited; see {logs / 'superlink.log'}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the Flower run did not finish within {timeout_s:.0f} s; "
-                                   f"see {logs}")
+                raise FlowerRunFailed(
+                    f"the Flower run did not finish within {timeout_s:.0f} s (see {logs})",
+                    _rounds_so_far(result_file))
             if time.monotonic() - last_check > 5:
                 last_check = time.monotonic()
                 status = _flower_status(bindir, env, run_id)
@@ -287,7 +336,22 @@ def run_flower(clients: int, size_mb: float, rounds: int, workdir: Path,
                     if not result_file.exists():
                         raise FlowerRunFailed(
                             f"Flower's deployment ended run {run_id} as '{status}' before "
-                            f"it finished its rounds (see {logs / 'superlink.log'})")
+                            f"it finished its rounds (see {logs / 'superlink.log'})",
+                            _rounds_so_far(result_file))
+                # A ServerApp killed from outside (the kernel's OOM killer) is noticed by
+                # the SuperLink only when its heartbeats expire: minutes, with patience.
+                alive = bool(_serverapps(home))
+                seen_serverapp = seen_serverapp or alive
+                if seen_serverapp and not alive:
+                    gone_since = gone_since or time.monotonic()
+                    if time.monotonic() - gone_since > 60 and not result_file.exists():
+                        raise FlowerRunFailed(
+                            f"Flower's ServerApp process of run {run_id} died before it "
+                            "finished its rounds and none replaced it within 60 s (killed "
+                            "from outside, e.g. by the kernel's OOM killer: see dmesg)",
+                            _rounds_so_far(result_file))
+                else:
+                    gone_since = None
             time.sleep(0.5)
         time.sleep(0.5)  # the result file is written in one go; let it close
         link_peak = link_rss.stop()
@@ -343,7 +407,7 @@ def bench_transport(clients: int, size_mb: float, rounds: int = 3, *, sites: int
         t0 = time.monotonic()
         hpc = run_flwr_hpc(clients, size_mb, rounds, sites, workdir, timeout_s)
         _say(f"flwr-hpc: done in {time.monotonic() - t0:.0f} s; rounds {hpc['round_s']}")
-        fl, flower_error = None, None
+        fl, flower_error, flower_partial = None, None, []
         if flower:
             _say(f"flower: {clients} supernodes, {size_mb:g} MB, {rounds} rounds")
             t0 = time.monotonic()
@@ -352,8 +416,9 @@ def bench_transport(clients: int, size_mb: float, rounds: int = 3, *, sites: int
                 _say(f"flower: done in {time.monotonic() - t0:.0f} s; rounds "
                      f"{fl['round_s']}")
             except FlowerRunFailed as err:
-                _say(f"flower: FAILED after {time.monotonic() - t0:.0f} s: {err}")
-                flower_error = str(err)
+                _say(f"flower: FAILED after {time.monotonic() - t0:.0f} s: {err}; rounds "
+                     f"completed before: {err.rounds_s}")
+                flower_error, flower_partial = str(err), err.rounds_s
         # after the runs: a child forked from a big process starts with its RSS counted
         _say(f"floor: measuring memory-copy and disk bandwidth in {workdir}")
         floor = measure_floor(workdir)
@@ -375,6 +440,11 @@ def bench_transport(clients: int, size_mb: float, rounds: int = 3, *, sites: int
         }
         if flower_error:
             out["flower_error"] = flower_error
+            out["flower_rounds_s"] = flower_partial
+            if flower_partial:  # the rounds both completed, warm-up included
+                k = len(flower_partial)
+                out["flwr_hpc_over_flower_completed_rounds"] = (
+                    sum(hpc["round_s"][:k]) / sum(flower_partial))
         if fl is not None:
             out.update(flower_round_s=_median_after_warmup(fl["round_s"]),
                        flower_rounds_s=fl["round_s"],
@@ -396,6 +466,11 @@ def format_table(r: dict[str, Any]) -> str:
             ("flwr-hpc server peak RSS", f"{r['server_peak_rss_bytes'] / MiB:,.0f} MiB")]
     if r.get("flower_error"):
         rows.append(("Flower", r["flower_error"]))
+        if r.get("flower_rounds_s"):
+            rows += [("Flower rounds completed (s)",
+                      ", ".join(f"{v:.1f}" for v in r["flower_rounds_s"])),
+                     ("flwr-hpc / Flower, those rounds",
+                      f"{r['flwr_hpc_over_flower_completed_rounds']:.3f}")]
     if "flower_round_s" in r:
         rows += [("Flower round (s)", f"{r['flower_round_s']:.3f}"),
                  ("flwr-hpc / Flower", f"{r['flwr_hpc_over_flower']:.3f}"),

@@ -281,26 +281,27 @@ def inflate_message(root_id: str, read: Callable[[str], bytes], *,
                     cache: ArrayCache | None = None) -> Message:
     """Rebuild a ``Message`` from its verified objects and restore its message id.
 
-    Arrays are assembled here (each chunk body joined once into the array's data) and, with
-    a ``cache``, taken from it without reading their chunks at all."""
-    cached = (lambda oid, kind: kind == "Array" and oid in cache) if cache else None
-    contents = collect_tree(root_id, read, skip=cached)
+    Arrays are assembled here, one at a time: an array's chunks are read, their bodies
+    joined once into the array's data, and let go before the next array's (so a reply
+    costs its arrays plus one array's chunks in memory, not twice its size). With a
+    ``cache``, an array assembled before is taken from it and its chunks are not read."""
+    contents = collect_tree(root_id, read, skip=lambda _oid, kind: kind == "Array")
     arrays: dict[str, Array] = {}
-    for oid, content in list(contents.items()):
-        if get_object_head_values_from_object_content(content)[0] != "Array":
+    for oid, content in contents.items():
+        if not content.startswith(b"Array "):
             continue
         meta, chunk_ids = _array_head(oid, content)
         data = cache.get(oid) if cache is not None else None
-        if data is None:  # (a cached array may have been evicted since: read it now)
-            for cid in chunk_ids:
-                if cid not in contents:
-                    contents[cid] = read(check_object_id(cid))
-            data = b"".join([_chunk_body(cid, contents[cid]) for cid in chunk_ids])
+        if data is None:
+            chunks = {}
+            for cid in dict.fromkeys(chunk_ids):  # a repeated chunk is read once
+                chunks[cid] = read(check_object_id(cid))
+                validate_object_content(chunks[cid])
+            data = b"".join([_chunk_body(cid, chunks[cid]) for cid in chunk_ids])
+            del chunks
             if cache is not None:
                 cache.put(oid, data)
         arrays[oid] = _new_array(meta, data)
-    for oid in [oid for oid, c in contents.items() if c.startswith(b"ArrayChunk ")]:
-        del contents[oid]  # their bytes now live in the arrays
     message = inflate_object_from_contents(root_id, contents, keep_object_contents=False,
                                            objects=arrays)
     if not isinstance(message, Message):

@@ -1,6 +1,7 @@
 """R rounds of FedAvg over S MB of float32 arrays; writes per-round times and peak RSS."""
 
 import json
+import os
 import resource
 import time
 
@@ -35,6 +36,12 @@ def main(grid: Grid, context: Context) -> None:
 
     def tick(server_round, arrays):
         marks.append(time.perf_counter())
+        if cfg["result-file"]:  # the rounds so far, in case the run dies before the end
+            progress = f"{cfg['result-file']}.rounds"
+            done = [b - a for a, b in zip(marks[1:], marks[2:], strict=False)]
+            with open(progress + ".tmp", "w") as fh:
+                json.dump({"round_s": done}, fh)
+            os.replace(progress + ".tmp", progress)
 
     strategy.start(grid=grid, initial_arrays=model(size_mb), num_rounds=rounds,
                    timeout=float(cfg["timeout-s"]), evaluate_fn=tick)
