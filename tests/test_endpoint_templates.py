@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from flwr_hpc._proc import large_buffer_env
 from flwr_hpc.config import load_federation
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "endpoints"
+# the site workers reuse payload buffers as local ones do (flwr_hpc._proc)
+_TUNABLES = large_buffer_env({})["GLIBC_TUNABLES"]
 EXPECTED = {  # facility -> (provider, mpi launcher)
     "polaris": ("PBSProProvider", "mpiexec"),
     "aurora": ("PBSProProvider", "mpiexec"),
@@ -30,6 +33,7 @@ def test_endpoint_config_loads_with_the_endpoint_loader(facility):
         assert type(engine.provider).__name__ == provider
         assert engine.executor.mpi_launcher == launcher
         assert engine.provider.walltime == "01:00:00"
+        assert f"export GLIBC_TUNABLES={_TUNABLES}" in engine.provider.worker_init
     finally:
         engine.shutdown()
 
@@ -83,6 +87,7 @@ def test_multi_user_templates_consume_the_federation_user_endpoint_config(facili
             if key in options:
                 assert getattr(engine.provider, key) == options[key]
         assert 'flwr-env"/bin/activate' in engine.provider.worker_init  # shell-quoted
+        assert f"export GLIBC_TUNABLES={_TUNABLES}" in engine.provider.worker_init
     finally:
         engine.shutdown()
 

@@ -6,7 +6,6 @@ test_payload.py, test_globus_compute.py and test_globus_transfer.py)."""
 from __future__ import annotations
 
 import errno
-import os
 
 import fault_workers
 import numpy as np
@@ -64,15 +63,32 @@ def test_an_offline_endpoint_sits_out_a_round_and_rejoins(cloud, grid_factory, m
 def test_disk_full_while_staging_fails_that_site_only_and_leaves_no_partial_object(
         grid_factory, monkeypatch):
     grid = grid_factory(fed_of({"a": 1, "full": 1}, engine="thread-pool"))
+    from flwr_hpc.payload import store as store_module
+
     full_root = str(grid.sites["full"].store.root)
-    real_fsync = os.fsync
+    real_open = open
 
-    def fsync(fd):
-        if os.readlink(f"/proc/self/fd/{fd}").startswith(full_root):
+    class FullDisk:
+        """A file on a full disk: the first write gets 100 bytes out, then ENOSPC."""
+
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, data):
+            self.fh.write(bytes(memoryview(data).cast("B")[:100]))
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_fsync(fd)
 
-    monkeypatch.setattr(os, "fsync", fsync)
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    def full_open(path, *args, **kwargs):
+        fh = real_open(path, *args, **kwargs)
+        return FullDisk(fh) if str(path).startswith(full_root) else fh
+
+    monkeypatch.setattr(store_module, "open", full_open, raising=False)
     replies = list(grid.send_and_receive(train_messages(grid, 1), timeout=60))
     by_site = {grid._nodes[r.metadata.src_node_id].site: r for r in replies}
     assert not by_site["a"].has_error()
@@ -80,7 +96,7 @@ def test_disk_full_while_staging_fails_that_site_only_and_leaves_no_partial_obje
     assert "No space left" in by_site["full"].error.reason
     objects = grid.sites["full"].store.objects_dir
     assert [p for p in objects.rglob("*") if p.is_file()] == []  # nothing half-written
-    monkeypatch.setattr(os, "fsync", real_fsync)  # space freed: the site is staged again
+    monkeypatch.delattr(store_module, "open")  # space freed: the site is staged again
     again = list(grid.send_and_receive(train_messages(grid, 2), timeout=60))
     assert len(again) == 2 and not any(r.has_error() for r in again)
     store = FilesystemStore(full_root)
