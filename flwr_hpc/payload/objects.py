@@ -200,10 +200,6 @@ class ArrayCache:
         self.nbytes = 0
         self._lock = threading.Lock()
 
-    def __contains__(self, object_id: str) -> bool:
-        with self._lock:
-            return object_id in self._data
-
     def keys(self) -> list[str]:
         with self._lock:
             return list(self._data)
