@@ -203,7 +203,7 @@ def _serverapps(home: Path) -> list[psutil.Process]:
     for p in psutil.process_iter(["cmdline", "status"]):
         cmdline = " ".join(p.info["cmdline"] or [])
         if ("flwr-serverapp" in cmdline and p.info["status"] != psutil.STATUS_ZOMBIE
-                and str(home) in " ".join(p.info["cmdline"] or []) + _environ_home(p)):
+                and (str(home) in cmdline or _environ_home(p) == str(home))):
             found.append(p)
     return found
 

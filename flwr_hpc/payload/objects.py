@@ -99,10 +99,7 @@ def check_object_id(value: object) -> str:
 
 def array_bytes(message: Message) -> int:
     """Bytes of the arrays a message carries (0 for an error message)."""
-    if message.has_error():
-        return 0
-    return sum(len(arr.data) for rec in message.content.array_records.values()
-               for arr in rec.values())
+    return sum(len(arr.data) for arr in _arrays(message))
 
 
 # ----------------------------------------------------------------------------- deflate
