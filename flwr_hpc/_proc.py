@@ -17,22 +17,32 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def die_with_parent() -> None:
-    """In a worker process: be killed when the process that started us dies (Linux
-    ``PR_SET_PDEATHSIG``), so a killed runner leaves no site workers behind."""
-    import ctypes
-    import signal
-    import sys
+def die_with_parent(parent_pid: int | None = None, poll_s: float = 0.5) -> None:
+    """In a worker process: exit when the process that started us dies, so a killed
+    runner leaves no site workers behind.
 
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        return
-    if os.getppid() == 1:  # the parent died before prctl took effect
+    ``parent_pid``: the pid of the process that starts us (``os.getpid()`` there, passed
+    as the initializer's argument), so a parent that died before this ran is noticed too.
+    A daemon thread watches the parent's pid and ends this process (``os._exit``) once
+    the parent is gone (the process is re-parented). Linux's ``PR_SET_PDEATHSIG`` is not
+    used: it fires when the *thread* that forked us exits, not the process, so a worker
+    started from a short-lived thread (Flower's legacy ``Server`` sends every round's
+    messages from a new thread pool) would be killed after every round.
+    """
+    import threading
+    import time
+
+    parent = os.getppid() if parent_pid is None else parent_pid
+    if os.getppid() != parent:  # the parent died before we got here
         os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="flwr-hpc-parent-watch", daemon=True).start()
 
 
 # glibc: allocations of at least this many bytes are mmap-ed and unmapped when freed

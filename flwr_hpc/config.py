@@ -62,6 +62,9 @@ _COMPUTE = {
     # local: an endpoint engine in-process
     "engine": Field("str", default="process-pool", choices=LOCAL_ENGINES),
     "workers": Field("int", default=1, minimum=1),
+    # before the ServerApp's first message: start the site's workers and load the
+    # ClientApp, waiting at most this long (0: no warm-up; the first round pays for it)
+    "warmup_s": Field("float", default=300.0, minimum=0.0),
     # globus: a Globus Compute endpoint
     "endpoint_id": Field("str|null", default=None),
     "resource_specification": Field("any-map", default={}),  # num_nodes, ranks_per_node, ...

@@ -7,22 +7,33 @@ Every message a strategy sends becomes one site-worker task. For each phase the 
 2. *stages* the payloads: the union of the phase's objects per site, written once per site
    (the global model crosses to a site once per round, however many clients it hosts;
    objects the site already holds are skipped), plus each node's ``Context`` and the FAB;
-3. submits all tasks of the phase at once, then returns replies as they arrive until all
-   are in or the deadline passes. A task that fails becomes a Flower ``Error`` reply; a
-   task that misses the deadline is dropped from the round and its late result discarded.
+3. submits all tasks of the phase at once, then collects replies until all are in or the
+   deadline passes. A task that fails becomes a Flower ``Error`` reply; a task that misses
+   the deadline is dropped from the round and its late result discarded.
+
+``send_and_receive`` returns a ``list``, as Flower's own grids do (Flower's workflows
+iterate the replies twice and take ``len()``), and any number of threads may call it at
+once (Flower's legacy ``Server`` sends one message per client from a thread pool): each
+call waits on its own queue and gets exactly its replies. Streaming -- replies yielded
+one at a time so a strategy holds one reply, not all of them -- is the explicit opt-in
+:meth:`HPCGrid.stream_replies` (see :class:`StreamingGrid`).
 
 Per-node ``Context`` objects live here, so ``context.state`` persists across rounds as it
-does on a SuperNode.
+does on a SuperNode: a node's Context is updated when its ClientApp finishes, whether or
+not the ServerApp ever pulls the reply, and a message to a node that is still running an
+earlier one waits for it (one message at a time per node, as on a SuperNode), so it is
+staged with the Context that message left behind.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import queue
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -96,6 +107,7 @@ class _Task:
     fetch_error: str = ""  # the site's reply transfer failed (Transfer stores)
     done_at: float | None = None  # server clock when the result was known
     steps: int | None = None  # local steps the message asks for (timing signals)
+    parts: dict[str, Parts] | None = None  # held while it waits for its node (backlog)
 
     @property
     def phase(self) -> str:
@@ -201,8 +213,12 @@ class HPCGrid(Grid):
         self._nodes = {c.node_id: c for c in federation.clients()}
         self._contexts: dict[int, Context] = {}
         self._tasks: dict[str, _Task] = {}
-        self._completed: queue.Queue[str] = queue.Queue()
-        self._lock = threading.Lock()
+        # message id -> the queue of the receive call waiting for it (one per call)
+        self._waiters: dict[str, queue.Queue[str]] = {}
+        # node id -> message id of the task it runs now; later messages wait in its backlog
+        self._busy: dict[int, str] = {}
+        self._backlog: dict[int, deque[_Task]] = defaultdict(deque)
+        self._lock = threading.RLock()
         self._closed = False
         self._cond = threading.Condition()  # notified whenever a task's result is known
         self.clock = WallClock()  # the server's clock; every timing signal is read on it
@@ -315,9 +331,52 @@ class HPCGrid(Grid):
         task = self._tasks.get(message_id)
         if task is not None and task.done_at is None:
             task.done_at = self.clock.now()
-        self._completed.put(message_id)
+        with self._lock:
+            waiter = self._waiters.get(message_id)
+        if waiter is not None:
+            waiter.put(message_id)
         with self._cond:
             self._cond.notify_all()
+        if task is not None:
+            self._release_node(task)
+
+    def _release_node(self, task: _Task) -> None:
+        """``task`` no longer occupies its node: start the node's next waiting message."""
+        nid = task.node.node_id
+        nxt: _Task | None = None
+        with self._lock:
+            if self._busy.get(nid) != task.message_id:
+                return
+            del self._busy[nid]
+            backlog = self._backlog.get(nid)
+            while backlog:
+                candidate = backlog.popleft()
+                if candidate.abandoned:  # its deadline passed while it waited
+                    self._tasks.pop(candidate.message_id, None)
+                    continue
+                nxt = candidate
+                self._busy[nid] = nxt.message_id
+                break
+            if not backlog:
+                self._backlog.pop(nid, None)
+        if nxt is not None and not self._closed:
+            self._stage_pool.submit(self._stage_and_submit, nxt)
+
+    def _stage_and_submit(self, task: _Task) -> None:
+        """Stage and submit one message that waited for its node (with the Context its
+        node's previous message left)."""
+        parts, task.parts = task.parts or {}, None
+        try:
+            self._stage_site(task.node.site, [task], parts)
+        except Exception as err:  # noqa: BLE001 - that node gets an error reply
+            log.error("staging to site '%s' failed: %s", task.node.site, err)
+            task.immediate = Message(
+                Error(ErrorCode.MESSAGE_UNAVAILABLE,
+                      f"staging to site '{task.node.site}' failed: {err}"),
+                reply_to=task.message)
+            self._mark_done(task.message_id)
+            return
+        self._submit(task)
 
     def node_context(self, node_id: int) -> Context:
         """The node's current ``Context`` (what its ClientApp will receive next)."""
@@ -389,12 +448,18 @@ class HPCGrid(Grid):
             tasks.append(task)
 
         by_site: dict[str, list[_Task]] = defaultdict(list)
-        for t in tasks:
-            if t.immediate is None:
-                by_site[t.node.site].append(t)
         with self._lock:
             for t in tasks:
                 self._tasks[t.message_id] = t
+                if t.immediate is not None:
+                    continue
+                nid = t.node.node_id
+                if nid in self._busy:  # still running an earlier message: wait for it
+                    t.parts = {oid: parts[oid] for oid in t.object_ids}
+                    self._backlog[nid].append(t)
+                else:
+                    self._busy[nid] = t.message_id
+                    by_site[t.node.site].append(t)
         for t in tasks:
             if t.immediate is not None:
                 self._mark_done(t.message_id)
@@ -436,18 +501,33 @@ class HPCGrid(Grid):
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        """Submit ``messages`` now and return the replies that arrive before ``timeout``
+        (the rest are abandoned and their late results discarded), as a list: Flower's
+        contract. Safe to call from any number of threads at once."""
+        return list(self.stream_replies(messages, timeout=timeout))
+
+    def stream_replies(
+        self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterator[Message]:
-        """Submit ``messages`` now and return an iterator that yields each reply as it
-        arrives, until all are in or ``timeout`` passes (the rest are abandoned and their
-        late results discarded). The grid keeps no reference to a yielded reply, so a
-        strategy that aggregates while iterating holds one reply at a time, not all of
-        them (see ``strategies.streaming``); ``list()`` gives Flower's usual behaviour."""
+        """:meth:`send_and_receive`, yielding each reply as it arrives. The grid keeps no
+        reference to a yielded reply, so a strategy that aggregates while iterating holds
+        one reply at a time, not all of them (``StreamingGrid`` hands this to Flower's
+        round loop). The messages are submitted at once, before the first ``next()``;
+        replies not consumed when the iterator is dropped are abandoned."""
         started = time.monotonic()
         ids = list(self.push_messages(messages))
-        return self._receive(ids, started, timeout)
+        inbox: queue.Queue[str] = queue.Queue()
+        with self._lock:  # replies known before this point are queued here, later ones
+            for mid in ids:  # by _mark_done: each exactly once per call
+                self._waiters[mid] = inbox
+                task = self._tasks.get(mid)
+                if task is not None and task.done_at is not None:
+                    inbox.put(mid)
+        return self._receive(ids, started, timeout, inbox)
 
-    def _receive(self, ids: list[str], started: float,
-                 timeout: float | None) -> Iterator[Message]:
+    def _receive(self, ids: list[str], started: float, timeout: float | None,
+                 inbox: queue.Queue[str]) -> Iterator[Message]:
         total = len(ids)
         if not total:
             return
@@ -486,7 +566,7 @@ class HPCGrid(Grid):
                 if wait <= 0:
                     break
                 try:
-                    mid = self._completed.get(timeout=wait)
+                    mid = inbox.get(timeout=wait)
                 except queue.Empty:
                     continue
                 if mid not in pending:
@@ -511,6 +591,10 @@ class HPCGrid(Grid):
                         received += 1
                         yield reply
         finally:  # also when the consumer stops early: nothing stays pending
+            with self._lock:
+                for mid in ids:
+                    if self._waiters.get(mid) is inbox:
+                        del self._waiters[mid]
             for mid in list(pending):
                 self._abandon(mid, timeout)
             self.progress.phase_finished(round_, phase, received, total,
@@ -574,20 +658,76 @@ class HPCGrid(Grid):
         for t in tasks:
             t.stage_s = elapsed
 
+    def _job(self, site: str, **fields: Any) -> dict[str, Any]:
+        rt = self.sites[site]
+        return {"v": JOB_VERSION, "run_id": self.run.run_id, "site": site,
+                "fab_hash": self.fab_hash, "store": rt.store.spec(),
+                "apps_dir": str(rt.apps_dir), **fields, **rt.job_extras}
+
+    def warm_up(self) -> dict[str, str]:
+        """Start every site's workers and load the run's ClientApp in them before the
+        ServerApp sends its first message, so that one-off cost (worker start, imports,
+        FAB install: tens of seconds on a loaded machine) is not charged to the app's
+        first timeout. One warm-up task per worker of each site (``compute.workers``);
+        waits at most ``compute.warmup_s`` per site (0: no warm-up) and goes on either
+        way: a site still starting, or failing, is reported here and by its first task.
+        Returns each site's outcome (``ok``, ``skipped``, ``still starting``, or the error).
+        """
+        outcome: dict[str, str] = {}
+        waits: dict[str, tuple[list[Future], float]] = {}
+        t0 = time.monotonic()
+        for name, rt in self.sites.items():
+            site = self.federation.site(name)
+            budget = float(site.compute.get("warmup_s", 0.0))
+            if budget <= 0 or site.compute["type"] == "sim":
+                outcome[name] = "skipped"
+                continue
+            futures: list[Future] = []
+            try:
+                if not rt.store.has(self.fab_hash):
+                    rt.store.put(self.fab_hash, self._fab_bytes)
+                flush = getattr(rt.store, "flush", None)
+                if flush is not None:
+                    flush(f"flwr-hpc run {self.run.run_id} warm-up")
+                job = self._job(name, warmup=True)
+                if isinstance(rt.store, InlineStore):
+                    job["objects"] = rt.store.bundle([self.fab_hash])
+                if rt.backend.status() == "offline":
+                    raise RuntimeError("the site's endpoint is offline")
+                for _ in range(max(1, int(site.compute.get("workers", 1)))):
+                    futures.append(rt.backend.submit(self._worker_fn, job))
+            except Exception as err:  # noqa: BLE001 - the site's tasks will say it again
+                outcome[name] = f"failed: {err}"
+                continue
+            waits[name] = (futures, t0 + budget)
+        if waits:
+            log.info("warming up %d site(s): starting workers and loading the ClientApp",
+                     len(waits))
+        for name, (futures, deadline) in waits.items():
+            errors: list[str] = []
+            for fut in futures:
+                try:
+                    res = fut.result(timeout=max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    errors.append("still starting")
+                    continue
+                except Exception as err:  # noqa: BLE001
+                    errors.append(str(err))
+                    continue
+                if not (isinstance(res, dict) and res.get("ok")):
+                    errors.append(str((res or {}).get("reason", res)))
+            outcome[name] = errors[0] if errors else "ok"
+            if errors:
+                log.warning("site '%s' warm-up: %s", name, errors[0][-500:])
+        if waits:
+            log.info("site workers warm after %.1f s (%s)", time.monotonic() - t0,
+                     ", ".join(f"{k}: {v.splitlines()[0][:60]}" for k, v in outcome.items()))
+        return outcome
+
     def _submit(self, task: _Task) -> None:
         rt = self.sites[task.node.site]
-        job = {
-            "v": JOB_VERSION,
-            "run_id": self.run.run_id,
-            "node_id": task.node.node_id,
-            "site": task.node.site,
-            "message_id": task.message_id,
-            "context_id": task.context_id,
-            "fab_hash": self.fab_hash,
-            "store": rt.store.spec(),
-            "apps_dir": str(rt.apps_dir),
-            **rt.job_extras,
-        }
+        job = self._job(task.node.site, node_id=task.node.node_id,
+                        message_id=task.message_id, context_id=task.context_id)
         task.submitted_at = self.clock.now()
         try:
             if isinstance(rt.store, InlineStore):
@@ -625,7 +765,41 @@ class HPCGrid(Grid):
                      task.node.node_id, task.node.site, task.round, task.phase)
             self._record(task, "late-discarded", result=self._safe_result(task))
             return
+        if task is not None:
+            self._update_context(task)
         self._mark_done(message_id)
+
+    def _update_context(self, task: _Task) -> None:
+        """The node's Context as its ClientApp left it, kept as soon as the task finishes
+        (as a SuperNode does), whether or not the ServerApp ever pulls the reply. The
+        node runs one message at a time, so updates arrive in order. A late result (its
+        node was dropped from the round) leaves the Context as it was."""
+        result = self._safe_result(task)
+        if not isinstance(result, dict) or not result.get("ok") or not result.get(
+                "context_id") or result.get("message_id") != task.message_id:
+            return
+        context_id = str(result["context_id"])
+        try:
+            inline = result.get("context")
+            if inline is not None:
+                data = base64.b64decode(inline)
+                if sha256_hex(data) != context_id:
+                    raise FlwrHpcError(f"the Context returned inline does not match its "
+                                       f"sha256 {context_id[:16]}…")
+            else:
+                store = self.sites[task.node.site].store
+                if isinstance(store, InlineStore) and result.get("objects"):
+                    store.ingest(result["objects"])
+                elif self._fetches(task.node.site):
+                    store.fetch([context_id], self._label(task))
+                data = store.get(context_id)
+            context = context_from_bytes(data)
+        except Exception as err:  # noqa: BLE001 - the node keeps its previous Context
+            log.error("node %s (site %s): could not read the Context its ClientApp "
+                      "returned (%s); the node keeps its previous Context",
+                      task.node.node_id, task.node.site, err)
+            return
+        self._contexts[task.node.node_id] = context
 
     def _abandon(self, message_id: str, timeout: float | None) -> None:
         with self._lock:
@@ -633,6 +807,7 @@ class HPCGrid(Grid):
             if task is None:
                 return
             task.abandoned = True
+        self._release_node(task)  # a dropped message no longer holds its node
         if timeout is None:  # the grid is closing (end of run): not a missed deadline
             log.info("node %s (site %s) still had round %s (%s) in flight at the end of the "
                      "run; its result will be discarded", task.node.node_id, task.node.site,
@@ -714,8 +889,6 @@ class HPCGrid(Grid):
                     f"{md.reply_to_message_id[:16]}… from node {md.src_node_id}, not "
                     f"{task.message_id[:16]}… from node {task.node.node_id}"
                 )
-            if result.get("context_id"):
-                self._contexts[task.node.node_id] = context_from_bytes(read(result["context_id"]))
         except Exception as err:  # noqa: BLE001 - corrupted/mismatched replies are never used
             log.error("rejected reply of node %s (site %s): %s",
                       task.node.node_id, task.node.site, err)

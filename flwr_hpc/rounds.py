@@ -197,6 +197,7 @@ def start(strategy: Any, grid: Any, initial_arrays: Any, num_rounds: int = 3,
     one, rounds are screened but not checkpointed. With ``time_budget_s`` no round starts
     once that many seconds have passed on the grid's clock (virtual under the simulator)
     since this call: the round that crosses the budget is the last one."""
+    from flwr_hpc.streaming_grid import StreamingGrid
     from flwr_hpc.timing import clock_of, transport_of
 
     clock = clock_of(grid)
@@ -247,9 +248,12 @@ def start(strategy: Any, grid: Any, initial_arrays: Any, num_rounds: int = 3,
             raise _BudgetSpent
         return res
 
+    # a streaming strategy is handed the replies one at a time (the grid's opt-in);
+    # every other strategy gets Flower's list
+    loop_grid = StreamingGrid(grid) if getattr(strategy, "streaming", False) else grid
     try:
         result = _guarded(strategy, offset).start(
-            grid=grid, initial_arrays=arrays, num_rounds=num_rounds - offset,
+            grid=loop_grid, initial_arrays=arrays, num_rounds=num_rounds - offset,
             timeout=timeout, train_config=train_config, evaluate_config=evaluate_config,
             evaluate_fn=round_done)
     except _BudgetSpent:

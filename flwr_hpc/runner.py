@@ -19,12 +19,15 @@ finds the checkpoint and continues after the last completed round.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
 import random
 import signal
 import sys
+import threading
 import traceback
 from datetime import UTC, datetime
 from pathlib import Path
@@ -167,6 +170,56 @@ def _setup_logging(run_dir: Path, console: bool) -> logging.Handler:
     return handler
 
 
+class _AppOutput(io.TextIOBase):
+    """The ServerApp's stdout/stderr: each line goes to the run's log file as written
+    (what ``flwr log`` / ``--stream`` show, as Flower copies a ServerApp's output into
+    its run log) and on to the original stream."""
+
+    def __init__(self, handler: logging.FileHandler, passthrough: Any) -> None:
+        self._handler = handler
+        self._passthrough = passthrough
+        self._partial = ""
+        self._lock = threading.Lock()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self._partial += text
+            *lines, self._partial = self._partial.split("\n")
+            if lines:
+                self._emit("".join(f"{line}\n" for line in lines))
+        try:
+            self._passthrough.write(text)
+        except (OSError, ValueError):  # a closed console must not fail the app
+            pass
+        return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._passthrough.flush()
+        except (OSError, ValueError):
+            pass
+
+    def flush_line(self) -> None:
+        """Write a last line that has no newline."""
+        with self._lock:
+            if self._partial:
+                self._emit(self._partial + "\n")
+                self._partial = ""
+
+    def _emit(self, text: str) -> None:
+        self._handler.acquire()
+        try:
+            stream = self._handler.stream
+            if stream is not None:
+                stream.write(text)
+                stream.flush()
+        finally:
+            self._handler.release()
+
+
 def execute_run(run_dir: Path, *, progress: Progress | None = None, console: bool = False) -> str:
     """Run the ServerApp of ``run_dir`` to the end; return the final status text."""
     from flwr.app import Context, RecordDict
@@ -216,10 +269,18 @@ def execute_run(run_dir: Path, *, progress: Progress | None = None, console: boo
         grid.set_run(run)
         context = Context(run_id=run_id, node_id=SUPERLINK_NODE_ID, node_config={},
                           state=RecordDict(), run_config=run_config)
+        grid.warm_up()  # before the app's clock starts: its first timeout is the app's
         update_status(run_dir, status="running", running_at=now_iso())
         os.environ[ENV_RUN_DIR] = str(run_dir)
-        run_serverapp(grid=grid, context=context, server_app_dir=str(app_dir),
-                      server_app_attr=server_app_attr)
+        # the ServerApp's own print()s belong to the run's log, as under Flower
+        out, err = _AppOutput(handler, sys.stdout), _AppOutput(handler, sys.stderr)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                run_serverapp(grid=grid, context=context, server_app_dir=str(app_dir),
+                              server_app_attr=server_app_attr)
+        finally:
+            out.flush_line()
+            err.flush_line()
         log.info("run %s finished; tasks: %s", run_id, run_dir / "tasks.jsonl")
     except (RunStopped, KeyboardInterrupt):
         sub_status, details = "stopped", "stopped by request"

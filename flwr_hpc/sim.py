@@ -102,9 +102,9 @@ class SimSiteBackend(ComputeBackend):
 
 class VirtualTimeGrid(HPCGrid):
     """An :class:`HPCGrid` over simulated sites: replies arrive in virtual-time order and
-    every deadline (``send_and_receive``'s ``timeout``, ``wait_any``'s ``until``) is
-    virtual. The real tasks run as soon as they are submitted; the grid waits for the real
-    result of the task that is due next on the virtual clock."""
+    every deadline (the ``timeout`` of ``send_and_receive`` and ``stream_replies``,
+    ``wait_any``'s ``until``) is virtual. The real tasks run as soon as they are submitted;
+    the grid waits for the real result of the task that is due next on the virtual clock."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -178,8 +178,8 @@ class VirtualTimeGrid(HPCGrid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return super().pull_messages([m for m in message_ids if self._is_due(m)])
 
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterator[Message]:
+    def stream_replies(self, messages: Iterable[Message], *,
+                       timeout: float | None = None) -> Iterator[Message]:
         ids = list(self.push_messages(messages))
         until = None if timeout is None else self.clock.now() + timeout
         return self._receive_virtual(ids, until, timeout)

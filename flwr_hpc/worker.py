@@ -16,6 +16,7 @@ argument and return value are plain JSON. For each task it:
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import os
 import random
@@ -43,6 +44,9 @@ from flwr_hpc.payload.objects import (
 from flwr_hpc.payload.store import open_store
 
 JOB_VERSION = 1
+# A Context up to this size also travels back inside the task result (base64), so the
+# server updates the node's Context as soon as the task ends, with no store round trip.
+INLINE_CONTEXT_BYTES = 1 << 20
 # Set by a site's admin in the endpoint's environment (e.g. its worker_init): the FABs this
 # site runs, as sha256 hashes and/or "publisher/*" or "publisher/name" entries, separated by
 # commas or spaces. Unset: any FAB the server sends. The server cannot change it.
@@ -151,12 +155,32 @@ def run_task(job: dict[str, Any]) -> dict[str, Any]:
                         f"(expects v{JOB_VERSION}); install the same flwr-hpc version at "
                         "the server and the site", started_at)
     _limit_threads(job.get("threads"))
+    if job.get("warmup"):
+        return warm_up(job, started_at)
     launcher = job.get("launcher") or {}
     if launcher.get("type", "none") != "none":
         from flwr_hpc.launch import run_launched
 
         return run_launched(job, started_at)
     return execute(job, started_at, primary=True)
+
+
+def warm_up(job: dict[str, Any], started_at: float) -> dict[str, Any]:
+    """A warm-up task (``job["warmup"]``): load the run's ClientApp into this worker
+    process (install the FAB, import the app and what it imports) and return, so the
+    ServerApp's first message finds a warm worker. Runs through ``run_task`` so a site's
+    function allow-list needs nothing new."""
+    try:
+        store = task_store(job)
+        fab_hash = check_object_id(job["fab_hash"])
+        load_client_app(fab_hash, lambda: store.get(fab_hash), Path(job["apps_dir"]),
+                        site=str(job.get("site", "")))
+    except Exception as err:  # noqa: BLE001 - reported to the server, which goes on
+        return _failure(job, ErrorCode.LOAD_CLIENT_APP_EXCEPTION,
+                        f"could not load the ClientApp: {type(err).__name__}: {err}",
+                        started_at)
+    return {"ok": True, "warmup": True, "pid": os.getpid(), "started_at": started_at,
+            "finished_at": time.time()}
 
 
 def _limit_threads(threads: int | None) -> None:
@@ -244,6 +268,9 @@ def execute(job: dict[str, Any], started_at: float, *, primary: bool) -> dict[st
         store.put(ctx_id, ctx_bytes, trusted=True)
         result["context_id"] = ctx_id
         written.append(ctx_id)
+        if len(ctx_bytes) <= INLINE_CONTEXT_BYTES and not isinstance(store, InlineSiteStore):
+            # the server keeps the node's Context when the task ends, without a fetch
+            result["context"] = base64.b64encode(ctx_bytes).decode("ascii")
     # every object the server must read, so a Transfer store fetches them in one task
     result["object_ids"] = written
     if isinstance(store, InlineSiteStore):  # the reply travels back in the result

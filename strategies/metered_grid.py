@@ -64,11 +64,19 @@ class MeteredGrid(Grid):
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterator[Message]:
-        """Replies pass through one by one, as the wrapped grid yields them."""
+                         timeout: float | None = None) -> list[Message]:
+        """All replies at once, as a list (Flower's contract)."""
+        return list(self.stream_replies(messages, timeout=timeout))
+
+    def stream_replies(self, messages: Iterable[Message], *,
+                       timeout: float | None = None) -> Iterator[Message]:
+        """Replies pass through one by one, as the wrapped grid yields them (the
+        wrapped grid's ``stream_replies``; its ``send_and_receive`` on other grids)."""
         messages = list(messages)
         self._count("sent", messages)
-        replies = self.grid.send_and_receive(messages, timeout=timeout)
+        stream = getattr(self.grid, "stream_replies", None)
+        replies = (stream(messages, timeout=timeout) if stream is not None
+                   else self.grid.send_and_receive(messages, timeout=timeout))
 
         def counted() -> Iterator[Message]:
             for reply in replies:

@@ -52,6 +52,7 @@ def _make_engine(engine: str, workers: int, run_dir: Path):
             max_workers=workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=die_with_parent,
+            initargs=(os.getpid(),),
             allowed_serializers=allowed,
         )
     if engine == "thread-pool":

@@ -43,6 +43,10 @@ def main(grid: Grid, context: Context) -> None:
                 json.dump({"round_s": done}, fh)
             os.replace(progress + ".tmp", progress)
 
+    if bool(cfg["streaming"]):  # replies one at a time: the grid's explicit opt-in
+        from flwr_hpc.streaming_grid import StreamingGrid
+
+        grid = StreamingGrid(grid)
     strategy.start(grid=grid, initial_arrays=model(size_mb), num_rounds=rounds,
                    timeout=float(cfg["timeout-s"]), evaluate_fn=tick)
     round_s = [b - a for a, b in zip(marks[1:], marks[2:], strict=False)]  # [1]: round 0
