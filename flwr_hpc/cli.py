@@ -236,7 +236,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from flwr.cli.build import build_fab_from_disk
-    from flwr.common.config import parse_config_args
 
     from flwr_hpc.runner import prepare_run
 
@@ -244,27 +243,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not (app / "pyproject.toml").exists():
         print(f"error: {app} is not a Flower app (no pyproject.toml)", file=sys.stderr)
         return 2
+    run_config = run_config_of(args.run_config)
     federation = _load_federation(args.overrides, args.config_dir)
     fab = build_fab_from_disk(app)
-    run_dir = prepare_run(fab, parse_config_args(args.run_config), federation)
+    run_dir = prepare_run(fab, run_config, federation)
     print(f"run {run_dir.name}: run directory {run_dir}", flush=True)
     return _run_in_foreground(run_dir)
 
 
 def _run_in_foreground(run_dir: Path) -> int:
     """Execute (or resume) ``run_dir`` here with progress; SIGTERM stops it cleanly."""
-    from flwr_hpc.runner import execute_run
+    from flwr_hpc.runner import execute_run, exit_within_grace, request_stop
     from flwr_hpc.telemetry import Progress, RichProgress
 
     progress = RichProgress() if sys.stderr.isatty() else Progress()
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # SIGTERM and Ctrl-C stop the run: every waiting call wakes, workers are stopped,
+    # and the process ends within the runner's grace period whatever the app does
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
     try:
         status = execute_run(run_dir, progress=progress, console=True)
     finally:
         if isinstance(progress, RichProgress):
             progress.stop()
-    print(f"run {run_dir.name}: {status}; tasks in {run_dir / 'tasks.jsonl'}")
-    return 0 if status == "finished:completed" else 1
+    print(f"run {run_dir.name}: {status}; tasks in {run_dir / 'tasks.jsonl'}", flush=True)
+    rc = 0 if status == "finished:completed" else (130 if status.endswith("stopped") else 1)
+    exit_within_grace(rc)
+    return rc
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -457,8 +462,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """argparse, with Hydra overrides accepted anywhere after the command (``flwr-hpc run
+    APP -c k=v federation=x``): argparse alone takes positionals only before options."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def run_config_of(pairs: list[str]) -> dict[str, Any]:
+    """``-c KEY=VALUE`` pairs as Flower parses them (TOML values: strings in quotes),
+    with an error that names the bad pair instead of a traceback."""
+    from flwr.common.config import parse_config_args
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        try:
+            out.update(parse_config_args([pair]))
+        except Exception:  # noqa: BLE001 - click's error, or TOML's
+            key, _, value = pair.partition("=")
+            hint = (f" (a string needs quotes: -c '{key}=\"{value}\"')"
+                    if value and not value.startswith(('"', "'")) else "")
+            raise ConfigError("-c", pair, "not a KEY=VALUE pair with a TOML value (bool, "
+                              f"int, float or quoted string){hint}") from None
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     handlers = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "run": cmd_run,
                 "sites": cmd_sites, "resume": cmd_resume, "bench": cmd_bench}
     try:

@@ -220,6 +220,7 @@ class HPCGrid(Grid):
         self._backlog: dict[int, deque[_Task]] = defaultdict(deque)
         self._lock = threading.RLock()
         self._closed = False
+        self._interrupted = threading.Event()  # the run is stopping: every wait ends
         self._cond = threading.Condition()  # notified whenever a task's result is known
         self.clock = WallClock()  # the server's clock; every timing signal is read on it
         self.timings = SiteTimings()  # per-site history for scheduler-aware strategies
@@ -316,7 +317,7 @@ class HPCGrid(Grid):
                 live = {m: t for m in ids
                         if (t := self._tasks.get(m)) is not None and not t.abandoned}
                 ready = [m for m, t in live.items() if self._is_ready(t)]
-                if ready or not live:
+                if ready or not live or self._interrupted.is_set() or self._closed:
                     return ready
                 wait = None if until is None else until - self.clock.now()
                 if wait is not None and wait <= 0:
@@ -408,9 +409,15 @@ class HPCGrid(Grid):
             ctx.run_id = self.run.run_id
             self._contexts[int(nid)] = ctx
 
+    def interrupt(self) -> None:
+        """The run is stopping (safe from a signal handler): every call waiting for
+        replies returns what it has within a second, and no new message is accepted."""
+        self._interrupted.set()
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        if self._closed:
-            raise RuntimeError("HPCGrid is closed")
+        if self._closed or self._interrupted.is_set():
+            raise RuntimeError("HPCGrid is closed" if self._closed else
+                               "the run is stopping; no new messages")
         run_id = self.run.run_id
         messages = list(messages)
         for msg in messages:
@@ -563,7 +570,7 @@ class HPCGrid(Grid):
         try:
             while pending:
                 wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
-                if wait <= 0:
+                if wait <= 0 or self._interrupted.is_set() or self._closed:
                     break
                 try:
                     mid = inbox.get(timeout=wait)
@@ -595,8 +602,9 @@ class HPCGrid(Grid):
                 for mid in ids:
                     if self._waiters.get(mid) is inbox:
                         del self._waiters[mid]
+            stopping = self._interrupted.is_set() or self._closed
             for mid in list(pending):
-                self._abandon(mid, timeout)
+                self._abandon(mid, None if stopping else timeout, stopping=stopping)
             self.progress.phase_finished(round_, phase, received, total,
                                          time.monotonic() - started)
 
@@ -801,13 +809,22 @@ class HPCGrid(Grid):
             return
         self._contexts[task.node.node_id] = context
 
-    def _abandon(self, message_id: str, timeout: float | None) -> None:
+    def _abandon(self, message_id: str, timeout: float | None, *,
+                 stopping: bool = False) -> None:
         with self._lock:
             task = self._tasks.get(message_id)
             if task is None:
                 return
             task.abandoned = True
         self._release_node(task)  # a dropped message no longer holds its node
+        if timeout is None and self._is_ready(task):  # finished, never pulled by the app
+            self._record(task, "not-pulled", result=self._safe_result(task))
+            return
+        if stopping:  # the run was asked to stop: not a missed deadline either
+            log.info("node %s (site %s): round %s (%s) abandoned, the run is stopping",
+                     task.node.node_id, task.node.site, task.round, task.phase)
+            self._record(task, "stopped")
+            return
         if timeout is None:  # the grid is closing (end of run): not a missed deadline
             log.info("node %s (site %s) still had round %s (%s) in flight at the end of the "
                      "run; its result will be discarded", task.node.node_id, task.node.site,
@@ -928,6 +945,10 @@ class HPCGrid(Grid):
             "clock": "virtual" if self.clock.virtual else "server",
             "ranks": (result or {}).get("ranks", 1),
             "launcher": (result or {}).get("launcher", "none"),
+            # the site worker process that ran it and its ClientApp load time: a warm
+            # worker keeps its pid across rounds and loads in milliseconds
+            "worker_pid": (result or {}).get("pid"),
+            "load_s": _r6((result or {}).get("load_s")),
             "submitted_at": task.submitted_at,
             "error": (error or None) and str(error)[-1000:],
         })

@@ -45,8 +45,49 @@ LOG_FORMAT = "%(levelname)-8s %(message)s"
 ENV_RUN_DIR = "FLWR_HPC_RUN_DIR"
 
 
-class RunStopped(Exception):
-    """Raised in the runner's main thread when the run is asked to stop (SIGTERM)."""
+class RunStopped(BaseException):
+    """Raised in the runner's main thread when the run is asked to stop (SIGTERM/SIGINT).
+    A ``BaseException``, like ``KeyboardInterrupt``: an app's ``except Exception`` must
+    not swallow a stop."""
+
+
+# After a stop request the run has this long to end by itself (its grid wakes every
+# waiting call, the ServerApp unwinds, site workers are stopped); then the runner stops
+# its workers and exits regardless.
+STOP_GRACE_S = 20.0
+_ACTIVE: dict[str, Any] = {}  # the run this process executes now: its grid and run dir
+
+
+def request_stop(signum: int | None = None, frame: Any = None) -> None:
+    """Signal handler (SIGTERM, SIGINT): stop the run this process executes. Wakes every
+    thread waiting on the grid (Flower's legacy Server waits in a thread pool that the
+    main thread joins), raises :class:`RunStopped` in the main thread, and arms a
+    watchdog that ends the process after :data:`STOP_GRACE_S`."""
+    grid = _ACTIVE.get("grid")
+    if grid is not None:
+        grid.interrupt()
+    if "watchdog" not in _ACTIVE:
+        watchdog = threading.Timer(STOP_GRACE_S, _force_stop)
+        watchdog.daemon = True
+        watchdog.start()
+        _ACTIVE["watchdog"] = watchdog
+    raise RunStopped()
+
+
+def _force_stop() -> None:
+    """The run did not end within the grace period: stop its workers, record it, exit."""
+    grid, run_dir = _ACTIVE.get("grid"), _ACTIVE.get("run_dir")
+    log.error("run did not stop within %.0f s of the request; stopping its site workers "
+              "and exiting", STOP_GRACE_S)
+    try:
+        if grid is not None:
+            grid.close()
+    finally:
+        if run_dir is not None:
+            update_status(run_dir, status="finished", sub_status="stopped",
+                          details="stopped by request (forced after the grace period)",
+                          finished_at=now_iso())
+        os._exit(1)
 
 
 def now_iso() -> str:
@@ -261,6 +302,7 @@ def execute_run(run_dir: Path, *, progress: Progress | None = None, console: boo
             log.info("run %s resumes after round %d (its last checkpoint)", run_id, done)
         grid = HPCGrid.from_federation(federation, fab_bytes, run_dir=run_dir, flwr_home=home,
                                        run_config=run_config, progress=progress)
+        _ACTIVE.update(grid=grid, run_dir=run_dir)
         run = Run.create_empty(run_id)
         run.fab_id, run.fab_version, run.fab_hash = (
             spec["fab_id"], spec["fab_version"], spec["fab_hash"])
@@ -290,8 +332,15 @@ def execute_run(run_dir: Path, *, progress: Progress | None = None, console: boo
         details = f"{type(err).__name__}: {err}"
         log.error("run %s failed: %s\n%s", run_id, details, traceback.format_exc())
     finally:
+        _ACTIVE.pop("grid", None)
         if grid is not None:
             grid.close()
+        if (watchdog := _ACTIVE.pop("watchdog", None)) is not None:
+            watchdog.cancel()  # the run ended in time; see exit_within_grace for the rest
+        # a runner may run several runs in one process (tests, resume): the next one must
+        # not find this run's directory as its own
+        if os.environ.get(ENV_RUN_DIR) == str(run_dir):
+            del os.environ[ENV_RUN_DIR]
         update_status(run_dir, status="finished", sub_status=sub_status, details=details,
                       finished_at=now_iso())
         handler.close()
@@ -300,18 +349,26 @@ def execute_run(run_dir: Path, *, progress: Progress | None = None, console: boo
     return f"finished:{sub_status}"
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise RunStopped()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m flwr_hpc.runner RUN_DIR", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
     status = execute_run(Path(args[0]))
-    return 0 if status == "finished:completed" else 1
+    rc = 0 if status == "finished:completed" else 1
+    exit_within_grace(rc)
+    return rc
+
+
+def exit_within_grace(rc: int) -> None:
+    """Before a runner process exits: threads the ServerApp left behind (never joined,
+    e.g. after a stop) must not keep it alive; past the grace period it exits anyway."""
+    timer = threading.Timer(STOP_GRACE_S, lambda: (sys.stdout.flush(), sys.stderr.flush(),
+                                                   os._exit(rc)))
+    timer.daemon = True
+    timer.start()
 
 
 if __name__ == "__main__":

@@ -171,6 +171,8 @@ class VirtualTimeGrid(HPCGrid):
         with self._cond:
             for _, mid in due:
                 while not self._is_ready(self._tasks[mid]):
+                    if self._interrupted.is_set() or self._closed:
+                        return []
                     self._cond.wait(timeout=1.0)
         self.clock.advance_to(nxt)
         return [m for _, m in due]

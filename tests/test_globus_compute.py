@@ -255,6 +255,20 @@ def test_sites_check_probes_each_site_through_the_fake_cloud(cloud, flwr_home, c
     assert not checks["aurora"].ok and "offline" in checks["aurora"].error
 
 
+def _submitted_jobs(cloud) -> list[dict]:
+    """The site-worker jobs every submit to the fake service carried."""
+    from flwr_hpc.compute.base import task_serializer
+
+    serde = task_serializer()
+    jobs = []
+    for submit in cloud.submits:
+        for bufs in submit["body"]["tasks"].values():
+            for buf in bufs:
+                args_buf = serde.unpack_buffers(buf)[0]  # (args, kwargs)
+                jobs.append(serde.deserialize(args_buf)[0])
+    return jobs
+
+
 def _inline_federation(cloud, sites: dict[str, int], **payload) -> FederationConfig:
     return FederationConfig.from_dict({"name": "glob", "sites": {
         name: {"clients": n, "payload": {"type": "inline", **payload},
@@ -285,4 +299,6 @@ def test_inline_task_over_the_limit_is_refused_before_submission(cloud, run_quic
     assert tasks and all(t["outcome"] == "error:NODE_UNAVAILABLE" for t in tasks)
     assert "over the inline store's limit" in tasks[0]["error"]
     assert "payload.type: shared-fs or globus-transfer" in tasks[0]["error"]
-    assert cloud.submits == []  # nothing reached the service, no Executor was poisoned
+    # nothing but the FAB warm-up reached the service; no Executor was poisoned
+    assert _submitted_jobs(cloud) and all(job.get("warmup") and "message_id" not in job
+                                          for job in _submitted_jobs(cloud))

@@ -24,7 +24,7 @@ def _rounds_seen(reply) -> int:
 
 def test_concurrent_callers_each_get_exactly_their_replies(grid_factory):
     """Flower's legacy Server sends one message per client, each from its own thread."""
-    grid = grid_factory(fed_of({"a": 2, "b": 2}, engine="thread-pool"))
+    grid = grid_factory(fed_of({"a": 2, "b": 2}))  # process-pool
     nodes = sorted(grid.get_node_ids())
     got: dict[int, list] = {}
 
