@@ -52,10 +52,15 @@ def _read_state(home: Path) -> dict[str, Any] | None:
         return None
 
 
+# The service is on loopback: never through HTTP(S)_PROXY (a proxy would time out, or
+# connect as another user and be refused)
+_LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _health(host: str, port: int, timeout: float = 1.0) -> dict | None:
     """The /health answer of whatever HPC SuperLink listens there, or None."""
     try:
-        with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=timeout) as res:
+        with _LOOPBACK.open(f"http://{host}:{port}/health", timeout=timeout) as res:
             return json.loads(res.read() or b"{}") if res.status == 200 else None
     except (urllib.error.URLError, OSError, ValueError):
         return None
@@ -295,10 +300,15 @@ def cmd_resume(args: argparse.Namespace) -> int:
             data=json.dumps({"run_id": args.run_id}).encode(), method="POST",
             headers={"content-type": "application/json"})
         try:
-            with urllib.request.urlopen(req, timeout=30) as res:
+            with _LOOPBACK.open(req, timeout=30) as res:
                 answer = json.loads(res.read())
         except urllib.error.HTTPError as err:
-            print(f"error: {err.read().decode(errors='replace')}", file=sys.stderr)
+            body = err.read().decode(errors="replace")
+            try:
+                body = json.loads(body)["detail"]
+            except (ValueError, KeyError, TypeError):
+                pass
+            print(f"error: {body}", file=sys.stderr)
             return 1
         print(f"run {args.run_id}: resumed on the HPC SuperLink after round "
               f"{answer['after_round']}; follow it with: flwr log {args.run_id} "

@@ -38,6 +38,7 @@ from flwr.proto.control_pb2 import (  # pylint: disable=E0611
 from flwr.supercore.run import Run, RunStatus
 
 from flwr_hpc._proc import large_buffer_env, pid_alive
+from flwr_hpc.access import FAILED_TO_CREATE_RUN, RUN_ID_NOT_FOUND, check_request
 from flwr_hpc.config import FederationConfig, read_federation
 from flwr_hpc.errors import FlwrHpcError
 from flwr_hpc.payload.objects import sha256_hex
@@ -258,10 +259,28 @@ def make_handler(link: HPCSuperLink) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(body)
 
-        def _fail(self, status: int, text: str) -> None:
-            self._reply(status, text.encode(), "text/plain; charset=utf-8")
+        def _fail(self, status: int, text: str, code: int = 0) -> None:
+            """An error in Flower's format (JSON code + detail), which the CLI prints."""
+            self._reply(status, json.dumps({"code": code, "detail": text}).encode(),
+                        "application/json")
+
+        def _refused(self, method: str) -> bool:
+            """Refuse anyone but the owner, browsers, wrong content types and oversized
+            bodies before reading the body (see flwr_hpc.access)."""
+            refusal = check_request(method=method, route=self.path.rstrip("/"),
+                                    headers=self.headers, peer=self.client_address,
+                                    local=self.server.server_address[:2])
+            if refusal is None:
+                return False
+            log.warning("refused %s %s from %s: %s", method, self.path,
+                        self.client_address, refusal.detail)
+            self.close_connection = True
+            self._fail(refusal.http_status, refusal.detail, refusal.code)
+            return True
 
         def do_GET(self) -> None:  # noqa: N802
+            if self._refused("GET"):
+                return
             if self.path == "/health":
                 self._reply(200, json.dumps({
                     "status": "ok", "federation": link.federation.name,
@@ -270,6 +289,8 @@ def make_handler(link: HPCSuperLink) -> type[BaseHTTPRequestHandler]:
                 self._fail(404, "not found")
 
         def do_POST(self) -> None:  # noqa: N802
+            if self._refused("POST"):
+                return
             route = self.path.rstrip("/")
             try:
                 if route == "/hpc/resume-run":  # flwr-hpc resume (not a Flower RPC)
@@ -284,7 +305,8 @@ def make_handler(link: HPCSuperLink) -> type[BaseHTTPRequestHandler]:
                 elif route == "/v1/control/start-run":
                     req = StartRunRequest.FromString(self._body())
                     if not req.fab.content:
-                        self._fail(400, "flwr-hpc runs only local apps: the request has no FAB")
+                        self._fail(400, "flwr-hpc runs only local apps: the request has no FAB",
+                                   FAILED_TO_CREATE_RUN)
                         return
                     fab = fab_from_proto(req.fab)
                     run_id = link.start_run(fab.content, fab.hash_str,
@@ -313,7 +335,7 @@ def make_handler(link: HPCSuperLink) -> type[BaseHTTPRequestHandler]:
         def _stream_logs(self, req: StreamLogsRequest) -> None:
             run_dir = link.run_dir(req.run_id)
             if run_dir is None:
-                self._fail(404, f"run {req.run_id} not found")
+                self._fail(404, f"run {req.run_id} not found", RUN_ID_NOT_FOUND)
                 return
             self.send_response(200)
             self.send_header("content-type", PROTOBUF_STREAM)
