@@ -504,6 +504,9 @@ def run_config_of(pairs: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # everything flwr-hpc writes (run directories, FAB installs, payload stores, the
+    # service's state) is private to its owner on a shared login node
+    os.umask(0o077)
     handlers = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "run": cmd_run,
                 "sites": cmd_sites, "resume": cmd_resume, "bench": cmd_bench}
     try:

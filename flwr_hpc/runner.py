@@ -1,7 +1,7 @@
 """The runner: one process per run, executing a ServerApp over an ``HPCGrid``.
 
 It does what Flower's ``flwr-serverapp`` does, with ``HPCGrid`` instead of ``HttpGrid``:
-install the FAB (Flower's ``install_from_fab``), fuse the run config
+install the FAB (checked and installed atomically by :mod:`flwr_hpc.fab`), fuse the run config
 (``get_fused_config_from_dir``), set ``TaskIdentity``, and call
 ``flwr.server.run_serverapp.run``. Everything about a run lives in its run directory:
 
@@ -139,16 +139,21 @@ def prepare_run(
     home: Path | None = None,
     run_id: int | None = None,
 ) -> Path:
-    """Create the run directory of a new run (status ``pending``) and return it."""
-    from flwr.cli.config_utils import get_fab_metadata
+    """Create the run directory of a new run (status ``pending``) and return it, private
+    to the owner (0700). A FAB that is malformed, too large or names itself unsafely is
+    refused (:class:`~flwr_hpc.fab.FabError`) before anything is written."""
+    from flwr_hpc.fab import check_fab
 
+    info = check_fab(fab_bytes)
+    fab_id, fab_version = info.fab_id, info.version
     run_id = run_id or new_run_id()
-    run_dir = runs_dir(home) / str(run_id)
-    run_dir.mkdir(parents=True, exist_ok=False)
+    parent = runs_dir(home)
+    parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    run_dir = parent / str(run_id)
+    run_dir.mkdir(exist_ok=False, mode=0o700)
     fab_hash = sha256_hex(fab_bytes)
     (run_dir / "app.fab").write_bytes(fab_bytes)
     dump_federation(federation, run_dir / "federation.json")
-    fab_id, fab_version = get_fab_metadata(fab_bytes)
     _atomic_write_json(run_dir / "run.json", {
         "run_id": run_id,
         "fab_hash": fab_hash,
@@ -264,12 +269,12 @@ class _AppOutput(io.TextIOBase):
 def execute_run(run_dir: Path, *, progress: Progress | None = None, console: bool = False) -> str:
     """Run the ServerApp of ``run_dir`` to the end; return the final status text."""
     from flwr.app import Context, RecordDict
-    from flwr.cli.install import install_from_fab
     from flwr.common.config import get_fused_config_from_dir, get_project_config
     from flwr.server.run_serverapp import run as run_serverapp
     from flwr.supercore.run import Run, RunStatus
     from flwr.supercore.task_identity import TaskIdentity
 
+    from flwr_hpc.fab import install_fab
     from flwr_hpc.grid import HPCGrid
 
     handler = _setup_logging(run_dir, console)
@@ -287,7 +292,7 @@ def execute_run(run_dir: Path, *, progress: Progress | None = None, console: boo
             raise RuntimeError(f"{run_dir / 'app.fab'} does not match its sha256; not running it")
         federation = read_federation(run_dir / "federation.json")
         home = flwr_home()
-        app_dir = install_from_fab(fab_bytes, install_dir=home, skip_prompt=True)
+        app_dir = install_fab(fab_bytes, spec["fab_hash"], home)
         run_config = get_fused_config_from_dir(app_dir, spec["override_config"])
         server_app_attr = get_project_config(app_dir)["tool"]["flwr"]["app"]["components"][
             "serverapp"]
@@ -354,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m flwr_hpc.runner RUN_DIR", file=sys.stderr)
         return 2
+    os.umask(0o077)  # run files, stores and FAB installs are the owner's only
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     status = execute_run(Path(args[0]))

@@ -309,8 +309,13 @@ def make_handler(link: HPCSuperLink) -> type[BaseHTTPRequestHandler]:
                                    FAILED_TO_CREATE_RUN)
                         return
                     fab = fab_from_proto(req.fab)
-                    run_id = link.start_run(fab.content, fab.hash_str,
-                                            user_config_from_proto(req.override_config))
+                    try:
+                        run_id = link.start_run(fab.content, fab.hash_str,
+                                                user_config_from_proto(req.override_config))
+                    except (FlwrHpcError, ValueError) as err:  # a bad FAB: nothing written
+                        self._fail(400, f"flwr-hpc: run not started: {err}",
+                                   FAILED_TO_CREATE_RUN)
+                        return
                     self._reply(200, StartRunResponse(run_id=run_id).SerializeToString())
                 elif route == "/v1/control/list-runs":
                     req = ListRunsRequest.FromString(self._body())
@@ -395,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--federation-json", type=Path, required=True)
     parser.add_argument("--home", type=Path, required=True)
     args = parser.parse_args(argv)
+    os.umask(0o077)  # runs, FABs and stores it creates are its owner's only
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     serve(read_federation(args.federation_json), args.home, args.host, args.port)
     return 0

@@ -17,7 +17,6 @@ argument and return value are plain JSON. For each task it:
 from __future__ import annotations
 
 import base64
-import fcntl
 import os
 import random
 import sys
@@ -48,9 +47,12 @@ JOB_VERSION = 1
 # server updates the node's Context as soon as the task ends, with no store round trip.
 INLINE_CONTEXT_BYTES = 1 << 20
 # Set by a site's admin in the endpoint's environment (e.g. its worker_init): the FABs this
-# site runs, as sha256 hashes and/or "publisher/*" or "publisher/name" entries, separated by
-# commas or spaces. Unset: any FAB the server sends. The server cannot change it.
+# site runs, as sha256 hashes (and "publisher/*" or "publisher/name" entries, see below),
+# separated by commas or spaces. Unset: any FAB the server sends. The server cannot change it.
 ENV_ALLOWED_FABS = "FLWR_HPC_ALLOWED_FABS"
+# "publisher/*" and "publisher/name" entries compare names the FAB gives itself (not
+# authenticated); they admit FABs only when the site's admin also sets this to 1.
+ENV_ALLOW_BY_NAME = "FLWR_HPC_ALLOW_FABS_BY_NAME"
 
 _APP_CACHE: dict[str, Any] = {}
 
@@ -70,17 +72,9 @@ def context_from_bytes(data: bytes) -> Context:
 
 
 def _install_fab(fab_hash: str, fab_bytes: bytes, apps_dir: Path) -> Path:
-    from flwr.cli.install import install_from_fab
+    from flwr_hpc.fab import install_fab
 
-    apps_dir.mkdir(parents=True, exist_ok=True)
-    marker = apps_dir / f"{fab_hash}.installed"
-    with open(apps_dir / ".install.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # several workers of a site may start at once
-        if marker.exists():
-            return Path(marker.read_text())
-        app_dir = install_from_fab(fab_bytes, install_dir=apps_dir, skip_prompt=True)
-        marker.write_text(str(app_dir))
-        return app_dir
+    return install_fab(fab_bytes, fab_hash, apps_dir)
 
 
 def fab_refusal(fab_hash: str, fab_id: str, site: str,
@@ -90,13 +84,20 @@ def fab_refusal(fab_hash: str, fab_id: str, site: str,
     allowed = [e for e in env.get(ENV_ALLOWED_FABS, "").replace(",", " ").split() if e]
     if not allowed:
         return ""
+    if fab_hash in allowed:
+        return ""
+    # A FAB names its publisher and name itself: anyone can build a FAB claiming
+    # "myorg/app". Such entries admit FABs only where the admin says names are enough.
     publisher = fab_id.split("/", 1)[0]
-    for entry in allowed:
-        if entry == fab_hash or entry == fab_id or entry in (f"{publisher}/*", publisher):
-            return ""
-    return (f"site '{site}' does not run FAB {fab_hash[:16]}… ({fab_id}): it is not in the "
-            f"site's {ENV_ALLOWED_FABS} allow-list ({', '.join(allowed)}); ask the site's "
-            "admin to add its sha256 or its publisher")
+    by_name = [e for e in allowed if e in (fab_id, f"{publisher}/*", publisher)]
+    if by_name and env.get(ENV_ALLOW_BY_NAME, "") in ("1", "true", "yes"):
+        return ""
+    note = (f"; the entry {by_name[0]!r} matches only the name the FAB gives itself, which "
+            f"any FAB can claim, so it admits nothing unless {ENV_ALLOW_BY_NAME}=1 is set"
+            if by_name else "")
+    return (f"site '{site}' does not run FAB {fab_hash} ({fab_id}): its sha256 is not in "
+            f"the site's {ENV_ALLOWED_FABS} allow-list ({', '.join(allowed)}){note}; ask "
+            "the site's admin to add the FAB's sha256")
 
 
 def load_client_app(fab_hash: str, fab_bytes_fn, apps_dir: Path, site: str = ""):
@@ -104,11 +105,11 @@ def load_client_app(fab_hash: str, fab_bytes_fn, apps_dir: Path, site: str = "")
     The site's allow-list is checked on every task, before anything is installed or run."""
     cached = _APP_CACHE.get(fab_hash)
     if cached is None:
-        from flwr.cli.config_utils import get_fab_metadata
+        from flwr_hpc.fab import check_fab
 
         fab_bytes = fab_bytes_fn()
-        fab_id, version = get_fab_metadata(fab_bytes)
-        cached = (None, fab_id, version, fab_bytes)
+        info = check_fab(fab_bytes)  # bounded, and names checked, before anything else
+        cached = (None, info.fab_id, info.version, fab_bytes)
     app, fab_id, version, fab_bytes = cached
     refusal = fab_refusal(fab_hash, fab_id, site)
     if refusal:

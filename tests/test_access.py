@@ -185,3 +185,40 @@ def test_an_oversized_body_is_refused_before_it_is_read(service):
     assert head.startswith("HTTP/1.0 413") or head.startswith("HTTP/1.1 413"), head
     assert "over the limit" in head
     assert time.monotonic() - t0 < 5
+
+
+def test_start_run_with_a_hostile_fab_is_a_400_saying_why(service, flwr_home, quickstart_fab):
+    from flwr.common.serde import fab_to_proto
+    from flwr.proto.control_pb2 import StartRunRequest
+    from flwr.supercore.fab import Fab
+    from test_fab import with_pyproject
+
+    from flwr_hpc.payload.objects import sha256_hex
+
+    evil = with_pyproject(quickstart_fab, 'version = "1.0.0"', 'version = "../x"')
+    body = StartRunRequest(fab=fab_to_proto(Fab(sha256_hex(evil), evil, {}))
+                           ).SerializeToString()
+    status, err = _post(service, "/v1/control/start-run", body,
+                        {"content-type": "application/protobuf"})
+    assert (status, err["code"]) == (400, 14)  # ApiErrorCode.FAILED_TO_CREATE_RUN
+    assert "project.version = '../x' is not a plain name" in err["detail"]
+    assert list((flwr_home / "hpc" / "runs").iterdir()) == []
+
+
+def test_a_run_writes_only_private_files_and_only_under_flwr_home(flwr_home, tmp_path):
+    """Run directories, FAB installs and site stores are the owner's only (0700/0600), and
+    nothing lands in $HOME or the temp directory (each an empty directory here)."""
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    res = subprocess.run([str(BIN / "flwr-hpc"), "run", str(APP_DIR)], capture_output=True,
+                         text=True, timeout=300, stdin=subprocess.DEVNULL,
+                         env={**os.environ, "HOME": str(home), "TMPDIR": str(tmp)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert list(home.iterdir()) == [] and list(tmp.iterdir()) == []
+    written = [p for p in flwr_home.rglob("*") if p.name != "config.toml"]
+    assert any(p.name == "app.fab" for p in written)
+    assert any(p.parent.name == "apps" and p.is_dir() for p in written)  # FAB installs
+    assert any("sites" in p.parts for p in written)  # site stores
+    shared = [p for p in written if p.stat().st_mode & 0o077]
+    assert shared == []

@@ -181,8 +181,11 @@ def test_a_restricted_site_refuses_an_unlisted_fab(grid_factory, monkeypatch,
     assert "does not run FAB" in reply.error.reason and fab_id in reply.error.reason
     assert "FLWR_HPC_ALLOWED_FABS" in reply.error.reason
     apps = grid.sites["a"].apps_dir
-    assert not apps.exists() or not list(apps.glob("*.installed"))  # nothing installed
-    for allowed in (sha256_hex(quickstart_fab), f"{fab_id.split('/')[0]}/*", fab_id):
+    assert not apps.exists() or not list(apps.rglob(".flwr-hpc-fab"))  # nothing installed
+    # names (which any FAB can claim) admit only where the site says names are enough
+    for allowed, by_name in ((sha256_hex(quickstart_fab), ""),
+                             (f"{fab_id.split('/')[0]}/*", "1"), (fab_id, "1")):
         monkeypatch.setenv("FLWR_HPC_ALLOWED_FABS", allowed)
+        monkeypatch.setenv("FLWR_HPC_ALLOW_FABS_BY_NAME", by_name)
         (ok,) = grid.send_and_receive(train_messages(grid, 2), timeout=60)
         assert not ok.has_error(), ok.error.reason

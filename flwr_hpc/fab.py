@@ -1,0 +1,185 @@
+"""FABs from the wire, checked before anything is built from them, and installed atomically.
+
+A FAB is code somebody else sent: the server (StartRun) and every site install it. Flower's
+installer builds the install path from the FAB's own ``publisher``, ``name`` and
+``version``, extracts into the system temp directory, and copies into place file by file (a
+crash leaves a half-written app that every later run adopts). Here, before installing:
+
+- the FAB's size, number of files, and expanded size are bounded (a 410 KB zip bomb would
+  otherwise expand to GBs), counted while extracting, not taken from the archive's headers;
+- member names must be plain relative paths (no ``..``, no absolute paths, no links);
+- ``publisher``, ``name`` and ``version`` must be plain names (``../`` in a version would
+  install outside the apps directory);
+- every file is checked against the FAB's ``.info/CONTENT`` sha256 manifest.
+
+It is extracted into a temporary directory *inside* the apps directory and renamed into
+place once complete, under a file lock (several site workers may install at once), with a
+marker holding the FAB's hash. An install without the marker is half-written and redone.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import os
+import re
+import shutil
+import stat
+import tempfile
+import tomllib
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from flwr_hpc.errors import FlwrHpcError
+
+MAX_FAB_BYTES = int(float(os.environ.get("FLWR_HPC_MAX_FAB_MB", "64")) * (1 << 20))
+MAX_FAB_EXPANDED_BYTES = int(float(os.environ.get("FLWR_HPC_MAX_FAB_EXPANDED_MB", "512"))
+                             * (1 << 20))
+MAX_FAB_FILES = 20_000
+INSTALLED_MARKER = ".flwr-hpc-fab"  # holds the FAB's sha256 once the install is complete
+
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+!_-]{0,63}$")
+
+
+class FabError(FlwrHpcError):
+    """A FAB that is malformed, too large, or names itself unsafely."""
+
+
+@dataclass(frozen=True)
+class FabInfo:
+    publisher: str
+    name: str
+    version: str
+
+    @property
+    def fab_id(self) -> str:
+        return f"{self.publisher}/{self.name}"
+
+
+def _check_member(info: zipfile.ZipInfo) -> None:
+    path = PurePosixPath(info.filename)
+    mode = (info.external_attr >> 16) & 0o170000
+    if (info.filename.startswith("/") or "\\" in info.filename or ".." in path.parts
+            or ":" in info.filename or "\0" in info.filename):
+        raise FabError(f"FAB member {info.filename!r} is not a plain relative path")
+    if mode and mode not in (stat.S_IFREG, stat.S_IFDIR):
+        raise FabError(f"FAB member {info.filename!r} is not a regular file (links and "
+                       "devices are refused)")
+
+
+def check_fab(fab_bytes: bytes) -> FabInfo:
+    """The FAB's publisher, name and version, after checking its size, members and names.
+    Raises :class:`FabError` saying what is wrong."""
+    if len(fab_bytes) > MAX_FAB_BYTES:
+        raise FabError(f"the FAB is {len(fab_bytes):,} bytes, over the limit of "
+                       f"{MAX_FAB_BYTES:,} (FLWR_HPC_MAX_FAB_MB)")
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(fab_bytes))
+    except zipfile.BadZipFile as err:
+        raise FabError(f"the FAB is not a zip archive: {err}") from None
+    with zf:
+        members = zf.infolist()
+        if len(members) > MAX_FAB_FILES:
+            raise FabError(f"the FAB has {len(members):,} files, over the limit of "
+                           f"{MAX_FAB_FILES:,}")
+        for info in members:
+            _check_member(info)
+        if sum(i.file_size for i in members) > MAX_FAB_EXPANDED_BYTES:
+            raise FabError(f"the FAB expands to over {MAX_FAB_EXPANDED_BYTES:,} bytes "
+                           "(FLWR_HPC_MAX_FAB_EXPANDED_MB)")
+        try:
+            with zf.open("pyproject.toml") as fh:
+                text = fh.read(1 << 20).decode()
+            project = tomllib.loads(text)
+        except KeyError:
+            raise FabError("the FAB has no pyproject.toml") from None
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError, zipfile.BadZipFile) as err:
+            raise FabError(f"the FAB's pyproject.toml cannot be read: {err}") from None
+    try:
+        publisher = str(project["tool"]["flwr"]["app"]["publisher"])
+        name = str(project["project"]["name"])
+        version = str(project["project"]["version"])
+    except (KeyError, TypeError):
+        raise FabError("the FAB's pyproject.toml lacks [project] name/version or "
+                       "[tool.flwr.app] publisher") from None
+    for key, value, pattern in (("tool.flwr.app.publisher", publisher, _PLAIN_NAME),
+                                ("project.name", name, _PLAIN_NAME),
+                                ("project.version", version, _VERSION)):
+        if not pattern.match(value) or ".." in value:
+            raise FabError(f"the FAB's pyproject.toml {key} = {value!r} is not a plain name "
+                           "(letters, digits, '.', '_', '-'; no '..' or '/')")
+    return FabInfo(publisher, name, version)
+
+
+def _extract(zf: zipfile.ZipFile, dest: Path) -> None:
+    """Extract member by member, counting the bytes actually inflated (a zip's declared
+    sizes can lie)."""
+    total = 0
+    for info in zf.infolist():
+        _check_member(info)
+        target = dest / info.filename
+        if info.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with zf.open(info) as src, open(target, "wb") as out:
+            while chunk := src.read(1 << 20):
+                total += len(chunk)
+                if total > MAX_FAB_EXPANDED_BYTES:
+                    raise FabError(f"the FAB expands to over {MAX_FAB_EXPANDED_BYTES:,} "
+                                   "bytes (FLWR_HPC_MAX_FAB_EXPANDED_MB)")
+                out.write(chunk)
+
+
+def _verify_content(root: Path) -> None:
+    """Every file listed in Flower's ``.info/CONTENT`` manifest has its sha256."""
+    manifest = root / ".info" / "CONTENT"
+    if not manifest.is_file():
+        raise FabError("the FAB has no .info/CONTENT manifest (not built by `flwr build`)")
+    for line in manifest.read_text().strip().splitlines():
+        rel, expected, _size = line.rsplit(",", 2)
+        path = root / rel
+        if ".." in PurePosixPath(rel).parts or not path.is_file():
+            raise FabError(f"the FAB's manifest lists {rel!r}, which it does not contain")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+            raise FabError(f"the FAB's file {rel!r} does not match its manifest's sha256")
+
+
+def install_fab(fab_bytes: bytes, fab_hash: str, install_dir: Path) -> Path:
+    """Install the FAB under ``install_dir/apps/`` (Flower's layout:
+    ``publisher.name.version.hash8``) and return the app's directory. Idempotent and safe
+    against concurrent installers and a crash halfway through."""
+    if hashlib.sha256(fab_bytes).hexdigest() != fab_hash:
+        raise FabError(f"the FAB does not match its sha256 {fab_hash[:16]}…")
+    info = check_fab(fab_bytes)
+    apps = install_dir / "apps"
+    apps.mkdir(parents=True, exist_ok=True, mode=0o700)
+    final = apps / f"{info.publisher}.{info.name}.{info.version}.{fab_hash[:8]}"
+    with open(apps / ".install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        marker = final / INSTALLED_MARKER
+        if marker.is_file() and marker.read_text().strip() == fab_hash:
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=".installing-", dir=apps))
+        try:
+            try:
+                with zipfile.ZipFile(io.BytesIO(fab_bytes)) as zf:
+                    _extract(zf, tmp)
+            except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+                raise FabError(f"the FAB's archive is corrupted: {err}") from None
+            _verify_content(tmp)
+            shutil.rmtree(tmp / ".info")
+            (tmp / INSTALLED_MARKER).write_text(fab_hash)
+            if final.exists():  # a half-written install (no marker), or another FAB's
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        # leftovers of installers that were killed mid-extraction
+        for stale in apps.glob(".installing-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
