@@ -147,10 +147,56 @@ def keep_dtypes(arrays: Any, reference: Any) -> Any:
 # ----------------------------------------------------------------------------- the loop
 
 
-def _guarded(strategy: Any, offset: int) -> Any:
-    """``strategy`` presented to Flower's loop with its rounds shifted by ``offset`` and its
-    replies screened before aggregation."""
+class RoundsFailed(Exception):
+    """Rounds in a row trained nothing: no train reply succeeded and the strategy produced
+    no new model. Raised so that the run fails with the reason instead of "completing"
+    with an untrained model."""
+
+
+class _Tally:
+    """The train replies of one round as they pass: how many succeeded, the first errors."""
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.errors: list[str] = []
+
+    def watch(self, replies: Iterable[Any]) -> Iterator[Any]:
+        for msg in replies:
+            if not msg.has_error():
+                self.ok += 1
+            elif len(self.errors) < 3:
+                self.errors.append(f"node {msg.metadata.src_node_id}: "
+                                   f"{msg.error.reason[:300]}")
+            yield msg
+
+
+class _FailedRounds:
+    """Counts rounds in a row that trained nothing; raises :class:`RoundsFailed` at ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, int(limit))
+        self.in_a_row = 0
+
+    def round_ended(self, server_round: int, tally: _Tally, arrays: Any) -> None:
+        if tally.ok or arrays is not None:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        why = "; ".join(tally.errors) or "no reply arrived before the deadline"
+        log.error("[round %d] trained nothing: no train reply succeeded (%s)",
+                  server_round, why)
+        if self.in_a_row >= self.limit:
+            raise RoundsFailed(
+                f"{self.in_a_row} round(s) in a row up to round {server_round} trained "
+                f"nothing: no train reply succeeded ({why})")
+
+
+def _guarded(strategy: Any, offset: int, failed: _FailedRounds | None = None) -> Any:
+    """``strategy`` presented to Flower's loop with its rounds shifted by ``offset``, its
+    replies screened before aggregation, and rounds that train nothing counted."""
     from flwr.serverapp.strategy import Strategy
+
+    failed = failed or _FailedRounds(1 << 30)
 
     weighted_by_key = _weighted_by_key(strategy)
     # a streaming strategy gets the replies one by one; any other gets a list, as from
@@ -167,7 +213,12 @@ def _guarded(strategy: Any, offset: int) -> Any:
             reference = sent.get("arrays")
             replies = check(replies, train=True, weighted_by_key=weighted_by_key,
                             reference=reference)
-            arrays, metrics = strategy.aggregate_train(server_round + offset, replies)
+            tally = _Tally()
+            counted = tally.watch(replies)
+            if not getattr(strategy, "streaming", False):
+                counted = list(counted)  # a list, as from Flower's grids
+            arrays, metrics = strategy.aggregate_train(server_round + offset, counted)
+            failed.round_ended(server_round + offset, tally, arrays)
             return keep_dtypes(arrays, reference), metrics
 
         def configure_evaluate(self, server_round, arrays, config, grid):
@@ -191,12 +242,16 @@ class _BudgetSpent(Exception):
 def start(strategy: Any, grid: Any, initial_arrays: Any, num_rounds: int = 3,
           timeout: float = 3600, train_config: Any = None, evaluate_config: Any = None,
           evaluate_fn: Callable[[int, Any], Any] | None = None, *,
-          run_dir: str | Path | None = None, time_budget_s: float | None = None) -> Any:
+          run_dir: str | Path | None = None, time_budget_s: float | None = None,
+          max_failed_rounds: int = 3) -> Any:
     """``strategy.start(...)`` with reply screening, a checkpoint after every round, and
     resume from the last checkpoint. ``run_dir`` defaults to ``$FLWR_HPC_RUN_DIR``; without
     one, rounds are screened but not checkpointed. With ``time_budget_s`` no round starts
     once that many seconds have passed on the grid's clock (virtual under the simulator)
-    since this call: the round that crosses the budget is the last one."""
+    since this call: the round that crosses the budget is the last one. A round in which
+    no train reply succeeded and the strategy produced no model trained nothing; after
+    ``max_failed_rounds`` such rounds in a row the run fails (:class:`RoundsFailed`) with
+    the nodes' errors, instead of ending with an untrained model."""
     from flwr_hpc.streaming_grid import StreamingGrid
     from flwr_hpc.timing import clock_of, transport_of
 
@@ -252,7 +307,7 @@ def start(strategy: Any, grid: Any, initial_arrays: Any, num_rounds: int = 3,
     # every other strategy gets Flower's list
     loop_grid = StreamingGrid(grid) if getattr(strategy, "streaming", False) else grid
     try:
-        result = _guarded(strategy, offset).start(
+        result = _guarded(strategy, offset, _FailedRounds(max_failed_rounds)).start(
             grid=loop_grid, initial_arrays=arrays, num_rounds=num_rounds - offset,
             timeout=timeout, train_config=train_config, evaluate_config=evaluate_config,
             evaluate_fn=round_done)

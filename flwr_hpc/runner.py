@@ -29,6 +29,7 @@ import signal
 import sys
 import threading
 import traceback
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,23 @@ def _force_stop() -> None:
                           details="stopped by request (forced after the grace period)",
                           finished_at=now_iso())
         os._exit(1)
+
+
+class RunFailed(Exception):
+    """The ServerApp returned, but the run did not do what it was for."""
+
+
+def no_task_succeeded(records: list[dict[str, Any]]) -> str:
+    """Why a run whose every task failed is not a completed run ('' if some task worked).
+    Messages that were never sent (an app that stops before its first round) fail
+    nothing here."""
+    if not records or any(r.get("outcome") == "ok" for r in records):
+        return ""
+    errors = Counter(r.get("outcome", "?") for r in records)
+    first = next((r["error"] for r in records if r.get("error")), "")
+    return (f"no task succeeded at any site ({len(records)} tasks: "
+            + ", ".join(f"{n} {k}" for k, n in errors.most_common())
+            + (f"); first error: {first[:500]}" if first else ")"))
 
 
 def now_iso() -> str:
@@ -328,10 +346,16 @@ def execute_run(run_dir: Path, *, progress: Progress | None = None, console: boo
         finally:
             out.flush_line()
             err.flush_line()
+        failure = no_task_succeeded(grid.task_log.records)
+        if failure:  # the app ended normally, but nothing happened at any site
+            raise RunFailed(failure)
         log.info("run %s finished; tasks: %s", run_id, run_dir / "tasks.jsonl")
     except (RunStopped, KeyboardInterrupt):
         sub_status, details = "stopped", "stopped by request"
         log.warning("run %s stopped by request", run_id)
+    except RunFailed as err:
+        sub_status, details = "failed", str(err)
+        log.error("run %s failed: %s", run_id, details)
     except BaseException as err:  # noqa: BLE001 - any failure ends the run as failed
         sub_status = "failed"
         details = f"{type(err).__name__}: {err}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -112,8 +113,7 @@ class RoundRecorder:
         }
         if self.extra_fn is not None:
             row.update(self.extra_fn(self._train))
-        with self.metrics_path.open("a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        self._write_row(row)
         self.rows.append(row)
         log.info("%s", self.format_row(row) if len(self.rows) > 1
                  else self.header() + "\n" + self.format_row(row))
@@ -121,6 +121,24 @@ class RoundRecorder:
         self._round_started = time.perf_counter()
         metrics = {k: float(v) for k, v in central.items() if isinstance(v, int | float)}
         return MetricRecord(metrics) if metrics else None
+
+    def _write_row(self, row: dict[str, Any]) -> None:
+        """Add the round's row to ``metrics.jsonl``, replacing rows of this round or later:
+        those were written before a kill that came ahead of the round's checkpoint, and the
+        resumed run is doing the round again. Written to a temporary file and renamed, so
+        a kill leaves either the old file or the new one."""
+        kept = []
+        if self.metrics_path.exists():
+            for line in self.metrics_path.read_text().splitlines():
+                try:
+                    earlier = json.loads(line)
+                except json.JSONDecodeError:  # a torn last line
+                    continue
+                if int(earlier.get("round", -1)) < int(row["round"]):
+                    kept.append(line + "\n")
+        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+        tmp.write_text("".join(kept) + json.dumps(row) + "\n")
+        os.replace(tmp, self.metrics_path)
 
     def _save_updates(self, server_round: int, replies) -> None:
         """Each client's returned arrays, for offline checks of the aggregation."""

@@ -189,3 +189,35 @@ def test_a_restricted_site_refuses_an_unlisted_fab(grid_factory, monkeypatch,
         monkeypatch.setenv("FLWR_HPC_ALLOW_FABS_BY_NAME", by_name)
         (ok,) = grid.send_and_receive(train_messages(grid, 2), timeout=60)
         assert not ok.has_error(), ok.error.reason
+
+
+def test_a_run_in_which_every_task_failed_is_failed_not_completed(run_quickstart, monkeypatch):
+    """Every site refuses the FAB: the app ends normally, but nothing ran anywhere."""
+    monkeypatch.setenv("FLWR_HPC_ALLOWED_FABS", "0" * 64)
+    status, run_dir, _ = run_quickstart()
+    assert status == "finished:failed"
+    from flwr_hpc.runner import read_status
+
+    details = read_status(run_dir)["details"]
+    assert details.startswith("no task succeeded at any site (")
+    assert "error:LOAD_CLIENT_APP_EXCEPTION" in details and "does not run FAB" in details
+    assert {t["outcome"] for t in read_tasks(run_dir)} == {"error:LOAD_CLIENT_APP_EXCEPTION"}
+
+
+def test_the_lora_job_fails_when_rounds_train_nothing(run_lora_job, monkeypatch):
+    """No site can run the FAB: after max_failed_rounds (3) rounds that trained nothing the
+    run fails with the sites' reason, and no untrained adapter is announced as final."""
+    monkeypatch.setenv("FLWR_HPC_ALLOWED_FABS", "0" * 64)
+    status, run_dir, rows = run_lora_job(
+        "strategy.num_rounds=6 train.local_steps=1 evaluate.max_generate=0 "
+        "evaluate.central=false")
+    assert status == "finished:failed"
+    from flwr_hpc.runner import read_status
+
+    details = read_status(run_dir)["details"]
+    assert "RoundsFailed: 3 round(s) in a row up to round 3 trained nothing" in details
+    assert "does not run FAB" in details
+    log = (run_dir / "log.txt").read_text()
+    assert "final global adapter" not in log
+    assert "[round 1] trained nothing" in log
+    assert [r["round"] for r in rows] == [0, 1, 2]  # round 3 failed the run before its row

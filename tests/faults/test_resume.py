@@ -148,3 +148,23 @@ def test_runner_killed_mid_round_repeats_only_the_unfinished_round(
     assert {r: max(n for (_, rr), n in trained.items() if rr == r)
             for r in ("1", "2", "4")} == {"1": 1, "2": 1, "4": 1}
     assert max(n for (_, r), n in trained.items() if r == "3") == 2  # round 3 repeated
+
+
+def test_runner_killed_between_the_metrics_row_and_the_checkpoint_writes_no_row_twice(
+        uninterrupted, flwr_home, lora_fab):
+    """Round 2's row is in metrics.jsonl, its checkpoint is not: resume redoes round 2 and
+    its row replaces the one written before the kill ([0,1,2,3,4], not [0,1,2,2,3,4])."""
+    patch = """
+        import flwr_hpc.checkpoint as c
+        _write = c.write_checkpoint
+        def write_checkpoint(root, ckpt):
+            if ckpt.round == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return _write(root, ckpt)
+        c.write_checkpoint = write_checkpoint
+    """
+    run_dir = _interrupted_run(flwr_home, lora_fab, patch)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+    _assert_same_final_model(run_dir, uninterrupted)
+    assert "resumes after round 1" in (run_dir / "log.txt").read_text()
