@@ -497,7 +497,18 @@ def load_federation(
     """Compose the config and validate its ``federation`` node.
 
     Raises :class:`ConfigError` naming the file and key of the first problem found.
+    Only federation keys are taken here: anything else (e.g. ``dp=opacus``) would be
+    composed and then silently ignored, so it is refused, saying where it belongs.
     """
+    for item in overrides:
+        key = item.lstrip("+~").partition("=")[0].strip()
+        if key != "federation" and not key.startswith(("federation.", "hydra.")):
+            raise ConfigError(
+                "command line", item,
+                f"'{key}' is not a federation key: these overrides compose the federation "
+                "(federation=<name>, federation.sites.<site>.<key>=...). Settings of the "
+                "app's job go in its run config, e.g. "
+                f"-c 'overrides=\"{item}\"' for this project's LoRA job")
     data = compose(overrides, config_dirs)
     choice = data["_choices"].get("federation") or "?"
     source = _federation_file(choice, config_dirs)

@@ -128,18 +128,26 @@ def new_run_id() -> int:
 
 def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # e.g. ENOSPC: the old file stays as it was, no temp file left
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def read_status(run_dir: Path) -> dict[str, Any]:
+    """The run's ``status.json``; {} for anything that is not a readable run directory
+    (a stray file in ``runs/``, a torn or foreign file)."""
     try:
-        return json.loads((run_dir / "status.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        status = json.loads((run_dir / "status.json").read_text())
+    except (OSError, ValueError):
         return {}
+    return status if isinstance(status, dict) else {}
 
 
 def update_status(run_dir: Path, **fields: Any) -> dict[str, Any]:

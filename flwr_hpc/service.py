@@ -94,6 +94,10 @@ class HPCSuperLink:
         self.runs_dir = runs_dir(home)
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self._procs: dict[int, subprocess.Popen] = {}
+        self._warned: set[str] = set()
+        # final statuses that could not be written yet (disk full): served from memory
+        # and written as soon as the disk takes them
+        self._unwritten: dict[int, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, daemon=True)
@@ -102,10 +106,21 @@ class HPCSuperLink:
 
     # -- runs ------------------------------------------------------------------
 
+    def _run_dirs(self) -> list[Path]:
+        """The run directories under ``runs/``; anything else there is skipped (warned once)."""
+        out = []
+        for path in sorted(self.runs_dir.iterdir()):
+            if path.is_dir() and path.name.isdigit() and read_status(path).get("run_id"):
+                out.append(path)
+            elif path.name not in self._warned:
+                self._warned.add(path.name)
+                log.warning("skipping %s: not a run directory", path)
+        return out
+
     def _resume_orphans(self) -> None:
         """Runs left unfinished by a previous service process (it or its host died) are
         resumed from their last checkpoint; they lose at most the round in progress."""
-        for run_dir in sorted(self.runs_dir.iterdir()):
+        for run_dir in self._run_dirs():
             status = read_status(run_dir)
             if not status or status.get("status") == "finished":
                 continue
@@ -162,16 +177,40 @@ class HPCSuperLink:
         path = self.runs_dir / str(run_id)
         return path if (path / "status.json").exists() else None
 
+    def status_of(self, run_dir: Path) -> dict[str, Any]:
+        """The run's status: its file, or the final status not written yet (disk full)."""
+        status = read_status(run_dir)
+        with self._lock:
+            pending = self._unwritten.get(int(run_dir.name)) if run_dir.name.isdigit() else None
+        return {**status, **pending} if pending else status
+
     def list_runs(self, run_id: int | None = None) -> dict[int, Run]:
         out: dict[int, Run] = {}
-        dirs = [self.run_dir(run_id)] if run_id is not None else sorted(self.runs_dir.iterdir())
+        dirs = [self.run_dir(run_id)] if run_id is not None else self._run_dirs()
         for d in dirs:
             if d is None:
                 continue
-            status = read_status(d)
-            if status:
+            status = self.status_of(d)
+            try:
                 out[int(status["run_id"])] = run_from_status(status, d)
+            except (KeyError, TypeError, ValueError) as err:
+                log.warning("skipping run directory %s: unreadable status (%s)", d, err)
         return out
+
+    def _finish(self, run_id: int, **fields: Any) -> None:
+        """Record a run's final status; if the disk refuses it, keep it in memory (served
+        to the CLI) and retry from the reaper loop."""
+        run_dir = self.runs_dir / str(run_id)
+        try:
+            update_status(run_dir, **fields)
+        except OSError as err:
+            log.error("could not write the final status of run %s (%s); serving it from "
+                      "memory and retrying", run_id, err)
+            with self._lock:
+                self._unwritten[run_id] = fields
+            return
+        with self._lock:
+            self._unwritten.pop(run_id, None)
 
     def stop_run(self, run_id: int) -> bool:
         run_dir = self.run_dir(run_id)
@@ -189,20 +228,31 @@ class HPCSuperLink:
         return True
 
     def _reap_loop(self) -> None:
+        """Notice runners that ended, record their runs as finished. Survives any error
+        (a full disk, a vanished run directory): one failed pass is retried the next."""
         while not self._stopping.wait(1.0):
+            try:
+                self._reap_once()
+            except Exception:  # noqa: BLE001 - this loop must outlive any one failure
+                log.exception("reaper pass failed; retrying")
+
+    def _reap_once(self) -> None:
+        with self._lock:
+            items = list(self._procs.items())
+            unwritten = dict(self._unwritten)
+        for run_id, fields in unwritten.items():
+            self._finish(run_id, **fields)
+        for run_id, proc in items:
+            code = proc.poll()
+            if code is None:
+                continue
+            run_dir = self.run_dir(run_id)
+            if run_dir and read_status(run_dir).get("status") != "finished":
+                self._finish(run_id, status="finished", sub_status="failed",
+                             details=f"runner exited with code {code}",
+                             finished_at=now_iso())
             with self._lock:
-                items = list(self._procs.items())
-            for run_id, proc in items:
-                code = proc.poll()
-                if code is None:
-                    continue
-                with self._lock:
-                    self._procs.pop(run_id, None)
-                run_dir = self.run_dir(run_id)
-                if run_dir and read_status(run_dir).get("status") != "finished":
-                    update_status(run_dir, status="finished", sub_status="failed",
-                                  details=f"runner exited with code {code}",
-                                  finished_at=now_iso())
+                self._procs.pop(run_id, None)
 
     def shutdown(self) -> None:
         self._stopping.set()
@@ -348,7 +398,7 @@ def make_handler(link: HPCSuperLink) -> type[BaseHTTPRequestHandler]:
             log_path = run_dir / "log.txt"
             offset = 0
             while True:
-                finished = read_status(run_dir).get("status") == "finished"
+                finished = link.status_of(run_dir).get("status") == "finished"
                 chunk = b""
                 if log_path.exists():
                     with open(log_path, "rb") as fh:

@@ -129,3 +129,18 @@ def test_up_refuses_malformed_federation(tmp_path, flwr_home):
     assert "federation/broken.yaml" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (flwr_home / "hpc" / "superlink.json").exists()
+
+
+@pytest.mark.parametrize("item", ["dp=opacus", "strategy.num_rounds=2", "+foo=1",
+                                  "train.local_steps=3"])
+def test_a_job_key_given_as_a_federation_override_is_refused_saying_where_it_goes(item):
+    """`flwr-hpc run . dp=opacus` composed the federation with dp=opacus and ignored it: a
+    user believed they trained privately. Now it is refused."""
+    with pytest.raises(ConfigError) as err:
+        load_federation(["federation=local", item])
+    key = item.lstrip("+").partition("=")[0]
+    assert f"'{key}' is not a federation key" in str(err.value)
+    assert f"-c 'overrides=\"{item}\"'" in str(err.value)
+    fed = load_federation(["federation=local", "federation.sites.beta.clients=3",
+                           "~federation.sites.gamma"])  # federation keys still work
+    assert sorted(s.name for s in fed.sites) == ["alpha", "beta"] and fed.num_clients == 4
