@@ -20,6 +20,7 @@ finds the checkpoint and continues after the last completed round.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import json
 import logging
@@ -36,6 +37,7 @@ from typing import Any
 
 from flwr_hpc._proc import large_buffer_env, return_large_buffers
 from flwr_hpc.config import SUPERLINK_NODE_ID, FederationConfig, dump_federation, read_federation
+from flwr_hpc.errors import FlwrHpcError
 from flwr_hpc.payload.objects import sha256_hex
 from flwr_hpc.telemetry import Progress
 
@@ -209,20 +211,75 @@ def checkpoint_round(run_dir: Path) -> int:
 
 def check_resumable(run_dir: Path) -> int:
     """Raise unless the run in ``run_dir`` can be resumed; return its checkpointed round."""
-    from flwr_hpc._proc import pid_alive
-    from flwr_hpc.errors import FlwrHpcError
-
     status = read_status(run_dir)
     if not status or not (run_dir / "run.json").exists():
         raise FlwrHpcError(f"{run_dir} is not a flwr-hpc run directory")
     if status.get("status") == "finished" and status.get("sub_status") == "completed":
         raise FlwrHpcError(f"run {run_dir.name} already completed; nothing to resume")
-    pid = status.get("pid")
-    if status.get("status") != "finished" and pid and pid_alive(int(pid)) and int(
-            pid) != os.getpid():
-        raise FlwrHpcError(f"run {run_dir.name} is still running (runner pid {pid}); stop "
-                           "it first (flwr stop) or let it finish")
+    holder = runner_holding(run_dir)
+    if holder is not None:
+        raise RunnerBusy(f"run {run_dir.name} is still running (runner pid {holder or '?'}); "
+                         "stop it first (flwr stop) or let it finish")
     return checkpoint_round(run_dir)
+
+
+# ----------------------------------------------------------------- one runner per run
+
+RUNNER_LOCK = "runner.lock"
+
+
+class RunnerBusy(FlwrHpcError):
+    """Another runner executes this run (it holds the run's lock)."""
+
+
+class RunnerLock:
+    """What makes a runner *the* runner of a run: an exclusive ``flock`` on
+    ``<run dir>/runner.lock``, held for as long as the run executes, with the runner's pid
+    written inside. The kernel releases it when the process (and any child that inherited
+    the descriptor) is gone, whatever killed it: no stale pid files, no "is this pid alive
+    on this host" guesses, and a second runner — a resume, a second service, a restart —
+    cannot start on the same run."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / RUNNER_LOCK
+        self._fh: Any = None
+
+    def acquire(self) -> bool:
+        fh = open(self.path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            return False
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        self._fh = fh
+        return True
+
+    def release(self) -> None:
+        if self._fh is not None:
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+
+def runner_holding(run_dir: Path) -> int | None:
+    """The pid of the runner that holds the run's lock (0: pid unreadable), or None when
+    no runner executes the run."""
+    try:
+        fh = open(run_dir / RUNNER_LOCK)
+    except OSError:
+        return None
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = fh.read().strip()
+            return int(text) if text.isdigit() else 0
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return None
 
 
 def _setup_logging(run_dir: Path, console: bool) -> logging.Handler:
@@ -292,8 +349,24 @@ class _AppOutput(io.TextIOBase):
             self._handler.release()
 
 
-def execute_run(run_dir: Path, *, progress: Progress | None = None, console: bool = False) -> str:
-    """Run the ServerApp of ``run_dir`` to the end; return the final status text."""
+def execute_run(run_dir: Path, *, progress: Progress | None = None, console: bool = False,
+                origin: str = "foreground") -> str:
+    """Run the ServerApp of ``run_dir`` to the end; return the final status text. Raises
+    :class:`RunnerBusy` (touching nothing) when another runner executes the run.
+    ``origin`` (``foreground`` or ``service``) is recorded: a service restarted after a
+    crash resumes its own runs by itself, a killed foreground run only on request."""
+    lock = RunnerLock(run_dir)
+    if not lock.acquire():
+        raise RunnerBusy(f"run {run_dir.name} already has a runner (pid "
+                         f"{runner_holding(run_dir) or '?'}); not starting a second one")
+    try:
+        update_status(run_dir, origin=origin, pid=os.getpid())
+        return _execute_locked(run_dir, progress=progress, console=console)
+    finally:
+        lock.release()
+
+
+def _execute_locked(run_dir: Path, *, progress: Progress | None, console: bool) -> str:
     from flwr.app import Context, RecordDict
     from flwr.common.config import get_fused_config_from_dir, get_project_config
     from flwr.server.run_serverapp import run as run_serverapp
@@ -394,7 +467,11 @@ def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)  # run files, stores and FAB installs are the owner's only
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    status = execute_run(Path(args[0]))
+    try:
+        status = execute_run(Path(args[0]), origin="service")
+    except RunnerBusy as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     rc = 0 if status == "finished:completed" else 1
     exit_within_grace(rc)
     return rc

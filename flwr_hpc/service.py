@@ -12,6 +12,8 @@ Every other Control API route answers 501 with a message saying it is not suppor
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -37,7 +39,7 @@ from flwr.proto.control_pb2 import (  # pylint: disable=E0611
 )
 from flwr.supercore.run import Run, RunStatus
 
-from flwr_hpc._proc import large_buffer_env, pid_alive
+from flwr_hpc._proc import large_buffer_env
 from flwr_hpc.access import FAILED_TO_CREATE_RUN, RUN_ID_NOT_FOUND, check_request
 from flwr_hpc.config import FederationConfig, read_federation
 from flwr_hpc.errors import FlwrHpcError
@@ -47,6 +49,7 @@ from flwr_hpc.runner import (
     now_iso,
     prepare_run,
     read_status,
+    runner_holding,
     runs_dir,
     update_status,
 )
@@ -98,6 +101,8 @@ class HPCSuperLink:
         # final statuses that could not be written yet (disk full): served from memory
         # and written as soon as the disk takes them
         self._unwritten: dict[int, dict[str, Any]] = {}
+        # runs whose runner this service did not start (found alive at start-up): pid
+        self._adopted: dict[int, int] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, daemon=True)
@@ -118,23 +123,46 @@ class HPCSuperLink:
         return out
 
     def _resume_orphans(self) -> None:
-        """Runs left unfinished by a previous service process (it or its host died) are
-        resumed from their last checkpoint; they lose at most the round in progress."""
+        """Runs a previous service left unfinished (it or its host died):
+        - one whose runner still holds the run's lock is *adopted*: watched, and stopped
+          by ``flwr stop`` like the runs this service started;
+        - one a service started (``origin: service``, or no origin: older run directories)
+          is resumed from its last checkpoint (it loses at most the round in progress);
+        - a foreground ``flwr-hpc run`` that was killed is not resumed behind the user's
+          back: it is marked failed, and stays resumable with ``flwr-hpc resume``."""
         for run_dir in self._run_dirs():
             status = read_status(run_dir)
             if not status or status.get("status") == "finished":
                 continue
-            pid = status.get("pid")
-            if pid and pid_alive(int(pid)):
+            run_id = int(run_dir.name)
+            holder = runner_holding(run_dir)
+            if holder is not None:
+                with self._lock:
+                    self._adopted[run_id] = holder
+                log.info("adopted run %s (its runner, pid %s, is still running)",
+                         run_id, holder or "?")
                 continue
-            try:
-                self.resume_run(int(run_dir.name))
-            except Exception as err:  # noqa: BLE001 - never keep the service from starting
-                log.error("could not resume run %s: %s", run_dir.name, err)
-                update_status(run_dir, status="finished", sub_status="failed",
-                              details=f"the HPC SuperLink stopped while this run was "
-                              f"active and it could not be resumed: {err}",
-                              finished_at=now_iso())
+            self._recover(run_dir, "the HPC SuperLink stopped while this run was active")
+
+    def _recover(self, run_dir: Path, what: str) -> None:
+        """An unfinished run without a runner: resume a service-started one, mark a
+        foreground one failed (resumable on request)."""
+        run_id = int(run_dir.name)
+        if read_status(run_dir).get("origin") == "foreground":
+            log.warning("run %s was a foreground run that ended without finishing; "
+                        "resume it with `flwr-hpc resume %s`", run_id, run_id)
+            self._finish(run_id, status="finished", sub_status="failed",
+                         details="its foreground runner ended without finishing "
+                         f"(killed?); resume it with `flwr-hpc resume {run_id}`",
+                         finished_at=now_iso())
+            return
+        try:
+            self.resume_run(run_id)
+        except Exception as err:  # noqa: BLE001 - never keep the service from starting
+            log.error("could not resume run %s: %s", run_id, err)
+            self._finish(run_id, status="finished", sub_status="failed",
+                         details=f"{what} and it could not be resumed: {err}",
+                         finished_at=now_iso())
 
     def _spawn(self, run_dir: Path) -> int:
         run_id = int(run_dir.name)
@@ -147,8 +175,7 @@ class HPCSuperLink:
         )
         out.close()
         with self._lock:
-            self._procs[run_id] = proc
-        update_status(run_dir, pid=proc.pid)
+            self._procs[run_id] = proc  # the runner records its own pid (and holds the lock)
         return proc.pid
 
     def start_run(self, fab_bytes: bytes, fab_hash: str, override: dict[str, Any]) -> int:
@@ -166,7 +193,7 @@ class HPCSuperLink:
             proc = self._procs.get(run_id)
         if proc is not None and proc.poll() is None:
             raise FlwrHpcError(f"run {run_id} is still running")
-        done = check_resumable(run_dir)
+        done = check_resumable(run_dir)  # refuses while any runner holds the run's lock
         update_status(run_dir, status="pending", sub_status="", details="",
                       pending_at=now_iso(), finished_at="")
         pid = self._spawn(run_dir)
@@ -222,6 +249,11 @@ class HPCSuperLink:
             proc = self._procs.get(run_id)
         if proc is not None:
             _terminate_group(proc, STOP_GRACE_S)
+        holder = runner_holding(run_dir)
+        if holder is not None:  # an adopted runner (or one started around this service)
+            if not holder or not _terminate_runner(holder, run_dir, STOP_GRACE_S):
+                log.error("run %s: its runner (pid %s) did not stop", run_id, holder or "?")
+                return False
         if read_status(run_dir).get("status") != "finished":
             update_status(run_dir, status="finished", sub_status="stopped",
                           details="stopped by request", finished_at=now_iso())
@@ -240,6 +272,15 @@ class HPCSuperLink:
         with self._lock:
             items = list(self._procs.items())
             unwritten = dict(self._unwritten)
+            adopted = list(self._adopted)
+        for run_id in adopted:  # a runner a previous service started: ended yet?
+            run_dir = self.runs_dir / str(run_id)
+            if runner_holding(run_dir) is not None:
+                continue
+            with self._lock:
+                self._adopted.pop(run_id, None)
+            if read_status(run_dir).get("status") != "finished":
+                self._recover(run_dir, "its runner ended without recording an outcome")
         for run_id, fields in unwritten.items():
             self._finish(run_id, **fields)
         for run_id, proc in items:
@@ -247,7 +288,11 @@ class HPCSuperLink:
             if code is None:
                 continue
             run_dir = self.run_dir(run_id)
-            if run_dir and read_status(run_dir).get("status") != "finished":
+            holder = runner_holding(run_dir) if run_dir else None
+            if holder is not None:  # it found another runner on the run: watch that one
+                with self._lock:
+                    self._adopted[run_id] = holder
+            elif run_dir and read_status(run_dir).get("status") != "finished":
                 self._finish(run_id, status="finished", sub_status="failed",
                              details=f"runner exited with code {code}",
                              finished_at=now_iso())
@@ -258,6 +303,13 @@ class HPCSuperLink:
         self._stopping.set()
         with self._lock:
             procs = list(self._procs.items())
+            adopted = list(self._adopted.items())
+        for run_id, pid in adopted:  # runs adopted from a previous service stop too
+            run_dir = self.runs_dir / str(run_id)
+            if pid and _terminate_runner(pid, run_dir, STOP_GRACE_S) and read_status(
+                    run_dir).get("status") != "finished":
+                self._finish(run_id, status="finished", sub_status="stopped",
+                             details="the HPC SuperLink was shut down", finished_at=now_iso())
         for run_id, proc in procs:
             log.info("stopping run %s", run_id)
             _terminate_group(proc, STOP_GRACE_S)
@@ -265,6 +317,28 @@ class HPCSuperLink:
             if run_dir and read_status(run_dir).get("status") != "finished":
                 update_status(run_dir, status="finished", sub_status="stopped",
                               details="the HPC SuperLink was shut down", finished_at=now_iso())
+
+
+def _terminate_runner(pid: int, run_dir: Path, grace_s: float) -> bool:
+    """Stop a runner this service did not start (no Popen): SIGTERM, then SIGKILL after
+    ``grace_s``; its whole process group when it leads one (the service's runners do),
+    else the runner alone (a foreground ``flwr-hpc run`` shares its shell's group; its site
+    workers follow it). True once the run's lock is free."""
+    def signal_it(sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)
+
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        signal_it(sig)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if runner_holding(run_dir) is None:
+                return True
+            time.sleep(0.2)
+    return runner_holding(run_dir) is None
 
 
 def _terminate_group(proc: subprocess.Popen, grace_s: float) -> None:
@@ -425,10 +499,31 @@ def make_handler(link: HPCSuperLink) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+SERVICE_LOCK = "service.lock"
+
+
 def serve(federation: FederationConfig, home: Path, host: str, port: int) -> None:
-    link = HPCSuperLink(federation, home)
-    server = ThreadingHTTPServer((host, port), make_handler(link))
+    """Serve until SIGTERM/SIGINT. The port is bound and ``$FLWR_HOME/hpc/service.lock``
+    taken *before* any run is resumed or adopted: of two services started at once on one
+    FLWR_HOME, the second exits without touching a run."""
+    server = ThreadingHTTPServer((host, port), None)  # bind first: a taken port ends here
     server.daemon_threads = True
+    hpc = home / "hpc"
+    hpc.mkdir(parents=True, exist_ok=True)
+    lock = open(hpc / SERVICE_LOCK, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        server.server_close()
+        lock.seek(0)
+        raise SystemExit(f"another HPC SuperLink (pid {lock.read().strip() or '?'}) serves "
+                         f"FLWR_HOME {home}; not starting a second one") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    link = HPCSuperLink(federation, home)
+    server.RequestHandlerClass = make_handler(link)
 
     def _stop(signum: int, frame: Any) -> None:
         threading.Thread(target=lambda: (link.shutdown(), server.shutdown()), daemon=True).start()
