@@ -4,6 +4,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
+
+
+def keep_caches_under(base: Path) -> None:
+    """Libraries' caches (Hugging Face datasets/hub, anything honouring XDG_CACHE_HOME) go
+    under ``base`` instead of ``~/.cache``, unless the user chose a place: a run writes only
+    under ``$FLWR_HOME`` (server) or the site's directory. Set before those libraries are
+    imported (they read the variables at import)."""
+    os.environ.setdefault("XDG_CACHE_HOME", str(base))
+    os.environ.setdefault("HF_HOME", str(base / "huggingface"))
+    os.environ.setdefault("HF_DATASETS_CACHE", str(base / "huggingface" / "datasets"))
+    os.environ.setdefault("MPLCONFIGDIR", str(base / "matplotlib"))  # imported by the stack
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(base / "torchinductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(base / "triton"))
 
 
 def pid_alive(pid: int) -> bool:

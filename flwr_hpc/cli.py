@@ -258,8 +258,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run_in_foreground(run_dir: Path) -> int:
     """Execute (or resume) ``run_dir`` here with progress; SIGTERM stops it cleanly."""
+    from flwr_hpc._proc import keep_caches_under
     from flwr_hpc.runner import execute_run, exit_within_grace, request_stop
     from flwr_hpc.telemetry import Progress, RichProgress
+
+    keep_caches_under(_home() / "hpc" / "cache")  # a run writes only under $FLWR_HOME
 
     progress = RichProgress() if sys.stderr.isatty() else Progress()
     # SIGTERM and Ctrl-C stop the run: every waiting call wakes, workers are stopped,

@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from flwr_hpc._proc import large_buffer_env, return_large_buffers
+from flwr_hpc._proc import keep_caches_under, large_buffer_env, return_large_buffers
 from flwr_hpc.config import SUPERLINK_NODE_ID, FederationConfig, dump_federation, read_federation
 from flwr_hpc.errors import FlwrHpcError
 from flwr_hpc.payload.objects import sha256_hex
@@ -465,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m flwr_hpc.runner RUN_DIR", file=sys.stderr)
         return 2
     os.umask(0o077)  # run files, stores and FAB installs are the owner's only
+    keep_caches_under(flwr_home() / "hpc" / "cache")  # and its local sites' workers'
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     try:

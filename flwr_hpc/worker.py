@@ -30,6 +30,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.serde import context_from_proto, context_to_proto
 from flwr.proto.message_pb2 import Context as ProtoContext  # pylint: disable=E0611
 
+from flwr_hpc._proc import keep_caches_under
 from flwr_hpc.errors import FlwrHpcError
 from flwr_hpc.payload.inline import InlineSiteStore
 from flwr_hpc.payload.inline import encode as encode_objects
@@ -156,6 +157,8 @@ def run_task(job: dict[str, Any]) -> dict[str, Any]:
                         f"(expects v{JOB_VERSION}); install the same flwr-hpc version at "
                         "the server and the site", started_at)
     _limit_threads(job.get("threads"))
+    if job.get("apps_dir"):  # caches at the site's directory, not the account's ~/.cache
+        keep_caches_under(Path(job["apps_dir"]).parent / "cache")
     if job.get("warmup"):
         return warm_up(job, started_at)
     launcher = job.get("launcher") or {}

@@ -222,3 +222,23 @@ def test_a_run_writes_only_private_files_and_only_under_flwr_home(flwr_home, tmp
     assert any("sites" in p.parts for p in written)  # site stores
     shared = [p for p in written if p.stat().st_mode & 0o077]
     assert shared == []
+
+
+def test_the_lora_job_writes_nothing_in_home_or_tmp(flwr_home, tmp_path):
+    """The LoRA job loads its data with `datasets` (which caches under ~/.cache by
+    default): the cache goes under $FLWR_HOME instead."""
+    from conftest import REPO_ROOT
+
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XDG_CACHE_HOME", "HF_HOME", "HF_DATASETS_CACHE")}
+    res = subprocess.run([str(BIN / "flwr-hpc"), "run", str(REPO_ROOT), "-c",
+                          'overrides="strategy.num_rounds=1 train.local_steps=1 '
+                          'evaluate.max_generate=0"'], capture_output=True, text=True,
+                         timeout=600, stdin=subprocess.DEVNULL,
+                         env={**env, "HOME": str(home), "TMPDIR": str(tmp)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(p.name for p in home.rglob("*")) == [] and list(tmp.iterdir()) == []
+    assert (flwr_home / "hpc" / "cache" / "huggingface").is_dir()
