@@ -70,13 +70,21 @@ def _healthy(host: str, port: int, timeout: float = 1.0) -> bool:
     return _health(host, port, timeout) is not None
 
 
-def write_connection(home: Path, address: str, name: str = CONNECTION_NAME) -> Path:
-    """Add/replace ``[superlink.<name>]`` in ``$FLWR_HOME/config.toml``, keeping the rest."""
+def connection_text(home: Path, address: str, name: str = CONNECTION_NAME) -> str:
+    """``$FLWR_HOME/config.toml`` with ``[superlink.<name>]`` added or replaced; a file
+    that is not UTF-8 TOML is a :class:`ConfigError` naming it (checked before `up` starts
+    anything)."""
+    import tomllib
+
     from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
 
     path = home / "config.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = path.read_text() if path.exists() else DEFAULT_FLOWER_CONFIG_TOML
+    try:
+        text = path.read_text(encoding="utf-8") if path.exists() else DEFAULT_FLOWER_CONFIG_TOML
+        tomllib.loads(text)
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(str(path), "-", f"not a UTF-8 TOML file ({err}); fix or move it, "
+                          "then run `flwr-hpc up` again") from None
     header = f"[superlink.{name}]"
     lines = text.splitlines()
     out: list[str] = []
@@ -93,8 +101,7 @@ def write_connection(home: Path, address: str, name: str = CONNECTION_NAME) -> P
     while out and not out[-1].strip():
         out.pop()
     out += ["", header, f'address = "{address}"', "insecure = true", ""]
-    path.write_text("\n".join(out))
-    return path
+    return "\n".join(out)
 
 
 def _load_federation(overrides: list[str], config_dirs: list[str]):
@@ -132,6 +139,8 @@ def cmd_up(args: argparse.Namespace) -> int:
               f"with FLWR_HOME={other.get('home', '<its home>')} flwr-hpc down, or use "
               "--port", file=sys.stderr)
         return 1
+    # an unreadable config.toml stops `up` here, before anything is started
+    connection = connection_text(home, f"{host}:{args.port}")
     hpc_dir = home / "hpc"
     hpc_dir.mkdir(parents=True, exist_ok=True)
     fed_json = hpc_dir / "federation.json"
@@ -163,7 +172,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     _state_path(home).write_text(json.dumps({
         "pid": proc.pid, "host": host, "port": args.port, "federation": federation.name,
     }))
-    cfg = write_connection(home, f"{host}:{args.port}")
+    cfg = home / "config.toml"
+    try:
+        cfg.write_text(connection)
+    except OSError as err:  # do not leave a service running that the CLI cannot find
+        proc.terminate()
+        print(f"error: could not write {cfg}: {err}; the HPC SuperLink was stopped",
+              file=sys.stderr)
+        return 1
     print(f"HPC SuperLink up at {host}:{args.port} for federation '{federation.name}' "
           f"({len(federation.sites)} sites, {federation.num_clients} clients).")
     print(f"Wrote [superlink.{CONNECTION_NAME}] to {cfg}. Next: flwr run <app> "

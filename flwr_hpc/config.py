@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +32,11 @@ PAYLOAD_TYPES = ("filesystem", "shared-fs", "inline", "globus-transfer")
 LAUNCHER_TYPES = ("none", "torchrun", "mpirun", "mpiexec", "srun", "parsl")
 
 SUPERLINK_NODE_ID = 1  # Flower reserves 1 for the ServerApp side
+MAX_CLIENTS_PER_SITE = 1024
+# never a payload store, work directory or transfer directory: the system's own trees
+SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/sbin",
+               "/sys", "/usr", "/var/lib", "/var/log", "/var/run", "/run")
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 # ----------------------------------------------------------------------------- schema
@@ -43,6 +50,7 @@ class Field:
     choices: tuple[str, ...] = ()
     minimum: float | None = None
     section: Mapping[str, Field] | None = None
+    maximum: float | None = None
 
 
 # sim: the site simulator's model of a site (flwr_hpc.sim); durations in virtual seconds
@@ -103,7 +111,9 @@ _LAUNCHER = {
     "env": Field("scalar-map", default={}),    # extra environment for the ranks
 }
 _SITE = {
-    "clients": Field("int", default=1, minimum=1),
+    # every client is a Flower node with its own Context and store entries; thousands per
+    # site are a typo, not an HPC federation (the exascale study ran 96 in all)
+    "clients": Field("int", default=1, minimum=1, maximum=MAX_CLIENTS_PER_SITE),
     "compute": Field("section", section=_COMPUTE),
     "payload": Field("section", section=_PAYLOAD),
     "launcher": Field("section", section=_LAUNCHER),
@@ -166,6 +176,8 @@ def _check_value(f: Field, value: Any, key: str, file: str) -> Any:
             raise ConfigError(file, key, f"expected {article}, got {_describe(value)}")
         if f.minimum is not None and value < f.minimum:
             raise ConfigError(file, key, f"must be >= {f.minimum}, got {value}")
+        if f.maximum is not None and value > f.maximum:
+            raise ConfigError(file, key, f"must be <= {f.maximum}, got {value}")
         return float(value) if f.kind == "float" else value
     if f.kind == "bool":
         if not isinstance(value, bool):
@@ -211,6 +223,17 @@ def check_section(schema: Mapping[str, Field], raw: Any, key: str, file: str) ->
             continue
         out[name] = _check_value(f, raw[name], sub, file)
     return out
+
+
+def _check_dir(value: str | None, key: str, file: str) -> None:
+    """A directory flwr-hpc writes into must not be the system's own (a typo such as
+    ``path: /usr`` would otherwise spray objects there, as root on a test box)."""
+    if not value:
+        return
+    path = os.path.normpath(os.path.expanduser(value))
+    if path == "/" or any(path == d or path.startswith(d + "/") for d in SYSTEM_DIRS):
+        raise ConfigError(file, key, f"{value!r} is a system directory; give a directory of "
+                          "your own (a project or scratch directory)")
 
 
 # ----------------------------------------------------------------------------- model
@@ -294,6 +317,14 @@ class FederationConfig:
         raw = dict(raw)
         source = raw.pop("source", source) or source
         checked = check_section(_FEDERATION, raw, "", source)
+        if not _PLAIN_NAME.match(checked["name"]) or ".." in checked["name"]:
+            raise ConfigError(source, "name", f"{checked['name']!r} is not a plain name (it "
+                              "names directories: letters, digits, '.', '_', '-'; no '..' "
+                              "or '/')")
+        _check_dir(checked["workdir"], "workdir", source)
+        _check_dir(checked["transfer"]["path"], "transfer.path", source)
+        for name, site in checked["sites"].items():
+            _check_dir(site["payload"]["path"], f"sites.{name}.payload.path", source)
         sites = tuple(
             SiteConfig(name=name, **values) for name, values in checked["sites"].items()
         )

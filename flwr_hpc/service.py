@@ -368,6 +368,7 @@ def _terminate_group(proc: subprocess.Popen, grace_s: float) -> None:
 def make_handler(link: HPCSuperLink) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "flwr-hpc"
+        timeout = IDLE_TIMEOUT_S  # an idle connection (no request, or a stalled body) ends
 
         def log_message(self, fmt: str, *args: Any) -> None:  # route to logging
             log.debug("%s " + fmt, self.address_string(), *args)
@@ -489,7 +490,7 @@ def make_handler(link: HPCSuperLink) -> type[BaseHTTPRequestHandler]:
                     try:
                         self.wfile.write(len(frame).to_bytes(4, "big") + frame)
                         self.wfile.flush()
-                    except (BrokenPipeError, ConnectionResetError):
+                    except (BrokenPipeError, ConnectionResetError, TimeoutError):
                         return
                 elif finished:
                     return
@@ -500,14 +501,47 @@ def make_handler(link: HPCSuperLink) -> type[BaseHTTPRequestHandler]:
 
 
 SERVICE_LOCK = "service.lock"
+# Connections served at once (each holds a thread and a descriptor; log streams are
+# long-lived) and how long an idle one may wait: a flood of idle connections cannot use up
+# the service's file descriptors.
+MAX_CONNECTIONS = 128
+IDLE_TIMEOUT_S = 30.0
+
+
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server that serves at most :data:`MAX_CONNECTIONS` connections at
+    once (the next ones are closed at once) and closes idle ones (the handler's timeout)."""
+
+    daemon_threads = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.warning("refusing a connection from %s: %d connections open already",
+                        client_address, MAX_CONNECTIONS)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 def serve(federation: FederationConfig, home: Path, host: str, port: int) -> None:
     """Serve until SIGTERM/SIGINT. The port is bound and ``$FLWR_HOME/hpc/service.lock``
     taken *before* any run is resumed or adopted: of two services started at once on one
     FLWR_HOME, the second exits without touching a run."""
-    server = ThreadingHTTPServer((host, port), None)  # bind first: a taken port ends here
-    server.daemon_threads = True
+    server = BoundedHTTPServer((host, port), None)  # bind first: a taken port ends here
     hpc = home / "hpc"
     hpc.mkdir(parents=True, exist_ok=True)
     lock = open(hpc / SERVICE_LOCK, "a+")

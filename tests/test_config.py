@@ -144,3 +144,23 @@ def test_a_job_key_given_as_a_federation_override_is_refused_saying_where_it_goe
     fed = load_federation(["federation=local", "federation.sites.beta.clients=3",
                            "~federation.sites.gamma"])  # federation keys still work
     assert sorted(s.name for s in fed.sites) == ["alpha", "beta"] and fed.num_clients == 4
+
+
+def test_names_paths_and_sizes_that_would_write_where_they_must_not_are_refused(tmp_path):
+    from flwr_hpc.config import FederationConfig
+
+    def fed(**extra):
+        site = {"clients": 1, **extra.pop("site", {})}
+        return FederationConfig.from_dict({"name": "f", "sites": {"a": site}, **extra},
+                                          source="x.yaml")
+
+    with pytest.raises(ConfigError, match=r"x.yaml: name: '\.\./\.\./escape' is not a plain"):
+        fed(name="../../escape")
+    with pytest.raises(ConfigError, match=r"sites.a.clients: must be <= 1024, got 100000"):
+        fed(site={"clients": 100000})
+    with pytest.raises(ConfigError, match=r"sites.a.payload.path: '/usr/lib/x' is a system"):
+        fed(site={"payload": {"path": "/usr/lib/x"}})
+    with pytest.raises(ConfigError, match=r"workdir: '/etc' is a system directory"):
+        fed(workdir="/etc")
+    assert fed(site={"payload": {"path": str(tmp_path / "store")}}).name == "f"
+    assert fed(site={"clients": 1024}).num_clients == 1024

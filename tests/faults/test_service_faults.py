@@ -102,3 +102,77 @@ def test_stray_entries_in_runs_do_not_stop_up_or_ls(flwr_home, quickstart_fab):
     finally:
         subprocess.run([str(BIN / "flwr-hpc"), "down"], capture_output=True, timeout=60)
     assert os.path.exists(runs / "notes.txt")  # skipped, never removed
+
+
+def _up(*args: str, env: dict | None = None, prefix: tuple[str, ...] = ()):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = subprocess.run([*prefix, str(BIN / "flwr-hpc"), "up", "--port", str(port), *args],
+                         capture_output=True, text=True, timeout=120, env=env,
+                         stdin=subprocess.DEVNULL)
+    return res, port
+
+
+def _service_processes(home: Path) -> list:
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if "flwr_hpc.service" in " ".join(p.info["cmdline"] or []) and \
+                    p.environ().get("FLWR_HOME") == str(home):
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return out
+
+
+def test_a_non_utf8_config_toml_stops_up_before_it_starts_anything(flwr_home):
+    (flwr_home / "config.toml").write_bytes(b"[superlink]\nname = \"\xff\xfe\"\n")
+    res, _ = _up()
+    assert res.returncode == 2
+    assert f"{flwr_home / 'config.toml'}" in res.stderr and "not a UTF-8 TOML" in res.stderr
+    assert _service_processes(flwr_home) == []
+    assert (flwr_home / "config.toml").read_bytes().startswith(b"[superlink]\nname")
+
+
+def test_up_talks_to_loopback_without_the_users_proxy(flwr_home):
+    """With HTTP(S)_PROXY set and no NO_PROXY, `up` used to send its health checks through
+    the proxy, time out, and kill the service it had just started."""
+    env = {**os.environ, "HTTP_PROXY": "http://127.0.0.1:9", "http_proxy":
+           "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": "",
+           "no_proxy": ""}
+    res, port = _up(env=env)
+    try:
+        assert res.returncode == 0, res.stderr
+        status = subprocess.run([str(BIN / "flwr-hpc"), "status"], capture_output=True,
+                                text=True, timeout=60, env=env)
+        assert f"127.0.0.1:{port}" in status.stdout and "up" in status.stdout
+    finally:
+        subprocess.run([str(BIN / "flwr-hpc"), "down"], capture_output=True, timeout=60,
+                       env=env)
+
+
+def test_many_idle_connections_under_a_low_file_limit_do_not_silence_the_service(flwr_home):
+    res, port = _up(prefix=("prlimit", "--nofile=200:200"))
+    assert res.returncode == 0, res.stderr
+    idle = []
+    try:
+        for _ in range(400):  # twice the service's descriptor limit, all idle
+            try:
+                idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            except OSError:
+                break
+        time.sleep(1)
+        t0 = time.monotonic()
+        ls = subprocess.run([str(BIN / "flwr"), "ls", "hpc"], capture_output=True, text=True,
+                            timeout=60, cwd=APP_DIR, stdin=subprocess.DEVNULL)
+        assert ls.returncode == 0, ls.stdout + ls.stderr
+        assert time.monotonic() - t0 < 30
+        log = (flwr_home / "hpc" / "superlink.log").read_text()
+        assert "connections open already" in log
+    finally:
+        for s in idle:
+            s.close()
+        subprocess.run([str(BIN / "flwr-hpc"), "down"], capture_output=True, timeout=60)
