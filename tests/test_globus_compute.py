@@ -135,6 +135,37 @@ def test_missing_credentials_fail_fast_naming_the_variables(monkeypatch, tmp_pat
     assert time.monotonic() - t0 < 2
 
 
+def test_a_stale_token_store_is_no_login_and_never_prompts(monkeypatch, tmp_path):
+    """An old ~/.globus_compute/storage.db (expired access token, no refresh token) made
+    a credential-less run fall into the SDK's interactive login prompt."""
+    from globus_compute_sdk.sdk.auth.token_storage import get_token_storage
+    from globus_sdk.token_storage import TokenStorageData
+
+    monkeypatch.delenv(gc.ENV_CLIENT_ID, raising=False)
+    monkeypatch.delenv(gc.ENV_CLIENT_SECRET, raising=False)
+    monkeypatch.setenv("GLOBUS_COMPUTE_USER_DIR", str(tmp_path))
+    storage = get_token_storage()
+    expired = TokenStorageData(resource_server="funcx_service", identity_id=None,
+                               scope="all", access_token="old", refresh_token=None,
+                               expires_at_seconds=int(time.time()) - 3600, token_type="Bearer")
+    storage.store_token_data_by_resource_server({"funcx_service": expired})
+    storage.close()
+    assert (tmp_path / "storage.db").is_file()
+    gc.set_shared_client(None)
+    t0 = time.monotonic()
+    with pytest.raises(GlobusServiceError, match="holds no usable login"):
+        gc.shared_client()
+    assert time.monotonic() - t0 < 5
+    assert not gc.credentials_available()
+    # a stored login with a refresh token is one
+    storage = get_token_storage()
+    storage.store_token_data_by_resource_server({"funcx_service": TokenStorageData(
+        resource_server="funcx_service", identity_id=None, scope="all", access_token="a",
+        refresh_token="r", expires_at_seconds=int(time.time()) - 3600, token_type="Bearer")})
+    storage.close()
+    assert gc.credentials_available()
+
+
 def test_refused_credentials_are_a_clear_error(monkeypatch, tmp_path):
     """A 401 from Globus Auth (faked at the HTTP edge; the SDK's own client flow is real)."""
     monkeypatch.setenv("GLOBUS_COMPUTE_USER_DIR", str(tmp_path))  # no cached token

@@ -48,7 +48,28 @@ def credentials_available(environ: dict[str, str] | None = None) -> bool:
     if env.get(ENV_CLIENT_ID) and env.get(ENV_CLIENT_SECRET):
         return True
     token_store = Path(env.get("GLOBUS_COMPUTE_USER_DIR") or Path.home() / ".globus_compute")
-    return (token_store / "storage.db").exists()
+    return _stored_login_usable(token_store / "storage.db")
+
+
+def _stored_login_usable(path: Path) -> bool:
+    """The SDK's token store holds a login that works without a prompt: a refresh token
+    or an access token that is still valid. A stale or empty ``storage.db`` does not count
+    (the SDK would fall into an interactive login instead of naming what is missing)."""
+    if not path.is_file():
+        return False
+    try:
+        from globus_compute_sdk.sdk.auth.token_storage import get_token_storage
+
+        storage = get_token_storage()
+        try:
+            tokens = storage.get_token_data_by_resource_server()
+        finally:
+            storage.close()
+    except Exception:  # noqa: BLE001 - an unreadable store is no login
+        return False
+    now = time.time()
+    return any(t.refresh_token or (t.expires_at_seconds or 0) > now + 60
+               for t in tokens.values())
 
 
 def shared_client(*, interactive: bool = False):
@@ -60,7 +81,8 @@ def shared_client(*, interactive: bool = False):
                 raise GlobusServiceError(
                     None, f"no Globus credentials: set {ENV_CLIENT_ID} and "
                     f"{ENV_CLIENT_SECRET} (a confidential client), or run "
-                    "'globus-compute-endpoint login' once on this machine")
+                    "'globus-compute-endpoint login' once on this machine (the token "
+                    "store holds no usable login)")
             from globus_compute_sdk import Client
 
             try:
