@@ -359,12 +359,11 @@ def cmd_bench_schedulers(args: argparse.Namespace) -> int:
     from flwr_hpc.bench import schedulers as bench
 
     strategies = tuple(x.strip() for x in args.strategies.split(",") if x.strip())
-    from strategies.job import STRATEGIES
-
-    unknown = [x for x in strategies if x not in STRATEGIES]
+    available = bench.available_strategies()  # the app's, read from its config files
+    unknown = [x for x in strategies if x not in available]
     if unknown or not strategies:
         print(f"error: --strategies: unknown {unknown or 'empty list'}; choose from "
-              f"{', '.join(STRATEGIES)}", file=sys.stderr)
+              f"{', '.join(available)}", file=sys.stderr)
         return 2
     if args.hours <= 0:
         print("error: --hours must be > 0", file=sys.stderr)

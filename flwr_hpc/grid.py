@@ -48,7 +48,6 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.run import Run
 
 from flwr_hpc.compute import ComputeBackend, make_backend
-from flwr_hpc.compute.base import task_serializer
 from flwr_hpc.config import SUPERLINK_NODE_ID, ClientSlot, FederationConfig
 from flwr_hpc.errors import FlwrHpcError, RemoteTaskError, WorkerLostError
 from flwr_hpc.payload.inline import InlineStore
@@ -60,9 +59,10 @@ from flwr_hpc.payload.objects import (
     sha256_hex,
 )
 from flwr_hpc.payload.store import FilesystemStore, PayloadStore
+from flwr_hpc.protocol import JOB_VERSION, context_from_bytes, context_to_bytes, task_serializer
 from flwr_hpc.telemetry import Progress, TaskLog
 from flwr_hpc.timing import SiteTimings, TaskTiming, WallClock, local_steps_of
-from flwr_hpc.worker import JOB_VERSION, context_from_bytes, context_to_bytes, run_task
+from flwr_hpc.worker import run_task
 
 log = logging.getLogger("flwr_hpc")
 
@@ -92,7 +92,7 @@ def round_of(message: Message) -> str:
 
 
 @dataclass
-class _Task:
+class Task:
     message: Message
     message_id: str
     node: ClientSlot
@@ -212,12 +212,12 @@ class HPCGrid(Grid):
         self._run: Run | None = None
         self._nodes = {c.node_id: c for c in federation.clients()}
         self._contexts: dict[int, Context] = {}
-        self._tasks: dict[str, _Task] = {}
+        self._tasks: dict[str, Task] = {}
         # message id -> the queue of the receive call waiting for it (one per call)
         self._waiters: dict[str, queue.Queue[str]] = {}
         # node id -> message id of the task it runs now; later messages wait in its backlog
         self._busy: dict[int, str] = {}
-        self._backlog: dict[int, deque[_Task]] = defaultdict(deque)
+        self._backlog: dict[int, deque[Task]] = defaultdict(deque)
         self._lock = threading.RLock()
         self._closed = False
         self._interrupted = threading.Event()  # the run is stopping: every wait ends
@@ -240,24 +240,17 @@ class HPCGrid(Grid):
         flwr_home: Path,
         run_config: dict[str, Any] | None = None,
         progress: Progress | None = None,
+        backends: dict[str, ComputeBackend] | None = None,
     ) -> HPCGrid:
-        """Build backends and stores for every site and return a ready grid."""
+        """Build backends (unless given) and stores for every site and return a ready
+        grid. :func:`flwr_hpc.wiring.make_grid` picks the grid class for a federation."""
         sites: dict[str, SiteRuntime] = {}
         threads = local_thread_share(federation)
-        simulated = federation.is_simulated()
-        if simulated and cls is HPCGrid:  # virtual time: the site simulator's grid
-            from flwr_hpc.sim import VirtualTimeGrid
-
-            cls = VirtualTimeGrid
         try:
-            if simulated:
-                from flwr_hpc.sim import make_sim_backends
-
-                sim_backends = make_sim_backends(federation, run_dir)
             for s in federation.sites:
                 root = site_root(federation, s.name, flwr_home)
                 store = open_site_store(federation, s.name, flwr_home)
-                backend = (sim_backends[s.name] if simulated
+                backend = (backends[s.name] if backends is not None
                            else make_backend(s, run_dir / "sites" / s.name))
                 extras: dict[str, Any] = {"launcher": dict(s.launcher)}
                 if s.compute["type"] in ("local", "sim"):
@@ -267,6 +260,8 @@ class HPCGrid(Grid):
         except BaseException:
             for rt in sites.values():
                 rt.backend.close()
+            for backend in (backends or {}).values():
+                backend.close()
             raise
         return cls(federation, sites, fab_bytes, run_config=run_config,
                    task_log=TaskLog(run_dir / "tasks.jsonl"), progress=progress)
@@ -325,7 +320,7 @@ class HPCGrid(Grid):
                 self._cond.wait(timeout=1.0 if wait is None else min(wait, 1.0))
 
     @staticmethod
-    def _is_ready(task: _Task) -> bool:
+    def _is_ready(task: Task) -> bool:
         return task.immediate is not None or (task.future is not None and task.future.done())
 
     def _mark_done(self, message_id: str) -> None:
@@ -341,10 +336,10 @@ class HPCGrid(Grid):
         if task is not None:
             self._release_node(task)
 
-    def _release_node(self, task: _Task) -> None:
+    def _release_node(self, task: Task) -> None:
         """``task`` no longer occupies its node: start the node's next waiting message."""
         nid = task.node.node_id
-        nxt: _Task | None = None
+        nxt: Task | None = None
         with self._lock:
             if self._busy.get(nid) != task.message_id:
                 return
@@ -363,7 +358,7 @@ class HPCGrid(Grid):
         if nxt is not None and not self._closed:
             self._stage_pool.submit(self._stage_and_submit, nxt)
 
-    def _stage_and_submit(self, task: _Task) -> None:
+    def _stage_and_submit(self, task: Task) -> None:
         """Stage and submit one message that waited for its node (with the Context its
         node's previous message left)."""
         parts, task.parts = task.parts or {}, None
@@ -437,12 +432,12 @@ class HPCGrid(Grid):
                 for oid, obj in objects.items():
                     if oid not in parts:
                         parts[oid] = object_parts(obj)
-        tasks: list[_Task] = []
+        tasks: list[Task] = []
         for msg in messages:
             md = msg.metadata
             node = self._nodes.get(md.dst_node_id)
             if node is None:
-                task = _Task(msg, md.message_id, ClientSlot(md.dst_node_id, "?", -1, -1, {}))
+                task = Task(msg, md.message_id, ClientSlot(md.dst_node_id, "?", -1, -1, {}))
                 task.immediate = Message(
                     Error(ErrorCode.NODE_UNAVAILABLE,
                           f"node {md.dst_node_id} is not part of federation "
@@ -450,11 +445,11 @@ class HPCGrid(Grid):
                     reply_to=msg,
                 )
             else:
-                task = _Task(msg, md.message_id, node, steps=local_steps_of(msg),
+                task = Task(msg, md.message_id, node, steps=local_steps_of(msg),
                              object_ids=list(objects_of[md.message_id]))
             tasks.append(task)
 
-        by_site: dict[str, list[_Task]] = defaultdict(list)
+        by_site: dict[str, list[Task]] = defaultdict(list)
         with self._lock:
             for t in tasks:
                 self._tasks[t.message_id] = t
@@ -613,7 +608,7 @@ class HPCGrid(Grid):
     def _fetches(self, site: str) -> bool:
         return hasattr(self.sites[site].store, "fetch")
 
-    def _label(self, task: _Task) -> str:
+    def _label(self, task: Task) -> str:
         return f"flwr-hpc run {self.run.run_id} round {task.round} {task.phase}"
 
     def _fetch_replies(self, site: str, message_ids: list[str]) -> None:
@@ -637,7 +632,7 @@ class HPCGrid(Grid):
         node = self._nodes.get(reply.metadata.src_node_id)
         return node.site if node else "?"
 
-    def _stage_site(self, site: str, tasks: list[_Task], parts: dict[str, Parts]) -> None:
+    def _stage_site(self, site: str, tasks: list[Task], parts: dict[str, Parts]) -> None:
         """Write everything ``site`` lacks for these tasks, each object once.
         ``parts``: every object of the phase by id (see :meth:`push_messages`)."""
         rt = self.sites[site]
@@ -732,7 +727,7 @@ class HPCGrid(Grid):
                      ", ".join(f"{k}: {v.splitlines()[0][:60]}" for k, v in outcome.items()))
         return outcome
 
-    def _submit(self, task: _Task) -> None:
+    def _submit(self, task: Task) -> None:
         rt = self.sites[task.node.site]
         job = self._job(task.node.site, node_id=task.node.node_id,
                         message_id=task.message_id, context_id=task.context_id)
@@ -777,7 +772,7 @@ class HPCGrid(Grid):
             self._update_context(task)
         self._mark_done(message_id)
 
-    def _update_context(self, task: _Task) -> None:
+    def _update_context(self, task: Task) -> None:
         """The node's Context as its ClientApp left it, kept as soon as the task finishes
         (as a SuperNode does), whether or not the ServerApp ever pulls the reply. The
         node runs one message at a time, so updates arrive in order. A late result (its
@@ -837,18 +832,18 @@ class HPCGrid(Grid):
         self._record(task, "timeout")
 
     @staticmethod
-    def _safe_result(task: _Task) -> dict | None:
+    def _safe_result(task: Task) -> dict | None:
         try:
             return task.future.result(timeout=0) if task.future else None
         except Exception:  # noqa: BLE001
             return None
 
-    def _error_reply(self, task: _Task, code: int, reason: str) -> Message:
+    def _error_reply(self, task: Task, code: int, reason: str) -> Message:
         reply = Message(Error(code=code, reason=reason), reply_to=task.message)
         reply.metadata.__dict__["_message_id"] = reply.object_id
         return reply
 
-    def _collect(self, task: _Task) -> Message:
+    def _collect(self, task: Task) -> Message:
         """Turn a finished task into the reply the strategy sees (never raises)."""
         if task.immediate is not None:
             reply = task.immediate
@@ -921,7 +916,7 @@ class HPCGrid(Grid):
                      fetch_s=fetch_s, error=err_text)
         return reply
 
-    def _record(self, task: _Task, outcome: str, *, result: dict | None = None,
+    def _record(self, task: Task, outcome: str, *, result: dict | None = None,
                 bytes_from_site: int = 0, fetch_s: float = 0.0, error: str | None = None) -> None:
         timing = self._timing(task, outcome, result, fetch_s)
         self.timings.add(timing)
@@ -953,7 +948,7 @@ class HPCGrid(Grid):
             "error": (error or None) and str(error)[-1000:],
         })
 
-    def _timing(self, task: _Task, outcome: str, result: dict | None,
+    def _timing(self, task: Task, outcome: str, result: dict | None,
                 fetch_s: float) -> TaskTiming:
         """The task's durations, every one measured on the server's clock: the site's
         ``finished_at - started_at`` is a difference on one clock, so offsets cancel."""

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from flwr_hpc import checkpoint
+import flwr_hpc.checkpoint as checkpoint
+from flwr_hpc.protocol import ENV_RUN_DIR
 
 log = logging.getLogger("flwr_hpc")
 
@@ -258,7 +259,7 @@ def start(strategy: Any, grid: Any, initial_arrays: Any, num_rounds: int = 3,
     clock = clock_of(grid)
     began = clock.now()
     last: dict[str, Any] = {}
-    run_dir = run_dir or os.environ.get("FLWR_HPC_RUN_DIR")
+    run_dir = run_dir or os.environ.get(ENV_RUN_DIR)
     root = Path(run_dir) / checkpoint.CHECKPOINT_DIR if run_dir else None
     transport = transport_of(grid)
     resumed = checkpoint.load_checkpoint(root) if root is not None else None

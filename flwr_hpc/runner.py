@@ -39,13 +39,13 @@ from flwr_hpc._proc import keep_caches_under, large_buffer_env, return_large_buf
 from flwr_hpc.config import SUPERLINK_NODE_ID, FederationConfig, dump_federation, read_federation
 from flwr_hpc.errors import FlwrHpcError
 from flwr_hpc.payload.objects import sha256_hex
+from flwr_hpc.protocol import ENV_RUN_DIR
 from flwr_hpc.telemetry import Progress
 
 log = logging.getLogger("flwr_hpc")
 
 LOG_FORMAT = "%(levelname)-8s %(message)s"
 # Set for the ServerApp while it runs: where it may write outputs (adapters, metrics).
-ENV_RUN_DIR = "FLWR_HPC_RUN_DIR"
 
 
 class RunStopped(BaseException):
@@ -375,6 +375,7 @@ def _execute_locked(run_dir: Path, *, progress: Progress | None, console: bool) 
 
     from flwr_hpc.fab import install_fab
     from flwr_hpc.grid import HPCGrid
+    from flwr_hpc.wiring import make_grid
 
     handler = _setup_logging(run_dir, console)
     if "glibc.malloc.mmap_max" not in os.environ.get("GLIBC_TUNABLES", ""):
@@ -404,7 +405,7 @@ def _execute_locked(run_dir: Path, *, progress: Progress | None, console: bool) 
                  len(federation.sites), federation.num_clients, run_dir)
         if (done := checkpoint_round(run_dir)):
             log.info("run %s resumes after round %d (its last checkpoint)", run_id, done)
-        grid = HPCGrid.from_federation(federation, fab_bytes, run_dir=run_dir, flwr_home=home,
+        grid = make_grid(federation, fab_bytes, run_dir=run_dir, flwr_home=home,
                                        run_config=run_config, progress=progress)
         _ACTIVE.update(grid=grid, run_dir=run_dir)
         run = Run.create_empty(run_id)

@@ -42,7 +42,7 @@ from flwr.app import Error, Message
 from flwr.common.constant import ErrorCode
 
 from flwr_hpc.compute.base import ComputeBackend
-from flwr_hpc.grid import HPCGrid, _Task
+from flwr_hpc.grid import HPCGrid, Task
 from flwr_hpc.payload.objects import array_bytes
 from flwr_hpc.timing import TaskTiming, VirtualClock
 
@@ -113,7 +113,15 @@ class VirtualTimeGrid(HPCGrid):
         self._due: dict[str, float] = {}
 
     # -- submission: every task gets its timeline now
-    def _submit(self, task: _Task) -> None:
+    @classmethod
+    def from_federation(cls, federation: Any, fab_bytes: bytes, *, run_dir: Path,
+                        **kwargs: Any) -> VirtualTimeGrid:
+        """The grid over ``federation``'s simulated sites (each a :class:`SimSiteBackend`)."""
+        return super().from_federation(federation, fab_bytes, run_dir=run_dir,
+                                       backends=make_sim_backends(federation, run_dir),
+                                       **kwargs)
+
+    def _submit(self, task: Task) -> None:
         backend = self.sites[task.node.site].backend
         assert isinstance(backend, SimSiteBackend)
         plan = backend.plan(task.phase, task.steps, array_bytes(task.message))
@@ -139,7 +147,7 @@ class VirtualTimeGrid(HPCGrid):
             task.done_at = self._due[message_id]
         super()._mark_done(message_id)
 
-    def _timing(self, task: _Task, outcome: str, result: dict | None,
+    def _timing(self, task: Task, outcome: str, result: dict | None,
                 fetch_s: float) -> TaskTiming:
         plan = self._plans.pop(task.message_id, None)
         self._due.pop(task.message_id, None)

@@ -39,10 +39,10 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from flwr_hpc.protocol import LOCAL_STEPS_KEY
+
 # A train message may carry these in any ConfigRecord: the ClientApp honours them, the
 # simulator charges the steps, the timing history divides run time by them.
-LOCAL_STEPS_KEY = "local-steps"
-LR_SCALE_KEY = "lr-scale"
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ from typing import Any
 
 from flwr.app import ConfigRecord
 
-from flwr_hpc.timing import LOCAL_STEPS_KEY, LR_SCALE_KEY, timings_of, transport_of
+from flwr_hpc.protocol import LOCAL_STEPS_KEY, LR_SCALE_KEY
+from flwr_hpc.timing import timings_of, transport_of
 from strategies.deadline import DeadlineFedAvg
 
 log = logging.getLogger("flwr")

@@ -211,12 +211,12 @@ def grid_factory(flwr_home, quickstart_fab, tmp_path):
     from flwr.supercore.run import Run
     from flwr.supercore.task_identity import TaskIdentity
 
-    from flwr_hpc.grid import HPCGrid
+    from flwr_hpc.wiring import make_grid
 
     grids = []
 
     def make(fed, **kwargs):
-        grid = HPCGrid.from_federation(fed, quickstart_fab, run_dir=tmp_path / "run",
+        grid = make_grid(fed, quickstart_fab, run_dir=tmp_path / "run",
                                        flwr_home=flwr_home,
                                        run_config={"fail-partition": -1, "sleep-partition": -1,
                                                    "sleep-s": 0.0, "sleep-round": -1})

@@ -288,7 +288,7 @@ def test_sites_check_probes_each_site_through_the_fake_cloud(cloud, flwr_home, c
 
 def _submitted_jobs(cloud) -> list[dict]:
     """The site-worker jobs every submit to the fake service carried."""
-    from flwr_hpc.compute.base import task_serializer
+    from flwr_hpc.protocol import task_serializer
 
     serde = task_serializer()
     jobs = []

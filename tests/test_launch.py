@@ -11,7 +11,7 @@ from flwr.common.constant import ErrorCode
 from flwr_hpc import dist
 from flwr_hpc.config import FederationConfig
 from flwr_hpc.errors import ConfigError
-from flwr_hpc.launch import LaunchError, launch_command, launch_prefix, run_launched
+from flwr_hpc.worker.launch import LaunchError, launch_command, launch_prefix, run_launched
 
 
 @pytest.mark.parametrize("env, launcher, rank, size, local", [
@@ -42,7 +42,7 @@ def test_launch_commands(monkeypatch, tmp_path):
     job = tmp_path / "job.json"
     cmd = launch_command({"type": "torchrun", "ranks": 2}, job)
     assert cmd[:4] == [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    assert "--nproc-per-node=2" in cmd and cmd[-3:] == ["-m", "flwr_hpc.launch", str(job)]
+    assert "--nproc-per-node=2" in cmd and cmd[-3:] == ["-m", "flwr_hpc.worker.launch", str(job)]
     custom = {"type": "mpiexec", "ranks": 8, "command": "mpiexec -n {ranks} --ppn 4"}
     assert launch_prefix(custom) == ["mpiexec", "-n", "8", "--ppn", "4"]
     monkeypatch.setenv("PARSL_MPI_PREFIX", "mpiexec -n 4 --hosts x1")

@@ -58,6 +58,11 @@ def app_dir() -> Path:
     return root
 
 
+def available_strategies() -> tuple[str, ...]:
+    """The strategies the LoRA app can compose (its ``conf/strategy/*.yaml``)."""
+    return tuple(sorted(p.stem for p in (app_dir() / "conf" / "strategy").glob("*.yaml")))
+
+
 def job_overrides(strategy: str, *, hours: float, local_steps: int, seed: int,
                   max_rounds: int) -> str:
     base = [f"strategy={strategy}", f"strategy.num_rounds={max_rounds}",

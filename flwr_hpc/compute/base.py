@@ -7,15 +7,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from globus_compute_sdk.serialize import ComputeSerializer, JSONData
-
-# Results and arguments travel as JSON: the server never unpickles anything a site sent.
-RESULT_SERIALIZERS = [f"{JSONData.__module__}.{JSONData.__name__}"]
-
-
-def task_serializer() -> ComputeSerializer:
-    """Serializer for task submission: code by reference (DillCode), data as JSON."""
-    return ComputeSerializer(strategy_data=JSONData())
+from globus_compute_sdk.serialize import JSONData
 
 
 def decode_result(data: str) -> Any:

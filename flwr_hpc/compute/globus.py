@@ -29,8 +29,9 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from flwr_hpc.compute.base import RESULT_SERIALIZERS, ComputeBackend, decode_result
+from flwr_hpc.compute.base import ComputeBackend, decode_result
 from flwr_hpc.errors import GlobusServiceError, RemoteTaskError, WorkerLostError
+from flwr_hpc.protocol import RESULT_SERIALIZERS
 
 log = logging.getLogger(__name__)
 

@@ -26,13 +26,9 @@ from globus_compute_common import messagepack
 from globus_compute_common.messagepack.message_types import Result, Task
 from globus_compute_sdk.serialize import DillCode, JSONData
 
-from flwr_hpc.compute.base import (
-    RESULT_SERIALIZERS,
-    ComputeBackend,
-    decode_result,
-    task_serializer,
-)
+from flwr_hpc.compute.base import ComputeBackend, decode_result
 from flwr_hpc.errors import RemoteTaskError, WorkerLostError
+from flwr_hpc.protocol import RESULT_SERIALIZERS, task_serializer
 
 log = logging.getLogger(__name__)
 

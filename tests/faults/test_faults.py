@@ -121,7 +121,7 @@ def test_unusable_replies_become_node_errors_and_the_rest_aggregate(grid_factory
     # Flower's own loop stops the whole run on the first such reply
     with pytest.raises(InconsistentMessageReplies):
         FedAvg(fraction_evaluate=0.0).start(grid=grid, initial_arrays=initial, num_rounds=1)
-    from strategies.streaming import StreamingFedAvg
+    from flwr_hpc.streaming import StreamingFedAvg
 
     for strategy in (FedAvg(fraction_evaluate=0.0), StreamingFedAvg(fraction_evaluate=0.0)):
         result = start(strategy, grid, initial, num_rounds=1, run_dir=None)

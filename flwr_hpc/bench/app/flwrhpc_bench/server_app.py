@@ -27,7 +27,7 @@ def main(grid: Grid, context: Context) -> None:
     rounds, size_mb = int(cfg["rounds"]), float(cfg["size-mb"])
     nodes = len(list(grid.get_node_ids()))
     if bool(cfg["streaming"]):
-        from strategies.streaming import StreamingFedAvg as Strategy
+        from flwr_hpc.streaming import StreamingFedAvg as Strategy
     else:
         Strategy = FedAvg
     strategy = Strategy(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=nodes,

@@ -1,17 +1,9 @@
-"""The site worker: what runs at a facility for every Flower message.
+"""Running one site task in this process: fetch and verify the message and the node's
+``Context``, load the ClientApp from the run's FAB (checked against the site's allow-list,
+installed once per site), run it, write the reply and the new ``Context``.
 
-``run_task`` is shipped to the endpoint *by reference* (a ~40-byte dill import reference),
-so a site runs only code from its installed flwr-hpc, never code objects from the wire. Its
-argument and return value are plain JSON. For each task it:
-
-1. opens the site's payload store and fetches + verifies (sha256) the message objects and
-   the node's ``Context``;
-2. loads the ClientApp from the run's FAB (installed once per site and cached by hash);
-3. runs ``app(message, context)`` -- in this process, or, when the site has a launcher,
-   on every rank of a data-parallel group (:mod:`flwr_hpc.launch`); an exception becomes a
-   Flower ``Error`` reply, exactly as a SuperNode would report it;
-4. writes the reply objects and the updated ``Context`` to the store and returns their ids
-   plus timings.
+Site side: imports only :mod:`flwr_hpc.protocol`, :mod:`flwr_hpc.payload`,
+:mod:`flwr_hpc.fab`, :mod:`flwr_hpc.errors` and :mod:`flwr_hpc._proc`.
 """
 
 from __future__ import annotations
@@ -27,10 +19,7 @@ from typing import Any
 
 from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode
-from flwr.common.serde import context_from_proto, context_to_proto
-from flwr.proto.message_pb2 import Context as ProtoContext  # pylint: disable=E0611
 
-from flwr_hpc._proc import keep_caches_under
 from flwr_hpc.errors import FlwrHpcError
 from flwr_hpc.payload.inline import InlineSiteStore
 from flwr_hpc.payload.inline import encode as encode_objects
@@ -42,18 +31,14 @@ from flwr_hpc.payload.objects import (
     sha256_hex,
 )
 from flwr_hpc.payload.store import open_store
-
-JOB_VERSION = 1
-# A Context up to this size also travels back inside the task result (base64), so the
-# server updates the node's Context as soon as the task ends, with no store round trip.
-INLINE_CONTEXT_BYTES = 1 << 20
-# Set by a site's admin in the endpoint's environment (e.g. its worker_init): the FABs this
-# site runs, as sha256 hashes (and "publisher/*" or "publisher/name" entries, see below),
-# separated by commas or spaces. Unset: any FAB the server sends. The server cannot change it.
-ENV_ALLOWED_FABS = "FLWR_HPC_ALLOWED_FABS"
-# "publisher/*" and "publisher/name" entries compare names the FAB gives itself (not
-# authenticated); they admit FABs only when the site's admin also sets this to 1.
-ENV_ALLOW_BY_NAME = "FLWR_HPC_ALLOW_FABS_BY_NAME"
+from flwr_hpc.protocol import (
+    ENV_ALLOW_BY_NAME,
+    ENV_ALLOWED_FABS,
+    INLINE_CONTEXT_BYTES,
+    context_from_bytes,
+    context_to_bytes,
+    task_serializer,
+)
 
 _APP_CACHE: dict[str, Any] = {}
 
@@ -62,14 +47,6 @@ _APP_CACHE: dict[str, Any] = {}
 # assembled once per worker and phase, not once per task.
 _CACHE_LIMIT = int(os.environ.get("FLWR_HPC_WORKER_CACHE_MB", "1024")) << 20
 ARRAYS = ArrayCache(_CACHE_LIMIT)
-
-
-def context_to_bytes(context: Context) -> bytes:
-    return context_to_proto(context).SerializeToString()
-
-
-def context_from_bytes(data: bytes) -> Context:
-    return context_from_proto(ProtoContext.FromString(data))
 
 
 def _install_fab(fab_hash: str, fab_bytes: bytes, apps_dir: Path) -> Path:
@@ -136,7 +113,7 @@ def task_store(job: dict[str, Any]):
     return open_store(job["store"])
 
 
-def _failure(job: dict, code: int, reason: str, started_at: float) -> dict[str, Any]:
+def failure_result(job: dict, code: int, reason: str, started_at: float) -> dict[str, Any]:
     return {
         "ok": False,
         "message_id": job.get("message_id"),
@@ -148,46 +125,7 @@ def _failure(job: dict, code: int, reason: str, started_at: float) -> dict[str, 
     }
 
 
-def run_task(job: dict[str, Any]) -> dict[str, Any]:
-    """Run one Flower message at this site (see module docstring)."""
-    started_at = time.time()
-    if job.get("v") != JOB_VERSION:
-        return _failure(job, ErrorCode.UNKNOWN,
-                        f"job format v{job.get('v')} not understood by this flwr-hpc "
-                        f"(expects v{JOB_VERSION}); install the same flwr-hpc version at "
-                        "the server and the site", started_at)
-    _limit_threads(job.get("threads"))
-    if job.get("apps_dir"):  # caches at the site's directory, not the account's ~/.cache
-        keep_caches_under(Path(job["apps_dir"]).parent / "cache")
-    if job.get("warmup"):
-        return warm_up(job, started_at)
-    launcher = job.get("launcher") or {}
-    if launcher.get("type", "none") != "none":
-        from flwr_hpc.launch import run_launched
-
-        return run_launched(job, started_at)
-    return execute(job, started_at, primary=True)
-
-
-def warm_up(job: dict[str, Any], started_at: float) -> dict[str, Any]:
-    """A warm-up task (``job["warmup"]``): load the run's ClientApp into this worker
-    process (install the FAB, import the app and what it imports) and return, so the
-    ServerApp's first message finds a warm worker. Runs through ``run_task`` so a site's
-    function allow-list needs nothing new."""
-    try:
-        store = task_store(job)
-        fab_hash = check_object_id(job["fab_hash"])
-        load_client_app(fab_hash, lambda: store.get(fab_hash), Path(job["apps_dir"]),
-                        site=str(job.get("site", "")))
-    except Exception as err:  # noqa: BLE001 - reported to the server, which goes on
-        return _failure(job, ErrorCode.LOAD_CLIENT_APP_EXCEPTION,
-                        f"could not load the ClientApp: {type(err).__name__}: {err}",
-                        started_at)
-    return {"ok": True, "warmup": True, "pid": os.getpid(), "started_at": started_at,
-            "finished_at": time.time()}
-
-
-def _limit_threads(threads: int | None) -> None:
+def limit_threads(threads: int | None) -> None:
     """Several workers share this machine: keep each to its share of the cores."""
     if not threads:
         return
@@ -212,7 +150,7 @@ def execute(job: dict[str, Any], started_at: float, *, primary: bool) -> dict[st
                                   cache=None if isinstance(store, InlineSiteStore) else ARRAYS)
         context = context_from_bytes(store.get(context_id))
     except FlwrHpcError as err:
-        return _failure(job, ErrorCode.MESSAGE_UNAVAILABLE, str(err), started_at)
+        return failure_result(job, ErrorCode.MESSAGE_UNAVAILABLE, str(err), started_at)
     fetched_at = time.time()
 
     try:
@@ -224,9 +162,9 @@ def execute(job: dict[str, Any], started_at: float, *, primary: bool) -> dict[st
         app = load_client_app(fab_hash, lambda: store.get(fab_hash), Path(job["apps_dir"]),
                               site=str(job.get("site", "")))
     except FabRefusedError as err:
-        return _failure(job, ErrorCode.LOAD_CLIENT_APP_EXCEPTION, str(err), started_at)
+        return failure_result(job, ErrorCode.LOAD_CLIENT_APP_EXCEPTION, str(err), started_at)
     except Exception as err:  # noqa: BLE001
-        return _failure(
+        return failure_result(
             job, ErrorCode.LOAD_CLIENT_APP_EXCEPTION,
             f"could not load the ClientApp: {type(err).__name__}: {err}", started_at,
         )
@@ -290,7 +228,6 @@ def _file_reply_if_too_large(job: dict, result: dict, store: InlineSiteStore,
                              started_at: float) -> dict | None:
     """Keep an inline result under the endpoint's result limit: measured with the task
     serializer, an oversized reply is written to ``reply_path`` instead (a file reply)."""
-    from flwr_hpc.compute.base import task_serializer
     from flwr_hpc.payload.inline import DEFAULT_MAX_RESULT_BYTES
 
     limit = int(job["store"].get("max_result_bytes") or DEFAULT_MAX_RESULT_BYTES)
@@ -299,7 +236,7 @@ def _file_reply_if_too_large(job: dict, result: dict, store: InlineSiteStore,
         return None
     reply_path = job["store"].get("reply_path")
     if not reply_path:
-        return _failure(
+        return failure_result(
             job, ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
             f"the reply is {size:,} bytes serialized, over the inline result limit of "
             f"{limit:,} (payload.max_result_bytes; Globus Compute refuses results over "
@@ -314,24 +251,3 @@ def _file_reply_if_too_large(job: dict, result: dict, store: InlineSiteStore,
     return None
 
 
-def probe(job: dict[str, Any]) -> dict[str, Any]:
-    """A tiny site task for ``flwr-hpc sites check``: who runs here, and can it read the
-    store? Reads the probe object the server staged and writes one back."""
-    import platform
-
-    import flwr_hpc
-
-    out: dict[str, Any] = {"host": platform.node(), "python": platform.python_version(),
-                           "flwr_hpc": flwr_hpc.__version__, "started_at": time.time()}
-    try:
-        store = task_store(job)
-        data = store.get(check_object_id(job["probe_id"]))
-        reply = f"pong:{data.decode()}".encode()
-        out["reply_id"] = sha256_hex(reply)
-        store.put(out["reply_id"], reply)
-        if isinstance(store, InlineSiteStore):
-            out["objects"] = encode_objects(store.outbox)
-        out["store"] = "ok"
-    except Exception as err:  # noqa: BLE001 - the report is the result
-        out["store"] = f"{type(err).__name__}: {err}"
-    return out

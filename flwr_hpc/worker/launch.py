@@ -1,7 +1,7 @@
 """Launch the ClientApp as a data-parallel rank group with the site's launcher.
 
 The site worker (:func:`flwr_hpc.worker.run_task`) writes the job to a launch directory
-and starts ``python -m flwr_hpc.launch <job.json>`` on ``ranks`` processes with the site's
+and starts ``python -m flwr_hpc.worker.launch <job.json>`` on ``ranks`` processes with the site's
 launcher. Every rank fetches the same message and runs the ClientApp; the ClientApp joins
 the group through :func:`flwr_hpc.dist.init` (gloo on CPU, nccl on GPU). Rank 0 alone
 writes the reply to the store and ``result.json`` to the launch directory, which the
@@ -40,7 +40,9 @@ from typing import Any
 
 from flwr.common.constant import ErrorCode
 
+import flwr_hpc.dist as dist
 from flwr_hpc.dist import ENV_MASTER_PORT
+from flwr_hpc.worker.execute import execute, failure_result, limit_threads
 
 LOG_TAIL_CHARS = 3000
 
@@ -74,7 +76,7 @@ def launch_prefix(launcher: dict[str, Any]) -> list[str]:
 def launch_command(launcher: dict[str, Any], job_file: Path) -> list[str]:
     python = [] if launcher["type"] == "torchrun" and not launcher.get("command") else [
         sys.executable]
-    module = ["-m", "flwr_hpc.launch", str(job_file)]
+    module = ["-m", "flwr_hpc.worker.launch", str(job_file)]
     return launch_prefix(launcher) + python + module
 
 
@@ -97,8 +99,6 @@ def _launch_env(launcher: dict[str, Any]) -> dict[str, str]:
 
 def run_launched(job: dict[str, Any], started_at: float) -> dict[str, Any]:
     """Run ``job`` on a rank group; return rank 0's result (or a crash report)."""
-    from flwr_hpc.worker import _failure
-
     launcher = job["launcher"]
     launch_dir = Path(job["apps_dir"]).parent / "launch" / uuid.uuid4().hex
     launch_dir.mkdir(parents=True)
@@ -117,13 +117,13 @@ def run_launched(job: dict[str, Any], started_at: float) -> dict[str, Any]:
             result["launch_s"] = time.time() - started_at
             return result
         tail = log_file.read_text(errors="replace")[-LOG_TAIL_CHARS:]
-        return _failure(job, ErrorCode.CLIENT_APP_CRASHED,
-                        f"{launcher['type']} launch of {launcher['ranks']} ranks exited "
-                        f"{proc.returncode} without a reply; command: {shlex.join(cmd)}\n"
-                        f"log tail:\n{tail}", started_at)
+        return failure_result(job, ErrorCode.CLIENT_APP_CRASHED,
+                              f"{launcher['type']} launch of {launcher['ranks']} ranks exited "
+                              f"{proc.returncode} without a reply; command: {shlex.join(cmd)}\n"
+                              f"log tail:\n{tail}", started_at)
     except (LaunchError, OSError) as err:
-        return _failure(job, ErrorCode.CLIENT_APP_CRASHED, f"{type(err).__name__}: {err}",
-                        started_at)
+        return failure_result(job, ErrorCode.CLIENT_APP_CRASHED, f"{type(err).__name__}: {err}",
+                              started_at)
     finally:
         if not os.environ.get("FLWR_HPC_KEEP_LAUNCH_DIRS"):
             shutil.rmtree(launch_dir, ignore_errors=True)
@@ -131,12 +131,9 @@ def run_launched(job: dict[str, Any], started_at: float) -> dict[str, Any]:
 
 def rank_main(job_file: Path) -> int:
     """One rank: run the job; rank 0 writes ``result.json`` next to the job file."""
-    from flwr_hpc import dist
-    from flwr_hpc.worker import _limit_threads, execute
-
     started_at = time.time()
     job = json.loads(job_file.read_text())
-    _limit_threads(job.get("threads"))
+    limit_threads(job.get("threads"))
     me = dist.info()  # the ClientApp joins the group with dist.init()
     result = execute(job, started_at, primary=me.is_primary)
     if "torch" in sys.modules:

@@ -1,5 +1,9 @@
 """Streaming aggregation: Flower's FedAvg family, aggregating replies one at a time.
 
+Part of the plugin's public API (the counterpart of the grid's streaming opt-in,
+:class:`flwr_hpc.streaming_grid.StreamingGrid`): any ServerApp may use it, this project's
+LoRA job and the transport benchmark's app do.
+
 Flower's ``FedAvg.aggregate_train`` turns the replies into a list and then averages them,
 so the server holds every client's model at once: O(clients x model). ``HPCGrid`` yields
 replies as they arrive; :class:`StreamingFedAvg` folds each into a running weighted sum
