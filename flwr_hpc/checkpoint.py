@@ -63,14 +63,71 @@ def _is_array_list(value: Any) -> bool:
             and all(isinstance(v, np.ndarray) for v in value))
 
 
+class CheckpointStateError(ValueError):
+    """A strategy attribute the checkpoint can neither save nor recognise as
+    configuration; its message names the attribute and says what to do."""
+
+
+def _json_encode(value: Any, key: str) -> Any:
+    """JSON for scalars, lists, tuples, sets and dicts of them (dict keys of any scalar
+    type kept: stored as pairs); raises :class:`CheckpointStateError` otherwise."""
+    if isinstance(value, bool | int | float | str) or value is None:
+        return value
+    if isinstance(value, list | tuple):
+        return {"list" if isinstance(value, list) else "tuple":
+                [_json_encode(v, key) for v in value]}
+    if isinstance(value, set | frozenset):
+        return {"set": [_json_encode(v, key) for v in sorted(value, key=repr)]}
+    if isinstance(value, dict):
+        return {"dict": [[_json_encode(k, key), _json_encode(v, key)]
+                         for k, v in value.items()]}
+    raise CheckpointStateError(
+        f"checkpoint: cannot save strategy attribute {key} ({type(value).__name__}): give "
+        "it state_dict()/load_state_dict(), or list it in the strategy's "
+        "`checkpoint_transient` if it is per-process state a resumed run rebuilds")
+
+
+def _json_decode(value: Any) -> Any:
+    if not isinstance(value, dict):
+        return value
+    (kind, items), = value.items()
+    if kind == "dict":
+        return {_json_decode(k): _json_decode(v) for k, v in items}
+    decoded = [_json_decode(v) for v in items]
+    return {"list": list, "tuple": tuple, "set": set}[kind](decoded)
+
+
+def _configuration(value: Any) -> bool:
+    """Callables, classes, modules and loggers configure a strategy; they are not state
+    (the resumed run builds them again from its config)."""
+    import types
+
+    return callable(value) or isinstance(value, type | types.ModuleType | logging.Logger)
+
+
+def _through(obj: Any) -> Any:
+    """A transparent wrapper (``checkpoint_through = "strategy"``) is checkpointed as the
+    strategy it wraps, so wrapping does not change the checkpoint's layout."""
+    while getattr(type(obj), "checkpoint_through", None):
+        obj = getattr(obj, type(obj).checkpoint_through)
+    return obj
+
+
 def capture_state(obj: Any, arrays: dict[str, np.ndarray], prefix: str = "s") -> dict:
-    """The restorable state of a strategy object: JSON meta + arrays added to ``arrays``."""
+    """The restorable state of a strategy object: JSON meta + arrays added to ``arrays``.
+    Every attribute is saved, skipped as configuration (callables, classes, loggers) or as
+    declared per-process state (the class's ``checkpoint_transient``), or refused with
+    :class:`CheckpointStateError` naming it: nothing is dropped silently."""
     from flwr.app import ArrayRecord
     from flwr.serverapp.strategy import Strategy
 
+    obj = _through(obj)
+    transient = set(getattr(type(obj), "checkpoint_transient", ()))
     meta: dict[str, Any] = {}
     for name, value in vars(obj).items():
         key = f"{prefix}.{name}"
+        if name in transient:
+            continue
         if isinstance(value, bool | int | float | str) or value is None:
             meta[name] = {"kind": "scalar", "value": value}
         elif isinstance(value, np.ndarray):
@@ -97,7 +154,10 @@ def capture_state(obj: Any, arrays: dict[str, np.ndarray], prefix: str = "s") ->
             state = value.state_dict()
             json.dumps(state)  # only JSON state is kept (Flower's accountant is)
             meta[name] = {"kind": "state-dict", "value": state}
-        # anything else (callables, configs objects, loggers) is configuration, not state
+        elif _configuration(value):
+            continue
+        else:
+            meta[name] = {"kind": "json", "value": _json_encode(value, key)}
     return meta
 
 
@@ -105,11 +165,14 @@ def restore_state(obj: Any, meta: dict, arrays: dict[str, np.ndarray], prefix: s
                   ) -> None:
     from flwr.app import Array, ArrayRecord
 
+    obj = _through(obj)
     for name, item in meta.items():
         key = f"{prefix}.{name}"
         kind = item["kind"]
         if kind == "scalar":
             value: Any = item["value"]
+        elif kind == "json":
+            value = _json_decode(item["value"])
         elif kind == "ndarray":
             value = arrays[key]
         elif kind == "ndarray-dict":

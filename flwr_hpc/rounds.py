@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flwr.serverapp.strategy import Strategy
 
 import flwr_hpc.checkpoint as checkpoint
 from flwr_hpc.protocol import ENV_RUN_DIR
@@ -192,48 +193,63 @@ class _FailedRounds:
                 f"nothing: no train reply succeeded ({why})")
 
 
-def _guarded(strategy: Any, offset: int, failed: _FailedRounds | None = None) -> Any:
-    """``strategy`` presented to Flower's loop with its rounds shifted by ``offset``, its
-    replies screened before aggregation, and rounds that train nothing counted."""
-    from flwr.serverapp.strategy import Strategy
+class ScreenedStrategy(Strategy):
+    """Flower's round loop over ``strategy``, with its rounds shifted by ``offset`` (a
+    resumed run continues its numbering), every reply screened before aggregation (an
+    unusable one becomes that node's error), aggregates kept in the global model's dtypes,
+    and rounds that train nothing counted (:class:`RoundsFailed` after
+    ``max_failed_rounds`` in a row). A wrapper, as Flower's DP strategies are: it holds
+    ``strategy`` and delegates to it; the wrapped strategy is not modified.
 
-    failed = failed or _FailedRounds(1 << 30)
+    Parameters
+    ----------
+    strategy : Strategy
+        The strategy that configures and aggregates.
+    offset : int
+        Rounds already done (a resumed run).
+    max_failed_rounds : int
+        Rounds in a row without a successful train reply (and without a new model)
+        before the run fails.
+    """
 
-    weighted_by_key = _weighted_by_key(strategy)
-    # a streaming strategy gets the replies one by one; any other gets a list, as from
-    # Flower's own grids (some strategies iterate more than once)
-    check = screen_stream if getattr(strategy, "streaming", False) else screen
-    sent: dict[str, Any] = {}
+    def __init__(self, strategy: Strategy, offset: int = 0, max_failed_rounds: int = 1 << 30
+                 ) -> None:
+        self.strategy = strategy
+        self.offset = offset
+        self._failed = _FailedRounds(max_failed_rounds)
+        self._weighted_by_key = _weighted_by_key(strategy)
+        # a streaming strategy gets the replies one by one; any other gets a list, as from
+        # Flower's own grids (some strategies iterate more than once)
+        self._streaming = bool(getattr(strategy, "streaming", False))
+        self._check = screen_stream if self._streaming else screen
+        self._sent: Any = None
 
-    class GuardedStrategy(Strategy):
-        def configure_train(self, server_round, arrays, config, grid):
-            sent["arrays"] = arrays
-            return strategy.configure_train(server_round + offset, arrays, config, grid)
+    def configure_train(self, server_round, arrays, config, grid):
+        self._sent = arrays
+        return self.strategy.configure_train(server_round + self.offset, arrays, config, grid)
 
-        def aggregate_train(self, server_round, replies):
-            reference = sent.get("arrays")
-            replies = check(replies, train=True, weighted_by_key=weighted_by_key,
-                            reference=reference)
-            tally = _Tally()
-            counted = tally.watch(replies)
-            if not getattr(strategy, "streaming", False):
-                counted = list(counted)  # a list, as from Flower's grids
-            arrays, metrics = strategy.aggregate_train(server_round + offset, counted)
-            failed.round_ended(server_round + offset, tally, arrays)
-            return keep_dtypes(arrays, reference), metrics
+    def aggregate_train(self, server_round, replies):
+        reference = self._sent
+        replies = self._check(replies, train=True, weighted_by_key=self._weighted_by_key,
+                              reference=reference)
+        tally = _Tally()
+        counted = tally.watch(replies)
+        if not self._streaming:
+            counted = list(counted)  # a list, as from Flower's grids
+        arrays, metrics = self.strategy.aggregate_train(server_round + self.offset, counted)
+        self._failed.round_ended(server_round + self.offset, tally, arrays)
+        return keep_dtypes(arrays, reference), metrics
 
-        def configure_evaluate(self, server_round, arrays, config, grid):
-            return strategy.configure_evaluate(server_round + offset, arrays, config, grid)
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return self.strategy.configure_evaluate(server_round + self.offset, arrays, config,
+                                                grid)
 
-        def aggregate_evaluate(self, server_round, replies):
-            replies = check(replies, train=False, weighted_by_key=weighted_by_key)
-            return strategy.aggregate_evaluate(server_round + offset, replies)
+    def aggregate_evaluate(self, server_round, replies):
+        replies = self._check(replies, train=False, weighted_by_key=self._weighted_by_key)
+        return self.strategy.aggregate_evaluate(server_round + self.offset, replies)
 
-        def summary(self) -> None:
-            strategy.summary()
-
-    GuardedStrategy.__name__ = type(strategy).__name__
-    return GuardedStrategy()
+    def summary(self) -> None:
+        self.strategy.summary()
 
 
 class _BudgetSpent(Exception):
@@ -308,7 +324,7 @@ def start(strategy: Any, grid: Any, initial_arrays: Any, num_rounds: int = 3,
     # every other strategy gets Flower's list
     loop_grid = StreamingGrid(grid) if getattr(strategy, "streaming", False) else grid
     try:
-        result = _guarded(strategy, offset, _FailedRounds(max_failed_rounds)).start(
+        result = ScreenedStrategy(strategy, offset, max_failed_rounds).start(
             grid=loop_grid, initial_arrays=arrays, num_rounds=num_rounds - offset,
             timeout=timeout, train_config=train_config, evaluate_config=evaluate_config,
             evaluate_fn=round_done)

@@ -18,12 +18,13 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import Strategy
 
 from strategies.metered_grid import MeteredGrid
 
@@ -53,36 +54,28 @@ class RoundRecorder:
         self.clock_fn = clock_fn or time.time
         self._clock_origin = self.clock_fn()
 
-    def attach(self, strategy):
-        """Record what ``strategy`` aggregates; returns the strategy for chaining."""
-        aggregate_train = strategy.aggregate_train
-        aggregate_evaluate = strategy.aggregate_evaluate
+    def attach(self, strategy: Strategy) -> RecordingStrategy:
+        """``strategy`` wrapped so that this recorder sees what it aggregates."""
+        return RecordingStrategy(strategy, self)
 
-        def train_hook(server_round, replies):
-            seen = {"ok": 0}
+    def record_train(self, server_round: int, replies: Iterable[Message],
+                     seen: dict[str, int]) -> Iterator[Message]:
+        """Pass the train replies through, counting (and saving) the good ones: one at a
+        time, so a streaming strategy stays O(model)."""
+        for m in replies:
+            if not m.has_error():
+                seen["ok"] += 1
+                if self.save_client_updates:
+                    self._save_updates(server_round, [m])
+            yield m
 
-            def tap():  # one reply at a time: a streaming strategy stays O(model)
-                for m in replies:
-                    if not m.has_error():
-                        seen["ok"] += 1
-                        if self.save_client_updates:
-                            self._save_updates(server_round, [m])
-                    yield m
+    def train_aggregated(self, metrics: Any, ok_replies: int) -> None:
+        self._train = dict(metrics or {})
+        # scheduler-aware strategies pull their own replies and report how many
+        self._train["replies"] = ok_replies or int(self._train.get("updates", 0))
 
-            arrays, metrics = aggregate_train(server_round, tap())
-            self._train = dict(metrics or {})
-            # scheduler-aware strategies pull their own replies and report how many
-            self._train["replies"] = seen["ok"] or int(self._train.get("updates", 0))
-            return arrays, metrics
-
-        def evaluate_hook(server_round, replies):
-            metrics = aggregate_evaluate(server_round, replies)
-            self._evaluate = dict(metrics or {})
-            return metrics
-
-        strategy.aggregate_train = train_hook
-        strategy.aggregate_evaluate = evaluate_hook
-        return strategy
+    def evaluate_aggregated(self, metrics: Any) -> None:
+        self._evaluate = dict(metrics or {})
 
     def evaluate_fn(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         adapter_dir = self.out_dir / "global" / f"round-{server_round}"
@@ -175,3 +168,43 @@ class RoundRecorder:
 
     def table(self) -> str:
         return "\n".join([self.header()] + [self.format_row(r) for r in self.rows])
+
+
+class RecordingStrategy(Strategy):
+    """``strategy`` with its train and evaluate aggregates reported to a
+    :class:`RoundRecorder` (for ``metrics.jsonl`` and the round table). A wrapper, as
+    Flower's DP strategies are: it holds ``strategy`` and delegates every call, the wrapped
+    strategy is not modified, and anything else (``streaming``, ``privacy_spent``...) is
+    read from it. Checkpoints see through it (``checkpoint_through``)."""
+
+    checkpoint_through = "strategy"
+
+    def __init__(self, strategy: Strategy, recorder: RoundRecorder) -> None:
+        self.strategy = strategy
+        self.recorder = recorder
+
+    def __getattr__(self, name: str) -> Any:  # streaming, privacy_spent, weighted_by_key...
+        if name in ("strategy", "recorder"):
+            raise AttributeError(name)
+        return getattr(self.strategy, name)
+
+    def configure_train(self, server_round, arrays, config, grid):
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round, replies):
+        seen = {"ok": 0}
+        arrays, metrics = self.strategy.aggregate_train(
+            server_round, self.recorder.record_train(server_round, replies, seen))
+        self.recorder.train_aggregated(metrics, seen["ok"])
+        return arrays, metrics
+
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round, replies):
+        metrics = self.strategy.aggregate_evaluate(server_round, replies)
+        self.recorder.evaluate_aggregated(metrics)
+        return metrics
+
+    def summary(self) -> None:
+        self.strategy.summary()

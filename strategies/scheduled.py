@@ -79,6 +79,9 @@ class ScheduledFedAvg(FedAvg):
     """
 
     streaming = False  # rounds.start hands over a list (this strategy pulls its own replies)
+    # tasks in flight, the base models they started from, this round's ids, the grid: the
+    # submitting process's state; a resumed run starts with none in flight
+    checkpoint_transient = ("_inflight", "_models", "_dispatched", "_grid")
     normalize_by_staleness = True
 
     def __init__(self, *, staleness_exponent: float = 0.5, max_staleness: int = 8,

@@ -124,3 +124,39 @@ def test_checkpoints_are_atomic_verified_and_fall_back_when_corrupted(tmp_path, 
         ck.write_checkpoint(root, _ckpt(4))
     assert not (root / "round-4").exists() and not list(root.glob(".tmp-*"))
     assert (root / "LATEST").read_text() == "round-3"
+
+
+def test_strategy_state_is_saved_or_refused_never_dropped():
+    """Containers of scalars round-trip (int keys, tuples and sets kept); an object the
+    checkpoint cannot save is refused naming the attribute; a strategy's declared
+    per-process state is skipped; wrappers are checkpointed as what they wrap."""
+    from flwr.serverapp.strategy import FedAvg
+
+    from flwr_hpc.checkpoint import CheckpointStateError, capture_state, restore_state
+    from strategies.recorder import RecordingStrategy
+
+    strategy = FedAvg()
+    strategy.budgets = {7: (3, 0.5), 9: (1, 1.0)}
+    strategy.seen = {"a", "b"}
+    arrays: dict[str, np.ndarray] = {}
+    meta = capture_state(strategy, arrays)
+    fresh = FedAvg()
+    restore_state(fresh, meta, arrays)
+    assert fresh.budgets == {7: (3, 0.5), 9: (1, 1.0)} and fresh.seen == {"a", "b"}
+
+    wrapped = RecordingStrategy(strategy, recorder=None)
+    assert capture_state(wrapped, {}) == meta  # same layout as the bare strategy
+
+    class Opaque:
+        pass
+
+    strategy.cache = Opaque()
+    with pytest.raises(CheckpointStateError, match=r"s\.cache \(Opaque\)"):
+        capture_state(strategy, {})
+
+    class WithRuntimeState(FedAvg):
+        checkpoint_transient = ("cache",)
+
+    declared = WithRuntimeState()
+    declared.cache = Opaque()
+    assert "cache" not in capture_state(declared, {})
