@@ -505,7 +505,7 @@ SERVICE_LOCK = "service.lock"
 # long-lived) and how long an idle one may wait: a flood of idle connections cannot use up
 # the service's file descriptors.
 MAX_CONNECTIONS = 128
-IDLE_TIMEOUT_S = 30.0
+IDLE_TIMEOUT_S = 5.0
 
 
 class BoundedHTTPServer(ThreadingHTTPServer):
@@ -513,6 +513,8 @@ class BoundedHTTPServer(ThreadingHTTPServer):
     once (the next ones are closed at once) and closes idle ones (the handler's timeout)."""
 
     daemon_threads = True
+    request_queue_size = 128  # the listen backlog (socketserver's default of 5 drops
+    # connections in a burst, and clients wait a second per retry)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -17,7 +17,10 @@ from pathlib import Path
 
 def run_reference(app_dir: Path, num_supernodes: int, result_file: Path,
                   mode: str = "", timeout_s: float = 300) -> subprocess.CompletedProcess:
+    # Flower's runtime is the reference for results, not for start-up time: its Ray
+    # workers start cold inside the app's first stage, so stages get a patient timeout
     env = {**os.environ, "COMPAT_RESULT_FILE": str(result_file), "COMPAT_MODE": mode,
+           "COMPAT_STAGE_TIMEOUT_S": "120",
            "RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0"}
     return subprocess.run([sys.executable, __file__, str(app_dir), str(num_supernodes),
                            str(result_file), mode], capture_output=True, text=True,

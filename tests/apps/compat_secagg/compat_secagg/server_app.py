@@ -32,6 +32,9 @@ def main(grid: Grid, context: Context) -> None:
                       on_fit_config_fn=lambda r: {"server_round": r}, evaluate_fn=central)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=3),
                            strategy=strategy)
+    # 15 s per stage, as in Flower's demo; the reference run under Flower's simulation
+    # (Ray workers cold on a loaded machine) may ask for more with COMPAT_STAGE_TIMEOUT_S
+    timeout = float(os.environ.get("COMPAT_STAGE_TIMEOUT_S", "15"))
     workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
-        num_shares=4, reconstruction_threshold=3, timeout=15.0))
+        num_shares=4, reconstruction_threshold=3, timeout=timeout))
     workflow(grid, legacy)
