@@ -228,8 +228,8 @@ def test_run_takes_overrides_after_options_and_names_a_bad_run_config(flwr_home,
     """`flwr-hpc run APP -c k=v federation=x`: Hydra overrides after the options."""
     result = tmp_path / "r.json"
     res = subprocess.run([str(BIN / "flwr-hpc"), "run", str(APPS / "compat_raw"), "-c",
-                          f'result-file="{result}"', "-c", 'mode="query-len"',
-                          "federation=local", "federation.sites.beta.clients=1"],
+                          f'result-file="{result}"', "-c", 'mode="query-len"', "-c",
+                          "num-nodes=3", "federation=local", "federation.sites.beta.clients=1"],
                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(result.read_text())["len"] == 3  # beta now hosts one client, not two
