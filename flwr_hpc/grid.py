@@ -59,7 +59,7 @@ from flwr_hpc.payload.objects import (
     sha256_hex,
 )
 from flwr_hpc.payload.store import FilesystemStore, PayloadStore
-from flwr_hpc.protocol import JOB_VERSION, context_from_bytes, context_to_bytes, task_serializer
+from flwr_hpc.protocol import JOB_VERSION, context_from_bytes, context_to_bytes
 from flwr_hpc.telemetry import Progress, TaskLog
 from flwr_hpc.timing import SiteTimings, TaskTiming, WallClock, local_steps_of
 from flwr_hpc.worker import run_task
@@ -606,7 +606,7 @@ class HPCGrid(Grid):
     # ------------------------------------------------------------------ internals
 
     def _fetches(self, site: str) -> bool:
-        return hasattr(self.sites[site].store, "fetch")
+        return self.sites[site].store.batch_fetch
 
     def _label(self, task: Task) -> str:
         return f"flwr-hpc run {self.run.run_id} round {task.round} {task.phase}"
@@ -622,7 +622,7 @@ class HPCGrid(Grid):
         if not wanted:
             return
         try:
-            self.sites[site].store.fetch(wanted, self._label(tasks[0]))
+            self.sites[site].store.receive({}, wanted, self._label(tasks[0]))
         except Exception as err:  # noqa: BLE001 - those nodes get an error reply
             log.error("fetching replies from site '%s' failed: %s", site, err)
             for t in tasks:
@@ -654,9 +654,8 @@ class HPCGrid(Grid):
             t.object_ids = [*t.object_ids, t.context_id, self.fab_hash]
             t.bytes_to_site = written - before
             before = written
-        flush = getattr(rt.store, "flush", None)
-        if flush is not None and tasks:  # one transfer task carries all of it
-            flush(self._label(tasks[0]))
+        if tasks:  # a Transfer store moves all of it in one transfer task
+            rt.store.flush(self._label(tasks[0]))
         elapsed = time.monotonic() - t0
         for t in tasks:
             t.stage_s = elapsed
@@ -689,12 +688,9 @@ class HPCGrid(Grid):
             try:
                 if not rt.store.has(self.fab_hash):
                     rt.store.put(self.fab_hash, self._fab_bytes)
-                flush = getattr(rt.store, "flush", None)
-                if flush is not None:
-                    flush(f"flwr-hpc run {self.run.run_id} warm-up")
+                rt.store.flush(f"flwr-hpc run {self.run.run_id} warm-up")
                 job = self._job(name, warmup=True)
-                if isinstance(rt.store, InlineStore):
-                    job["objects"] = rt.store.bundle([self.fab_hash])
+                rt.store.attach(job, [self.fab_hash])
                 if rt.backend.status() == "offline":
                     raise RuntimeError("the site's endpoint is offline")
                 for _ in range(max(1, int(site.compute.get("workers", 1)))):
@@ -733,15 +729,7 @@ class HPCGrid(Grid):
                         message_id=task.message_id, context_id=task.context_id)
         task.submitted_at = self.clock.now()
         try:
-            if isinstance(rt.store, InlineStore):
-                job["objects"] = rt.store.bundle(task.object_ids)
-                size = len(task_serializer().serialize((job,)))
-                if size >= rt.store.max_task_bytes:
-                    raise RuntimeError(
-                        f"the task is {size:,} bytes serialized, over the inline store's "
-                        f"limit of {rt.store.max_task_bytes:,} (Globus Compute refuses "
-                        "submissions over 10 MB); give this site a store it reads by itself "
-                        "(payload.type: shared-fs or globus-transfer)")
+            rt.store.attach(job, task.object_ids)  # inline: the objects, size checked
             if rt.backend.status() == "offline":  # Globus would hold the task for 2 weeks
                 raise RuntimeError("the site's endpoint is offline; its nodes sit out "
                                    "this round")
@@ -791,10 +779,7 @@ class HPCGrid(Grid):
                                        f"sha256 {context_id[:16]}…")
             else:
                 store = self.sites[task.node.site].store
-                if isinstance(store, InlineStore) and result.get("objects"):
-                    store.ingest(result["objects"])
-                elif self._fetches(task.node.site):
-                    store.fetch([context_id], self._label(task))
+                store.receive(result, [context_id], self._label(task))
                 data = store.get(context_id)
             context = context_from_bytes(data)
         except Exception as err:  # noqa: BLE001 - the node keeps its previous Context
@@ -876,8 +861,6 @@ class HPCGrid(Grid):
         store = self.sites[task.node.site].store
         t0 = time.monotonic()
         read_bytes = 0
-        if isinstance(store, InlineStore) and result.get("objects"):
-            store.ingest(result["objects"])
 
         def read(oid: str) -> bytes:
             nonlocal read_bytes
@@ -888,11 +871,10 @@ class HPCGrid(Grid):
         try:
             if task.fetch_error:
                 raise FlwrHpcError(task.fetch_error)
-            if isinstance(store, InlineStore) and result.get("file_reply"):
-                store.fetch_file_reply(result.get("object_ids") or [], self._label(task))
-            if hasattr(store, "fetch"):  # no-op when send_and_receive fetched the batch
-                store.fetch(result.get("object_ids") or [result["reply_id"]],
-                            self._label(task))
+            # inline: the objects the result carries (or its file reply); Transfer: a
+            # no-op when send_and_receive fetched the site's batch already
+            store.receive(result, result.get("object_ids") or [result["reply_id"]],
+                          self._label(task))
             reply = inflate_message(result["reply_id"], read)
             md = reply.metadata
             if md.reply_to_message_id != task.message_id or md.src_node_id != task.node.node_id:

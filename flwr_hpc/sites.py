@@ -43,7 +43,6 @@ def check_site(federation: FederationConfig, name: str, flwr_home: Path,
                timeout_s: float) -> SiteCheck:
     from flwr_hpc.compute import make_backend
     from flwr_hpc.grid import open_site_store, site_root
-    from flwr_hpc.payload.inline import InlineStore
     from flwr_hpc.payload.objects import sha256_hex
     from flwr_hpc.payload.transfer import GlobusTransferStore
     from flwr_hpc.worker import probe
@@ -59,7 +58,7 @@ def check_site(federation: FederationConfig, name: str, flwr_home: Path,
         if result.status == "offline":
             result.error = "endpoint offline (start it: globus-compute-endpoint start <name>)"
             return result
-        transfer = isinstance(store, GlobusTransferStore)
+        transfer = isinstance(store, GlobusTransferStore)  # reported: collection, times
         if transfer:
             result.collection = check_collection(store)
             if result.collection != "ok":
@@ -69,18 +68,17 @@ def check_site(federation: FederationConfig, name: str, flwr_home: Path,
         probe_id = sha256_hex(payload)
         t0 = time.monotonic()
         store.put(probe_id, payload)
-        if transfer:
-            result.transfer_to_s = store.flush("flwr-hpc sites check").seconds
+        report = store.flush("flwr-hpc sites check")
+        if report is not None:
+            result.transfer_to_s = report.seconds
         job = {"store": store.spec(), "probe_id": probe_id}
-        if isinstance(store, InlineStore):
-            job["objects"] = store.bundle([probe_id])
+        store.attach(job, [probe_id])
         answer = backend.submit(probe, job).result(timeout=timeout_s)
-        if isinstance(store, InlineStore) and answer.get("objects"):
-            store.ingest(answer["objects"])
-        if transfer and answer.get("store") == "ok":
+        if answer.get("store") == "ok":
             t1 = time.monotonic()
-            store.fetch([answer["reply_id"]], "flwr-hpc sites check")
-            result.transfer_from_s = time.monotonic() - t1
+            store.receive(answer, [answer["reply_id"]], "flwr-hpc sites check")
+            if transfer:
+                result.transfer_from_s = time.monotonic() - t1
         result.round_trip_s = time.monotonic() - t0
         result.host = str(answer.get("host", "-"))
         result.store = str(answer.get("store"))

@@ -23,6 +23,7 @@ from typing import Any
 
 from flwr_hpc.errors import PayloadMissingError
 from flwr_hpc.payload.objects import ObjectData, check_object_id, join_parts, verify_object
+from flwr_hpc.payload.store import StoreDefaults
 
 DEFAULT_MAX_TASK_BYTES = 8_000_000
 DEFAULT_MAX_RESULT_BYTES = 6 * 2**20
@@ -36,7 +37,7 @@ def decode(objects: dict[str, str]) -> dict[str, bytes]:
     return {check_object_id(oid): base64.b64decode(text) for oid, text in objects.items()}
 
 
-class InlineStore:
+class InlineStore(StoreDefaults):
     """Server side: the objects staged for a site's tasks, bundled into each task."""
 
     def __init__(self, site: str = "", max_task_bytes: int = DEFAULT_MAX_TASK_BYTES,
@@ -60,9 +61,7 @@ class InlineStore:
             raise PayloadMissingError(object_ids[0] if object_ids else "?" * 64,
                                       f"site '{self.site}' (inline): a file reply, but "
                                       "payload.path is not set")
-        fetch = getattr(self.reply_store, "fetch", None)
-        if fetch is not None:
-            fetch(object_ids, label)
+        self.reply_store.receive({}, object_ids, label)
 
     def has(self, object_id: str) -> bool:
         return object_id in self._objects
@@ -86,6 +85,29 @@ class InlineStore:
             raise PayloadMissingError(object_id, f"site '{self.site}' (inline)")
         return verify_object(object_id, data, f"site '{self.site}' (inline)")
 
+    def attach(self, job: dict[str, Any], object_ids: list[str]) -> None:
+        """The objects travel inside the task; a task over ``max_task_bytes`` serialized
+        is refused before it is submitted (Globus Compute refuses submissions over
+        10 MB, and a refused submit poisons the Executor)."""
+        from flwr_hpc.protocol import task_serializer
+
+        job["objects"] = self.bundle(object_ids)
+        size = len(task_serializer().serialize((job,)))
+        if size >= self.max_task_bytes:
+            raise RuntimeError(
+                f"the task is {size:,} bytes serialized, over the inline store's limit of "
+                f"{self.max_task_bytes:,} (Globus Compute refuses submissions over 10 MB); "
+                "give this site a store it reads by itself (payload.type: shared-fs or "
+                "globus-transfer)")
+
+    def receive(self, result: dict[str, Any], object_ids: list[str], label: str) -> None:
+        """The objects came back inside the result, or as a file reply (fetched whole,
+        in one go, whichever of its objects is asked for first)."""
+        if result.get("objects"):
+            self.ingest(result["objects"])
+        if result.get("file_reply"):
+            self.fetch_file_reply(list(result.get("object_ids") or object_ids), label)
+
     def bundle(self, object_ids: Iterable[str]) -> dict[str, str]:
         """The base64 objects a task carries."""
         return encode({oid: self.get(oid) for oid in dict.fromkeys(object_ids)})
@@ -97,8 +119,36 @@ class InlineStore:
                 self._objects[oid] = data
 
 
-class InlineSiteStore:
+class InlineSiteStore(StoreDefaults):
     """Site side: reads the task's objects, collects what the worker writes for the result."""
+
+    carries_objects = True
+
+    def finish(self, result: dict[str, Any], job: dict[str, Any]) -> str | None:
+        """The reply travels back inside the result. Measured with the task serializer,
+        a result over the endpoint's limit is written to ``reply_path`` instead (a file
+        reply); without one, the reason is returned."""
+        from flwr_hpc.payload.store import open_store
+        from flwr_hpc.protocol import task_serializer
+
+        result["objects"] = encode(self.outbox)
+        limit = int(job["store"].get("max_result_bytes") or DEFAULT_MAX_RESULT_BYTES)
+        size = len(task_serializer().serialize(result))
+        if size < limit:
+            return None
+        reply_path = job["store"].get("reply_path")
+        if not reply_path:
+            return (f"the reply is {size:,} bytes serialized, over the inline result limit "
+                    f"of {limit:,} (payload.max_result_bytes; Globus Compute refuses results "
+                    "over 10 MiB): set payload.path to a directory for file replies at this "
+                    "site (shared with the server, or reached by Transfer with "
+                    "payload.collection_id)")
+        files = open_store({"type": "filesystem", "path": reply_path, "site": self.site})
+        for oid, data in self.outbox.items():
+            files.put(oid, data)
+        del result["objects"]
+        result["file_reply"] = True
+        return None
 
     def __init__(self, objects: dict[str, str], site: str = "") -> None:
         self.site = site

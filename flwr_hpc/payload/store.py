@@ -36,7 +36,26 @@ from flwr_hpc.payload.objects import (
 
 
 class PayloadStore(Protocol):
+    """A site's payload store as the server uses it. Every kind (filesystem, inline,
+    Globus Transfer) implements the whole protocol, most of it with the do-nothing
+    defaults of :class:`StoreDefaults`, so no code outside ``payload/`` asks which kind
+    of store it holds."""
+
     site: str
+    # replies are fetched in one batch per site once its tasks of a phase are done
+    batch_fetch: bool
+
+    def flush(self, label: str) -> Any:
+        """Make what was ``put`` since the last flush readable at the site (one transfer
+        for a Transfer store); returns a report or None."""
+
+    def attach(self, job: dict[str, Any], object_ids: list[str]) -> None:
+        """Add to a task's ``job`` what the site needs to read ``object_ids`` (an inline
+        store: the objects themselves); raises if the job would be too large."""
+
+    def receive(self, result: dict[str, Any], object_ids: list[str], label: str) -> None:
+        """Make ``object_ids`` of a task's ``result`` readable here (inline: the objects
+        the result carries; Transfer: one transfer from the site)."""
 
     def spec(self) -> dict[str, Any]:
         """Plain-JSON description from which :func:`open_store` reopens this store."""
@@ -54,7 +73,31 @@ class PayloadStore(Protocol):
         """Return the verified bytes of ``object_id``."""
 
 
-class FilesystemStore:
+class StoreDefaults:
+    """The do-nothing parts of :class:`PayloadStore` (and of the site's view of a store,
+    :func:`open_store`): a store both ends read directly."""
+
+    batch_fetch = False
+    # site side: the objects travel inside the task and its result (nothing on disk, so
+    # nothing worth caching across tasks either)
+    carries_objects = False
+
+    def finish(self, result: dict[str, Any], job: dict[str, Any]) -> str | None:
+        """Site side, after the reply is written: put what the server must read into
+        ``result``; returns why it cannot (the task then fails), or None."""
+        return None
+
+    def flush(self, label: str) -> Any:
+        return None
+
+    def attach(self, job: dict[str, Any], object_ids: list[str]) -> None:
+        return None
+
+    def receive(self, result: dict[str, Any], object_ids: list[str], label: str) -> None:
+        return None
+
+
+class FilesystemStore(StoreDefaults):
     """Objects as files under ``<root>/objects/<id[:2]>/<id>``."""
 
     def __init__(self, root: str | Path, site: str = "", *, fsync: bool = False) -> None:

@@ -42,7 +42,7 @@ from typing import Any
 
 from flwr_hpc.errors import GlobusServiceError, PayloadMissingError
 from flwr_hpc.payload.objects import ObjectData, check_object_id, data_len
-from flwr_hpc.payload.store import FilesystemStore
+from flwr_hpc.payload.store import FilesystemStore, StoreDefaults
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +315,7 @@ def _last_error(tc: Any, task_id: str) -> str:
 # ----------------------------------------------------------------------------- the store
 
 
-class GlobusTransferStore:
+class GlobusTransferStore(StoreDefaults):
     """The server's handle on one site's store, moved by Globus Transfer.
 
     ``put`` writes into the server's staging directory and marks the object pending;
@@ -399,6 +399,11 @@ class GlobusTransferStore:
         with self._lock:
             self._held.update(need)  # the site holds its own replies
         return report
+
+    batch_fetch = True  # one transfer per site for all its replies of a phase
+
+    def receive(self, result: dict[str, Any], object_ids: list[str], label: str) -> None:
+        self.fetch(object_ids, label)  # nothing to move when the batch already has them
 
     def get(self, object_id: str) -> bytes:
         try:

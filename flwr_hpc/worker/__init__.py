@@ -31,8 +31,6 @@ from typing import Any
 from flwr.common.constant import ErrorCode
 
 from flwr_hpc._proc import keep_caches_under
-from flwr_hpc.payload.inline import InlineSiteStore
-from flwr_hpc.payload.inline import encode as encode_objects
 from flwr_hpc.payload.objects import check_object_id, sha256_hex
 from flwr_hpc.protocol import JOB_VERSION
 from flwr_hpc.worker.execute import (
@@ -103,9 +101,8 @@ def probe(job: dict[str, Any]) -> dict[str, Any]:
         reply = f"pong:{data.decode()}".encode()
         out["reply_id"] = sha256_hex(reply)
         store.put(out["reply_id"], reply)
-        if isinstance(store, InlineSiteStore):
-            out["objects"] = encode_objects(store.outbox)
-        out["store"] = "ok"
+        problem = store.finish(out, job)  # inline: the reply travels in the result
+        out["store"] = problem or "ok"
     except Exception as err:  # noqa: BLE001 - the report is the result
         out["store"] = f"{type(err).__name__}: {err}"
     return out

@@ -22,7 +22,6 @@ from flwr.common.constant import ErrorCode
 
 from flwr_hpc.errors import FlwrHpcError
 from flwr_hpc.payload.inline import InlineSiteStore
-from flwr_hpc.payload.inline import encode as encode_objects
 from flwr_hpc.payload.objects import (
     ArrayCache,
     check_object_id,
@@ -37,7 +36,6 @@ from flwr_hpc.protocol import (
     INLINE_CONTEXT_BYTES,
     context_from_bytes,
     context_to_bytes,
-    task_serializer,
 )
 
 _APP_CACHE: dict[str, Any] = {}
@@ -147,7 +145,7 @@ def execute(job: dict[str, Any], started_at: float, *, primary: bool) -> dict[st
         context_id = check_object_id(job["context_id"])
         fab_hash = check_object_id(job["fab_hash"])
         message = inflate_message(message_id, store.get,
-                                  cache=None if isinstance(store, InlineSiteStore) else ARRAYS)
+                                  cache=None if store.carries_objects else ARRAYS)
         context = context_from_bytes(store.get(context_id))
     except FlwrHpcError as err:
         return failure_result(job, ErrorCode.MESSAGE_UNAVAILABLE, str(err), started_at)
@@ -210,44 +208,13 @@ def execute(job: dict[str, Any], started_at: float, *, primary: bool) -> dict[st
         store.put(ctx_id, ctx_bytes, trusted=True)
         result["context_id"] = ctx_id
         written.append(ctx_id)
-        if len(ctx_bytes) <= INLINE_CONTEXT_BYTES and not isinstance(store, InlineSiteStore):
+        if len(ctx_bytes) <= INLINE_CONTEXT_BYTES and not store.carries_objects:
             # the server keeps the node's Context when the task ends, without a fetch
             result["context"] = base64.b64encode(ctx_bytes).decode("ascii")
     # every object the server must read, so a Transfer store fetches them in one task
     result["object_ids"] = written
-    if isinstance(store, InlineSiteStore):  # the reply travels back in the result
-        result["objects"] = encode_objects(store.outbox)
-        failure = _file_reply_if_too_large(job, result, store, started_at)
-        if failure is not None:
-            return failure
+    problem = store.finish(result, job)  # inline: the reply travels in the result
+    if problem:
+        return failure_result(job, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, problem, started_at)
     result["finished_at"] = time.time()
     return result
-
-
-def _file_reply_if_too_large(job: dict, result: dict, store: InlineSiteStore,
-                             started_at: float) -> dict | None:
-    """Keep an inline result under the endpoint's result limit: measured with the task
-    serializer, an oversized reply is written to ``reply_path`` instead (a file reply)."""
-    from flwr_hpc.payload.inline import DEFAULT_MAX_RESULT_BYTES
-
-    limit = int(job["store"].get("max_result_bytes") or DEFAULT_MAX_RESULT_BYTES)
-    size = len(task_serializer().serialize(result))
-    if size < limit:
-        return None
-    reply_path = job["store"].get("reply_path")
-    if not reply_path:
-        return failure_result(
-            job, ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
-            f"the reply is {size:,} bytes serialized, over the inline result limit of "
-            f"{limit:,} (payload.max_result_bytes; Globus Compute refuses results over "
-            "10 MiB): set payload.path to a directory for file replies at this site "
-            "(shared with the server, or reached by Transfer with payload.collection_id)",
-            started_at)
-    files = open_store({"type": "filesystem", "path": reply_path, "site": store.site})
-    for oid, data in store.outbox.items():
-        files.put(oid, data)
-    del result["objects"]
-    result["file_reply"] = True
-    return None
-
-
