@@ -329,6 +329,8 @@ def test_inline_replies_over_the_result_limit_become_file_replies(
         f"flwr-hpc run {run_dir.name} round 1 train from frontier"]
     # no result exceeded the limit on the wire (the objects were not in it)
     assert all(s["bytes"] < 8_000_000 for s in cloud.submits)
+    # the node's Context came with the file reply (it was once read before the fetch)
+    assert "could not read the Context" not in (run_dir / "log.txt").read_text()
 
 
 def test_an_oversized_inline_reply_without_a_path_is_a_clear_error(cloud, run_quickstart,
