@@ -383,7 +383,7 @@ def _execute_locked(run_dir: Path, *, progress: Progress | None, console: bool) 
     os.environ.update(large_buffer_env())  # for the local site workers this run starts
     spec = json.loads((run_dir / "run.json").read_text())
     run_id = int(spec["run_id"])
-    update_status(run_dir, status="starting", starting_at=now_iso(), pid=os.getpid())
+    update_status(run_dir, status="starting", starting_at=now_iso())  # pid: execute_run
     grid: HPCGrid | None = None
     sub_status, details = "completed", ""
     try:

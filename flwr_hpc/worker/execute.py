@@ -21,6 +21,7 @@ from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode
 
 from flwr_hpc.errors import FlwrHpcError
+from flwr_hpc.fab import check_fab, install_fab
 from flwr_hpc.payload.inline import InlineSiteStore
 from flwr_hpc.payload.objects import (
     ArrayCache,
@@ -45,12 +46,6 @@ _APP_CACHE: dict[str, Any] = {}
 # assembled once per worker and phase, not once per task.
 _CACHE_LIMIT = int(os.environ.get("FLWR_HPC_WORKER_CACHE_MB", "1024")) << 20
 ARRAYS = ArrayCache(_CACHE_LIMIT)
-
-
-def _install_fab(fab_hash: str, fab_bytes: bytes, apps_dir: Path) -> Path:
-    from flwr_hpc.fab import install_fab
-
-    return install_fab(fab_bytes, fab_hash, apps_dir)
 
 
 def fab_refusal(fab_hash: str, fab_id: str, site: str,
@@ -81,8 +76,6 @@ def load_client_app(fab_hash: str, fab_bytes_fn, apps_dir: Path, site: str = "")
     The site's allow-list is checked on every task, before anything is installed or run."""
     cached = _APP_CACHE.get(fab_hash)
     if cached is None:
-        from flwr_hpc.fab import check_fab
-
         fab_bytes = fab_bytes_fn()
         info = check_fab(fab_bytes)  # bounded, and names checked, before anything else
         cached = (None, info.fab_id, info.version, fab_bytes)
@@ -93,7 +86,7 @@ def load_client_app(fab_hash: str, fab_bytes_fn, apps_dir: Path, site: str = "")
     if app is None:
         from flwr.clientapp.utils import get_load_client_app_fn
 
-        app_dir = _install_fab(fab_hash, fab_bytes, apps_dir)
+        app_dir = install_fab(fab_bytes, fab_hash, apps_dir)
         app = get_load_client_app_fn("", str(app_dir), multi_app=True)(fab_id, version,
                                                                        fab_hash)
         _APP_CACHE[fab_hash] = (app, fab_id, version, None)
