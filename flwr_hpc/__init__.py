@@ -31,7 +31,7 @@ __all__ = [
 
 def __getattr__(name: str):  # lazy: importing the grid pulls in flwr's server stack
     if name == "HPCGrid":
-        from flwr_hpc.grid import HPCGrid
+        from flwr_hpc.server.grid import HPCGrid
 
         return HPCGrid
     raise AttributeError(name)

@@ -96,7 +96,7 @@ def return_large_buffers() -> bool:
 # Measured at 32 clients x 64 MB on 2 cores, same machine state: 12.6 -> 9.9 s per round
 # (mmap with transparent huge pages -> reuse), a 64 MB app round trip 108 -> 44 ms, and
 # the server's peak RSS 548 -> 562 MiB: memory is kept at its peak, and the peak is the
-# same (one reply at a time, see flwr_hpc/streaming.py).
+# same (one reply at a time, see flwr_hpc/strategy/streaming.py).
 TUNABLES = {"glibc.malloc.mmap_max": "0",
             "glibc.malloc.trim_threshold": str(2**32 - 1)}
 

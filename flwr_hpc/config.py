@@ -53,7 +53,7 @@ class Field:
     maximum: float | None = None
 
 
-# sim: the site simulator's model of a site (flwr_hpc.sim); durations in virtual seconds
+# sim: the site simulator's model of a site (flwr_hpc.server.sim); durations in virtual seconds
 _SIM = {
     "queue_median_s": Field("float", default=60.0, minimum=0.0),  # lognormal batch-queue wait
     "queue_sigma": Field("float", default=0.5, minimum=0.0),      # its spread (log-space sd)

@@ -44,7 +44,7 @@ class BufferedAsyncFedAvg(ScheduledFedAvg):
     Example
     -------
     >>> strategy = BufferedAsyncFedAvg(buffer_size=2, fraction_evaluate=0.0)
-    >>> flwr_hpc.rounds.start(strategy, grid, initial_arrays, num_rounds=200,
+    >>> flwr_hpc.strategy.rounds.start(strategy, grid, initial_arrays, num_rounds=200,
     ...                       time_budget_s=48 * 3600)
     """
 

@@ -84,7 +84,7 @@ def _base_strategy(job: Mapping[str, Any]) -> Strategy:
     def cls(flower_class):
         if not streaming:
             return flower_class
-        from flwr_hpc.streaming import STREAMING
+        from flwr_hpc.strategy.streaming import STREAMING
 
         return STREAMING[flower_class]
 
@@ -162,7 +162,7 @@ def _accountant(strategy: Strategy, dp: Mapping[str, Any], num_nodes: int):
         log.warning("dp.noise_multiplier is 0: updates are clipped but not noised; "
                     "no privacy is accounted")
         return None
-    from flwr_hpc.streaming import StreamingFedAvg
+    from flwr_hpc.strategy.streaming import StreamingFedAvg
 
     if type(strategy).aggregate_train not in (FedAvg.aggregate_train,
                                               StreamingFedAvg.aggregate_train):

@@ -52,7 +52,7 @@ class DeadlineFedAvg(ScheduledFedAvg):
     Example
     -------
     >>> strategy = DeadlineFedAvg(quorum=0.5, deadline_s=3600, fraction_evaluate=0.0)
-    >>> flwr_hpc.rounds.start(strategy, grid, initial_arrays, num_rounds=50)
+    >>> flwr_hpc.strategy.rounds.start(strategy, grid, initial_arrays, num_rounds=50)
     """
 
     def __init__(self, *, quorum: float = 0.5, deadline_s: float | None = None,

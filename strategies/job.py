@@ -85,7 +85,7 @@ STRATEGY = {
     "min_evaluate_nodes": Field("int", default=2, minimum=0),
     "min_available_nodes": Field("int", default=2, minimum=1),
     "round_timeout_s": Field("float", default=3600.0, minimum=1.0),
-    # aggregate replies one by one as they arrive (flwr_hpc.streaming): O(model) memory
+    # aggregate replies one by one as they arrive (flwr_hpc.strategy.streaming): O(model) memory
     "streaming": Field("bool", default=True),
     "proximal_mu": Field("float", default=0.0, minimum=0.0),
     # FedOpt family (fedadam, fedyogi, fedadagrad): server and client learning rates, betas

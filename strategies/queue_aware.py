@@ -3,7 +3,7 @@ lets it, so that every update arrives by the round's target time.
 
 Contract
 --------
-* From the grid's timing history (``flwr_hpc.timing``, measured on the server's clock) the
+* From the grid's timing history (``flwr_hpc.server.timing``, measured on the server's clock) the
   strategy predicts, per site, the queue wait ``q`` and transfer time ``x`` (EWMAs with
   ``ewma_alpha``) and the run time of ``k`` local steps, ``r(k) = fixed + k * per_step``
   (least squares over the site's recent train tasks; ``per_step = run / steps`` until two
@@ -33,7 +33,7 @@ from typing import Any
 from flwr.app import ConfigRecord
 
 from flwr_hpc.protocol import LOCAL_STEPS_KEY, LR_SCALE_KEY
-from flwr_hpc.timing import timings_of, transport_of
+from flwr_hpc.server.timing import timings_of, transport_of
 from strategies.deadline import DeadlineFedAvg
 
 log = logging.getLogger("flwr")
@@ -98,7 +98,7 @@ class QueueAwareFedAvg(DeadlineFedAvg):
 
     Expects from the ClientApp that it trains ``config["local-steps"]`` steps with its
     learning rate times ``config["lr-scale"]`` (this repository's ClientApp does); from the
-    grid, under flwr-hpc, the timing history (``flwr_hpc.timing.timings_of``) and
+    grid, under flwr-hpc, the timing history (``flwr_hpc.server.timing.timings_of``) and
     ``site_of``. On other grids every node gets the defaults.
 
     Parameters

@@ -24,7 +24,7 @@ shrinks the step, as in FedBuff). Updates staler than ``max_staleness`` are drop
 Without a deadline a round still stops waiting after ``round_timeout_s`` (the job's
 ``strategy.round_timeout_s``); what has not arrived stays in flight for later rounds.
 A node with a task in flight is busy: it gets no second task (its ``Context`` would fork)
-and no evaluate message. Unusable replies are screened as ``flwr_hpc.rounds`` does and
+and no evaluate message. Unusable replies are screened as ``flwr_hpc.strategy.rounds`` does and
 count as failures of their node. Tasks still in flight when the run ends are abandoned
 by the grid; after a restart from a checkpoint they are simply dispatched again.
 """
@@ -44,8 +44,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from flwr_hpc.rounds import reply_problem
-from flwr_hpc.timing import clock_of, transport_of
+from flwr_hpc.server.timing import clock_of, transport_of
+from flwr_hpc.strategy.rounds import reply_problem
 
 log = logging.getLogger("flwr")
 

@@ -4,7 +4,7 @@
 2. build the strategy (``strategies.builder``) and the initial adapter (LoRA B = 0);
 3. run the strategy over the grid -- ``HPCGrid`` under flwr-hpc, but any Flower grid works;
    under flwr-hpc a checkpoint is written after every round and an interrupted run resumes
-   from the last one, and unusable replies become node errors (``flwr_hpc.rounds``);
+   from the last one, and unusable replies become node errors (``flwr_hpc.strategy.rounds``);
 4. after every round: save the global adapter as ``global/round-<r>/`` (loadable with
    ``peft.PeftModel.from_pretrained``), evaluate it centrally on the held-out split when
    ``evaluate.central`` is set, and append a line to ``metrics.jsonl``.
@@ -25,8 +25,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from flwr_hpc.rounds import start
-from flwr_hpc.timing import clock_of
+from flwr_hpc.server.timing import clock_of
+from flwr_hpc.strategy.rounds import start
 from strategies.builder import build_strategy
 from strategies.job import check_federation_size, compose_job, parse_overrides
 from strategies.metered_grid import MeteredGrid

@@ -43,7 +43,8 @@ def lora_fab() -> bytes:
 def run_lora_job(flwr_home, lora_fab):
     """Run the LoRA job through the real runner; return (status, run_dir, metrics rows)."""
     from flwr_hpc.config import FederationConfig, load_federation
-    from flwr_hpc.runner import execute_run, prepare_run
+    from flwr_hpc.server.runner import execute_run
+    from flwr_hpc.server.runs import prepare_run
 
     def _run(overrides: str, federation: FederationConfig | None = None,
              federation_overrides: list[str] | None = None):
@@ -82,7 +83,8 @@ def read_tasks(run_dir: Path) -> list[dict]:
 def run_quickstart(flwr_home, quickstart_fab, tmp_path):
     """Run the fixture app through the real runner; return (status, run_dir, summary)."""
     from flwr_hpc.config import FederationConfig, load_federation
-    from flwr_hpc.runner import execute_run, prepare_run
+    from flwr_hpc.server.runner import execute_run
+    from flwr_hpc.server.runs import prepare_run
 
     def _run(run_config: dict | None = None, overrides: list[str] | None = None,
              federation: FederationConfig | None = None):
@@ -211,7 +213,7 @@ def grid_factory(flwr_home, quickstart_fab, tmp_path):
     from flwr.supercore.run import Run
     from flwr.supercore.task_identity import TaskIdentity
 
-    from flwr_hpc.wiring import make_grid
+    from flwr_hpc.server.wiring import make_grid
 
     grids = []
 

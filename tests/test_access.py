@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import APP_DIR
 
-from flwr_hpc.access import peer_uid
+from flwr_hpc.control.access import peer_uid
 
 BIN = Path(sys.executable).parent
 NOBODY = 65534

@@ -114,4 +114,4 @@ def test_flwr_stop_stops_a_running_run(superlink, flwr_home):
     assert _runs(flwr_home)[run_id]["status"] == "finished:stopped"
     # only the service itself remains: the runner and its site workers are gone
     remaining = _processes_of(flwr_home)
-    assert all("flwr_hpc.service" in " ".join(p.cmdline()) for p in remaining), remaining
+    assert all("flwr_hpc.control.service" in " ".join(p.cmdline()) for p in remaining), remaining

@@ -193,7 +193,7 @@ def test_flwr_hpc_run_stops_on_a_signal(app, config, sig, flwr_home):
     """A run whose client never answers (the app waits up to an hour, or 120 s in the
     legacy Server's thread pool) ends within the stop grace period and leaves nothing
     running: no runner thread, no site worker."""
-    from flwr_hpc.runner import STOP_GRACE_S
+    from flwr_hpc.server.runner import STOP_GRACE_S
 
     proc = subprocess.Popen([str(BIN / "flwr-hpc"), "run", str(APPS / app), *config],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -120,7 +120,7 @@ def test_up_refuses_malformed_federation(tmp_path, flwr_home):
           a: {clients: 1, launcher: {type: none, ranks: many}}
         """)
     proc = subprocess.run(
-        [sys.executable, "-m", "flwr_hpc.cli", "up", "--port", "39999",
+        [sys.executable, "-m", "flwr_hpc.control.cli", "up", "--port", "39999",
          "--config-dir", str(tmp_path), "federation=broken"],
         capture_output=True, text=True, timeout=60,
     )

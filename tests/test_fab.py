@@ -43,7 +43,7 @@ def test_a_traversal_version_escapes_flowers_installer_and_is_refused_here(
     from flwr.cli.install import install_from_fab
 
     from flwr_hpc.config import load_federation
-    from flwr_hpc.runner import prepare_run
+    from flwr_hpc.server.runs import prepare_run
 
     evil = with_pyproject(quickstart_fab, 'version = "1.0.0"', 'version = "../../../escaped"')
     # the fault: Flower's installer builds the path from the FAB's own version
@@ -163,7 +163,7 @@ def test_a_half_written_install_is_redone_not_adopted(quickstart_fab, tmp_path):
 def test_start_run_with_a_hostile_fab_answers_why(flwr_home, quickstart_fab):
     """Through the service's own code path: refused, no run directory."""
     from flwr_hpc.config import load_federation
-    from flwr_hpc.service import HPCSuperLink
+    from flwr_hpc.control.service import HPCSuperLink
 
     link = HPCSuperLink(load_federation([]), flwr_home)
     try:

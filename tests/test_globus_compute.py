@@ -271,7 +271,7 @@ def test_sites_check_without_credentials_fails_fast_and_names_the_variables(tmp_
 
 
 def test_sites_check_probes_each_site_through_the_fake_cloud(cloud, flwr_home, capsys):
-    from flwr_hpc.sites import check_sites
+    from flwr_hpc.control.sites import check_sites
 
     fed = FederationConfig.from_dict({"name": "glob", "sites": {
         "polaris": {"compute": {"type": "globus", "endpoint_id": cloud.add_endpoint()}},

@@ -276,7 +276,7 @@ def test_headless_client_adds_data_access_only_for_non_ha_mapped_collections(
 
 def test_sites_check_moves_a_probe_each_way_and_reports_an_offline_collection(
         cloud, tcloud, flwr_home, tmp_path):
-    from flwr_hpc.sites import check_sites
+    from flwr_hpc.control.sites import check_sites
 
     tcloud.setup_s = 0.3  # Transfer's fixed per-task overhead, scaled down
     fed = _transfer_federation(cloud, tcloud, tmp_path, {"polaris": 1, "frontier": 1})

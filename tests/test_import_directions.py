@@ -87,17 +87,19 @@ def test_the_project_keeps_its_import_directions():
 def test_the_checker_finds_circles_private_names_and_forbidden_edges(tmp_path):
     pkg = tmp_path / "flwr_hpc"
     (pkg / "worker").mkdir(parents=True)
+    (pkg / "server").mkdir()
     (pkg / "__init__.py").write_text("")
-    (pkg / "grid.py").write_text("from flwr_hpc.worker import run\n")
+    (pkg / "server" / "__init__.py").write_text("")
+    (pkg / "server" / "grid.py").write_text("from flwr_hpc.worker import run\n")
     (pkg / "worker" / "__init__.py").write_text(
-        "def run():\n    from flwr_hpc.grid import _Task\n")
-    (pkg / "protocol.py").write_text("from . import grid\n")
+        "def run():\n    from flwr_hpc.server.grid import _Task\n")
+    (pkg / "protocol.py").write_text("from .server import grid\n")
     edges, private = import_graph(tmp_path, packages=("flwr_hpc",))
-    assert circles(edges) == [["flwr_hpc.grid", "flwr_hpc.worker"]]
-    assert private == [("flwr_hpc.worker", "flwr_hpc.grid", "_Task")]
+    assert circles(edges) == [["flwr_hpc.server.grid", "flwr_hpc.worker"]]
+    assert private == [("flwr_hpc.worker", "flwr_hpc.server.grid", "_Task")]
     rules = tomllib.loads(RULES.read_text())["forbid"]
-    assert forbidden(edges, rules) == [("flwr_hpc.protocol", "flwr_hpc.grid"),
-                                       ("flwr_hpc.worker", "flwr_hpc.grid")]
+    assert forbidden(edges, rules) == [("flwr_hpc.protocol", "flwr_hpc.server.grid"),
+                                       ("flwr_hpc.worker", "flwr_hpc.server.grid")]
 
 
 def test_the_site_worker_reference_is_unchanged():

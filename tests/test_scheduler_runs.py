@@ -55,7 +55,7 @@ def bench_args(tmp_path):
 
 def test_bench_schedulers_is_reproducible(bench_args, tmp_path, capsys):
     from flwr_hpc.bench.schedulers import bench_schedulers, format_table
-    from flwr_hpc.cli import main
+    from flwr_hpc.control.cli import main
 
     assert main(bench_args) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -94,7 +94,7 @@ def test_run_time_model_fits_startup_and_per_step():
 
 
 def test_ewma_hand_values():
-    from flwr_hpc.timing import ewma
+    from flwr_hpc.server.timing import ewma
 
     assert ewma([10.0, 20.0], alpha=0.5) == 15.0
     assert ewma([10.0, None, 20.0, 30.0], alpha=0.5) == pytest.approx(22.5)
@@ -111,7 +111,7 @@ class _Timings:
         return self._h.get(site, [])
 
     def ewma(self, site, field, alpha=0.3, default=None, phase="train"):
-        from flwr_hpc.timing import ewma
+        from flwr_hpc.server.timing import ewma
 
         return ewma([getattr(t, field) for t in self._h.get(site, [])], alpha=alpha,
                     default=default)
@@ -253,7 +253,7 @@ def test_checkpoint_keeps_the_model_version_not_the_tasks_in_flight():
     counting model versions, so staleness stays right."""
     import json
 
-    from flwr_hpc.checkpoint import capture_state, restore_state
+    from flwr_hpc.strategy.checkpoint import capture_state, restore_state
 
     s = QueueAwareFedAvg(default_steps=10, quorum=0.5, deadline_s=60.0)
     _state(s, current=1.0, bases={3: 0.0}, version=4)

@@ -92,7 +92,7 @@ def test_simulated_failures_are_node_errors_at_a_virtual_time(grid_factory):
 
 
 def test_queue_draws_are_reproducible_per_seed_and_site():
-    from flwr_hpc.sim import SimSiteBackend
+    from flwr_hpc.compute.sim import SimSiteBackend
 
     params = sim_fed({"x": 600.0}, sigma=1.0).sites[0].compute["sim"]
 

@@ -12,7 +12,7 @@ from conftest import fed_of, train_messages
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg
 
-from flwr_hpc.streaming import StreamingFedAdam, StreamingFedAvg
+from flwr_hpc.strategy.streaming import StreamingFedAdam, StreamingFedAvg
 
 
 @pytest.fixture(autouse=True)
@@ -121,7 +121,7 @@ def test_streaming_frees_each_reply_itself_despite_flowers_reference_cycles():
     lambda r: np.zeros((0, 3), np.float32),
 ])
 def test_ndarray_view_is_numpy_without_the_copy(make):
-    from flwr_hpc.streaming import ndarray_view
+    from flwr_hpc.strategy.streaming import ndarray_view
 
     arr = Array(make(np.random.default_rng(0)))
     view, copy = ndarray_view(arr), arr.numpy()
@@ -134,7 +134,7 @@ def test_ndarray_view_is_numpy_without_the_copy(make):
 
 @pytest.mark.parametrize("n", [10, (1 << 20) * 3 + 17])
 def test_blocked_accumulation_is_bit_identical(n):
-    from flwr_hpc.streaming import _accumulate
+    from flwr_hpc.strategy.streaming import _accumulate
 
     rng = np.random.default_rng(n)
     total = rng.standard_normal(n) * 3

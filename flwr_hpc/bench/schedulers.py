@@ -2,7 +2,7 @@
 
 Runs the LoRA job (this repository's Flower app: real ClientApps, the tiny model, the
 bundled chemistry data) once per strategy on a simulated federation (default
-``sim_4facilities``, see ``flwr_hpc/sim.py``) with the same seed, each for the same
+``sim_4facilities``, see ``flwr_hpc/server/sim.py``) with the same seed, each for the same
 virtual time budget, through the real runner. From each run's ``metrics.jsonl`` (central
 eval loss per aggregation, with the virtual clock) and ``tasks.jsonl`` (every task's
 simulated queue wait and run time) it reports, per strategy:
@@ -77,7 +77,8 @@ def job_overrides(strategy: str, *, hours: float, local_steps: int, seed: int,
 def run_strategy(fab: bytes, strategy: str, federation: Any, *, hours: float,
                  local_steps: int, seed: int, max_rounds: int, home: Path) -> dict[str, Any]:
     """One run through the real runner; returns its curve and task records."""
-    from flwr_hpc.runner import execute_run, prepare_run
+    from flwr_hpc.server.runner import execute_run
+    from flwr_hpc.server.runs import prepare_run
 
     overrides = job_overrides(strategy, hours=hours, local_steps=local_steps, seed=seed,
                               max_rounds=max_rounds)

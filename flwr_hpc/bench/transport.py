@@ -133,7 +133,7 @@ def run_flwr_hpc(clients: int, size_mb: float, rounds: int, sites: int,
     from flwr.cli.build import build_fab_from_disk
 
     from flwr_hpc._proc import large_buffer_env
-    from flwr_hpc.runner import prepare_run, read_status
+    from flwr_hpc.server.runs import prepare_run, read_status
 
     home = workdir / "hpc-home"
     fed = bench_federation(clients, sites, workdir)
@@ -143,7 +143,7 @@ def run_flwr_hpc(clients: int, size_mb: float, rounds: int, sites: int,
                                 "result-file": str(result_file)}, fed, home=home)
     env = large_buffer_env({**os.environ, "FLWR_HOME": str(home)})  # as the service does
     with open(workdir / "hpc-runner.out", "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "flwr_hpc.runner", str(run_dir)],
+        proc = subprocess.Popen([sys.executable, "-m", "flwr_hpc.server.runner", str(run_dir)],
                                 env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         watcher = _PeakRss(proc.pid)

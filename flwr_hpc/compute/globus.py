@@ -29,8 +29,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from flwr_hpc.compute.base import ComputeBackend, decode_result
-from flwr_hpc.errors import GlobusServiceError, RemoteTaskError, WorkerLostError
+from flwr_hpc.compute.base import ComputeBackend
+from flwr_hpc.errors import FlwrHpcError, GlobusServiceError
 from flwr_hpc.protocol import RESULT_SERIALIZERS
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 ENV_CLIENT_ID = "GLOBUS_COMPUTE_CLIENT_ID"
 ENV_CLIENT_SECRET = "GLOBUS_COMPUTE_CLIENT_SECRET"
 STATUS_TTL_S = 10.0
-_LOST = ("WorkerLost", "ManagerLost", "SDK thread quit unexpectedly", "Unable to sustain channel")
 
 _client_lock = threading.Lock()
 _client: Any = None
@@ -119,7 +118,7 @@ class GlobusComputeBackend(ComputeBackend):
                  resource_specification: dict[str, Any] | None = None,
                  user_endpoint_config: dict[str, Any] | None = None,
                  amqp_port: int | None = None, client: Any = None) -> None:
-        self.site = site
+        super().__init__(site)
         self.endpoint_id = endpoint_id
         self.resource_specification = dict(resource_specification or {}) or None
         self.user_endpoint_config = dict(user_endpoint_config or {}) or None
@@ -161,44 +160,21 @@ class GlobusComputeBackend(ComputeBackend):
             return ex
 
     # -- ComputeBackend
-    def submit(self, fn: Callable[[dict], dict], job: dict[str, Any]) -> Future:
+    def start(self, fn: Callable[[dict], dict], job: dict[str, Any]) -> Future:
         executor = self._current_executor()
         try:
-            inner = executor.submit(fn, job)
+            return executor.submit(fn, job)
         except RuntimeError:  # poisoned between our check and the submit: one retry
-            executor = self._current_executor()
-            inner = executor.submit(fn, job)
-        outer: Future = Future()
-        outer.set_running_or_notify_cancel()
+            return self._current_executor().submit(fn, job)
 
-        def _done(f: Future) -> None:
-            if outer.done():
-                return
-            try:
-                exc = f.exception()
-            except BaseException as err:  # noqa: BLE001 - cancelled futures
-                exc = err
-            if exc is None:
-                try:
-                    result = f.result()
-                    outer.set_result(result if isinstance(result, dict)
-                                     else decode_result(result))
-                except Exception as err:  # noqa: BLE001
-                    outer.set_exception(RemoteTaskError(self.site, f"{err}"))
-                return
-            text = f"{type(exc).__name__}: {exc}"
-            code = getattr(exc, "code", None)
-            if code == "TASK_PAYLOAD_TOO_LARGE" or getattr(exc, "http_status", None) == 413:
-                outer.set_exception(GlobusServiceError(
-                    self.site, "the task is larger than Globus Compute's 10 MB submit limit "
-                    "(TASK_PAYLOAD_TOO_LARGE); use a payload store instead of inline data"))
-            elif any(marker in text for marker in _LOST):
-                outer.set_exception(WorkerLostError(self.site, text))
-            else:
-                outer.set_exception(RemoteTaskError(self.site, text))
-
-        inner.add_done_callback(_done)
-        return outer
+    def failure(self, exc: BaseException) -> FlwrHpcError:
+        """The service refused the task as too large, else lost worker / remote error."""
+        code = getattr(exc, "code", None)
+        if code == "TASK_PAYLOAD_TOO_LARGE" or getattr(exc, "http_status", None) == 413:
+            return GlobusServiceError(
+                self.site, "the task is larger than Globus Compute's 10 MB submit limit "
+                "(TASK_PAYLOAD_TOO_LARGE); use a payload store instead of inline data")
+        return super().failure(exc)
 
     def status(self) -> str:
         now = time.monotonic()

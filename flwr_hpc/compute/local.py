@@ -14,7 +14,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -26,14 +25,11 @@ from globus_compute_common import messagepack
 from globus_compute_common.messagepack.message_types import Result, Task
 from globus_compute_sdk.serialize import DillCode, JSONData
 
-from flwr_hpc.compute.base import ComputeBackend, decode_result
-from flwr_hpc.errors import RemoteTaskError, WorkerLostError
+from flwr_hpc.compute.base import ComputeBackend, decode_result, task_failure
+from flwr_hpc.errors import FlwrHpcError, WorkerLostError
 from flwr_hpc.protocol import RESULT_SERIALIZERS, task_serializer
 
 log = logging.getLogger(__name__)
-
-_WORKER_LOST_MARKERS = ("BrokenProcessPool", "WorkerLost", "ManagerLost", "terminated abruptly")
-
 
 def _make_engine(engine: str, workers: int, run_dir: Path):
     allowed = [DillCode, JSONData]
@@ -78,7 +74,7 @@ class LocalEngineBackend(ComputeBackend):
 
     def __init__(self, site: str, engine: str = "process-pool", workers: int = 1,
                  run_dir: str | Path | None = None) -> None:
-        self.site = site
+        super().__init__(site)
         self.engine_name = engine
         self.workers = workers
         self._own_run_dir = run_dir is None
@@ -88,10 +84,8 @@ class LocalEngineBackend(ComputeBackend):
         self._engine = _make_engine(engine, workers, self.run_dir)
         self._engine.start(endpoint_id=uuid.uuid4(), run_dir=str(self.run_dir))
         self._closed = False
-        self._lock = threading.Lock()
-        self._futures: set[Future] = set()
 
-    def submit(self, fn: Callable[[dict], dict], job: dict[str, Any]) -> Future:
+    def start(self, fn: Callable[[dict], dict], job: dict[str, Any]) -> Future:
         from globus_compute_endpoint.engines import GCFuture
 
         if self._closed:
@@ -103,43 +97,23 @@ class LocalEngineBackend(ComputeBackend):
         )
         packed = messagepack.pack(Task(task_id=task_id, task_buffer=buf))
         engine_future = GCFuture(task_id)
-        outer: Future = Future()
-        outer.set_running_or_notify_cancel()
-        with self._lock:
-            self._futures.add(outer)
-
-        def _done(f: Future) -> None:
-            with self._lock:
-                self._futures.discard(outer)
-            if outer.done():
-                return
-            try:
-                exc = f.exception()
-                if exc is not None:
-                    outer.set_exception(WorkerLostError(self.site, f"{type(exc).__name__}: {exc}"))
-                    return
-                res = messagepack.unpack(f.result())
-                assert isinstance(res, Result)
-                if res.is_error:
-                    text = str(res.data)
-                    if any(m in text for m in _WORKER_LOST_MARKERS):
-                        lines = [ln for ln in text.splitlines()
-                                 if any(m in ln for m in _WORKER_LOST_MARKERS)]
-                        outer.set_exception(WorkerLostError(self.site, lines[-1].strip()))
-                    else:
-                        outer.set_exception(RemoteTaskError(self.site, text))
-                    return
-                outer.set_result(decode_result(res.data))
-            except Exception as err:  # noqa: BLE001 - any decoding failure is this task's error
-                if not outer.done():
-                    outer.set_exception(RemoteTaskError(self.site, f"{type(err).__name__}: {err}"))
-
-        engine_future.add_done_callback(_done)
         self._engine.submit(
             engine_future, packed, resource_specification={},
             result_serializers=RESULT_SERIALIZERS,
         )
-        return outer
+        return engine_future
+
+    def decode(self, raw: Any) -> dict:
+        """The engine's messagepack ``Result``: an error (lost worker or a raise) or JSON."""
+        res = messagepack.unpack(raw)
+        assert isinstance(res, Result)
+        if res.is_error:
+            raise task_failure(self.site, str(res.data))
+        return decode_result(res.data)
+
+    def failure(self, exc: BaseException) -> FlwrHpcError:
+        """The engine's future itself failed: its worker process is gone."""
+        return WorkerLostError(self.site, f"{type(exc).__name__}: {exc}")
 
     def _restart_if_broken(self) -> None:
         # A process pool whose worker died is unusable for good: replace it, as an endpoint
@@ -191,11 +165,6 @@ class LocalEngineBackend(ComputeBackend):
             self._engine.shutdown(block=False)
         except Exception as err:  # noqa: BLE001
             log.debug("engine shutdown for %s: %s", self.site, err)
-        with self._lock:
-            pending = list(self._futures)
-            self._futures.clear()
-        for fut in pending:
-            if not fut.done():
-                fut.set_exception(WorkerLostError(self.site, "backend closed"))
+        self.fail_pending("backend closed")
         if self._own_run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)

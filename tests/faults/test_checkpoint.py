@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from flwr_hpc import checkpoint as ck
+from flwr_hpc.strategy import checkpoint as ck
 
 
 def _dp_fedadam_and_fedavg():
@@ -132,7 +132,7 @@ def test_strategy_state_is_saved_or_refused_never_dropped():
     per-process state is skipped; wrappers are checkpointed as what they wrap."""
     from flwr.serverapp.strategy import FedAvg
 
-    from flwr_hpc.checkpoint import CheckpointStateError, capture_state, restore_state
+    from flwr_hpc.strategy.checkpoint import CheckpointStateError, capture_state, restore_state
     from strategies.recorder import RecordingStrategy
 
     strategy = FedAvg()

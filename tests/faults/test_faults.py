@@ -112,7 +112,7 @@ def test_unusable_replies_become_node_errors_and_the_rest_aggregate(grid_factory
     from flwr.serverapp.strategy import FedAvg
     from flwr.serverapp.strategy.strategy_utils import InconsistentMessageReplies
 
-    from flwr_hpc.rounds import start
+    from flwr_hpc.strategy.rounds import start
 
     monkeypatch.setenv("FLWR_HPC_TEST_BAD", kinds)
     grid = grid_factory(fed_of({"a": 5}, engine="thread-pool"),
@@ -121,7 +121,7 @@ def test_unusable_replies_become_node_errors_and_the_rest_aggregate(grid_factory
     # Flower's own loop stops the whole run on the first such reply
     with pytest.raises(InconsistentMessageReplies):
         FedAvg(fraction_evaluate=0.0).start(grid=grid, initial_arrays=initial, num_rounds=1)
-    from flwr_hpc.streaming import StreamingFedAvg
+    from flwr_hpc.strategy.streaming import StreamingFedAvg
 
     for strategy in (FedAvg(fraction_evaluate=0.0), StreamingFedAvg(fraction_evaluate=0.0)):
         result = start(strategy, grid, initial, num_rounds=1, run_dir=None)
@@ -196,7 +196,7 @@ def test_a_run_in_which_every_task_failed_is_failed_not_completed(run_quickstart
     monkeypatch.setenv("FLWR_HPC_ALLOWED_FABS", "0" * 64)
     status, run_dir, _ = run_quickstart()
     assert status == "finished:failed"
-    from flwr_hpc.runner import read_status
+    from flwr_hpc.server.runs import read_status
 
     details = read_status(run_dir)["details"]
     assert details.startswith("no task succeeded at any site (")
@@ -212,7 +212,7 @@ def test_the_lora_job_fails_when_rounds_train_nothing(run_lora_job, monkeypatch)
         "strategy.num_rounds=6 train.local_steps=1 evaluate.max_generate=0 "
         "evaluate.central=false")
     assert status == "finished:failed"
-    from flwr_hpc.runner import read_status
+    from flwr_hpc.server.runs import read_status
 
     details = read_status(run_dir)["details"]
     assert "RoundsFailed: 3 round(s) in a row up to round 3 trained nothing" in details

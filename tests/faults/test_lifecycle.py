@@ -40,7 +40,7 @@ def _runners_of(run_dir: Path) -> list[psutil.Process]:
             cmd = " ".join(p.info["cmdline"] or [])
             if p.info["status"] == psutil.STATUS_ZOMBIE:
                 continue
-            if "flwr_hpc.runner" in cmd and str(run_dir) in cmd:
+            if "flwr_hpc.server.runner" in cmd and str(run_dir) in cmd:
                 found.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
@@ -75,7 +75,7 @@ def _kill_everything(home: Path) -> None:
 
 
 def test_a_killed_service_leaves_its_runner_to_the_next_one_and_stop_stops_it(flwr_home):
-    from flwr_hpc.runner import read_status, runner_holding
+    from flwr_hpc.server.runs import read_status, runner_holding
 
     assert _cli("flwr-hpc", "up", "--port", str(_port())).returncode == 0
     try:
@@ -113,7 +113,7 @@ def test_a_killed_service_leaves_its_runner_to_the_next_one_and_stop_stops_it(fl
 def test_two_ups_at_once_never_put_two_runners_on_a_run(flwr_home):
     """The service and its runner were SIGKILLed mid-run; then two `up`s race. Three
     times: every time exactly one runner resumes the run, and no round is trained twice."""
-    from flwr_hpc.runner import read_status
+    from flwr_hpc.server.runs import read_status
 
     assert _cli("flwr-hpc", "up", "--port", str(_port())).returncode == 0
     try:
@@ -141,7 +141,7 @@ def test_two_ups_at_once_never_put_two_runners_on_a_run(flwr_home):
                 time.sleep(0.2)
             assert most == 1, f"attempt {attempt}: {most} runners on one run"
             assert read_status(run_dir)["status"] in ("pending", "starting", "running")
-        from flwr_hpc.runner import runner_holding
+        from flwr_hpc.server.runs import runner_holding
 
         (runner,) = _runners_of(run_dir)
         assert runner_holding(run_dir) == runner.pid  # the one runner holds the lock
@@ -151,7 +151,7 @@ def test_two_ups_at_once_never_put_two_runners_on_a_run(flwr_home):
 
 
 def test_a_killed_foreground_run_is_not_resumed_behind_the_users_back(flwr_home):
-    from flwr_hpc.runner import check_resumable, read_status
+    from flwr_hpc.server.runs import check_resumable, read_status
 
     proc = subprocess.Popen([str(BIN / "flwr-hpc"), "run", str(APP_DIR), *LONG_RUN],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

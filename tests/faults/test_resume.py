@@ -38,7 +38,7 @@ def _kill_runner(run_dir: Path, patch: str, env: dict) -> int:
     code = textwrap.dedent(f"""
         import os, signal, sys
         {textwrap.indent(textwrap.dedent(patch), "        ").strip()}
-        from flwr_hpc.runner import main
+        from flwr_hpc.server.runner import main
         sys.exit(main([{str(run_dir)!r}]))
     """)
     out = run_dir / "killed-runner.out"
@@ -69,7 +69,8 @@ def _pgid(pid: int) -> int | None:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, lora_fab):
     from flwr_hpc.config import load_federation
-    from flwr_hpc.runner import execute_run, prepare_run
+    from flwr_hpc.server.runner import execute_run
+    from flwr_hpc.server.runs import prepare_run
 
     home = tmp_path_factory.mktemp("home-ref")
     old = os.environ.get("FLWR_HOME")
@@ -87,7 +88,8 @@ def uninterrupted(tmp_path_factory, lora_fab):
 
 def _interrupted_run(flwr_home, lora_fab, patch: str) -> Path:
     from flwr_hpc.config import load_federation
-    from flwr_hpc.runner import execute_run, prepare_run, read_status
+    from flwr_hpc.server.runner import execute_run
+    from flwr_hpc.server.runs import prepare_run, read_status
 
     run_dir = prepare_run(lora_fab, {"overrides": JOB}, load_federation(FED))
     env = {**os.environ, "FLWR_HOME": str(flwr_home)}
@@ -111,7 +113,7 @@ def _assert_same_final_model(run_dir: Path, reference: Path) -> None:
 def test_runner_killed_after_round_2_resumes_to_the_same_final_model(
         uninterrupted, flwr_home, lora_fab):
     patch = """
-        import flwr_hpc.checkpoint as c
+        import flwr_hpc.strategy.checkpoint as c
         _write = c.write_checkpoint
         def write_checkpoint(root, ckpt):
             path = _write(root, ckpt)
@@ -132,7 +134,7 @@ def test_runner_killed_after_round_2_resumes_to_the_same_final_model(
 def test_runner_killed_mid_round_repeats_only_the_unfinished_round(
         uninterrupted, flwr_home, lora_fab):
     patch = """
-        import flwr_hpc.grid as g
+        import flwr_hpc.server.grid as g
         _collect = g.HPCGrid._collect
         def _collect_then_die(self, task):
             reply = _collect(self, task)
@@ -155,7 +157,7 @@ def test_runner_killed_between_the_metrics_row_and_the_checkpoint_writes_no_row_
     """Round 2's row is in metrics.jsonl, its checkpoint is not: resume redoes round 2 and
     its row replaces the one written before the kill ([0,1,2,3,4], not [0,1,2,2,3,4])."""
     patch = """
-        import flwr_hpc.checkpoint as c
+        import flwr_hpc.strategy.checkpoint as c
         _write = c.write_checkpoint
         def write_checkpoint(root, ckpt):
             if ckpt.round == 2:

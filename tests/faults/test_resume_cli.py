@@ -26,7 +26,7 @@ def _dead_pid() -> int:
 def _interrupted(quickstart_fab, **status) -> Path:
     """A run whose runner died: its status still says running (or failed by the reaper)."""
     from flwr_hpc.config import load_federation
-    from flwr_hpc.runner import prepare_run, update_status
+    from flwr_hpc.server.runs import prepare_run, update_status
 
     run_dir = prepare_run(quickstart_fab, {"num-server-rounds": 2}, load_federation())
     update_status(run_dir, **{"status": "running", "pid": _dead_pid(), **status})
@@ -43,7 +43,7 @@ def test_resume_refuses_unknown_and_completed_runs(flwr_home, run_quickstart):
 
 
 def test_resume_in_the_foreground_finishes_a_failed_run(flwr_home, quickstart_fab):
-    from flwr_hpc.runner import read_status
+    from flwr_hpc.server.runs import read_status
 
     run_dir = _interrupted(quickstart_fab, status="finished", sub_status="failed",
                            details="runner exited with code -9")
@@ -55,7 +55,7 @@ def test_resume_in_the_foreground_finishes_a_failed_run(flwr_home, quickstart_fa
 
 
 def test_a_restarted_superlink_resumes_the_runs_it_lost(flwr_home, quickstart_fab):
-    from flwr_hpc.runner import read_status
+    from flwr_hpc.server.runs import read_status
 
     run_dir = _interrupted(quickstart_fab)  # the SuperLink and its runner died mid-run
     import socket

@@ -37,9 +37,9 @@ def _wait_for(predicate, timeout_s: float = 10.0) -> bool:
 
 def test_a_full_disk_does_not_kill_the_reaper_and_the_run_still_ends(
         flwr_home, quickstart_fab, monkeypatch):
-    import flwr_hpc.service as service
+    import flwr_hpc.control.service as service
     from flwr_hpc.config import load_federation
-    from flwr_hpc.runner import prepare_run, read_status, update_status
+    from flwr_hpc.server.runs import prepare_run, read_status, update_status
 
     link = service.HPCSuperLink(load_federation([]), flwr_home)
     try:
@@ -71,7 +71,7 @@ def test_a_full_disk_does_not_kill_the_reaper_and_the_run_still_ends(
 
 def test_stray_entries_in_runs_do_not_stop_up_or_ls(flwr_home, quickstart_fab):
     from flwr_hpc.config import load_federation
-    from flwr_hpc.runner import prepare_run, update_status
+    from flwr_hpc.server.runs import prepare_run, update_status
 
     runs = flwr_home / "hpc" / "runs"
     good = prepare_run(quickstart_fab, {}, load_federation([]), home=flwr_home)
@@ -120,7 +120,7 @@ def _service_processes(home: Path) -> list:
     out = []
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if "flwr_hpc.service" in " ".join(p.info["cmdline"] or []) and \
+            if "flwr_hpc.control.service" in " ".join(p.info["cmdline"] or []) and \
                     p.environ().get("FLWR_HOME") == str(home):
                 out.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -164,7 +164,7 @@ def test_many_idle_connections_under_a_low_file_limit_do_not_silence_the_service
                 idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
             except OSError:
                 break
-        from flwr_hpc.service import IDLE_TIMEOUT_S
+        from flwr_hpc.control.service import IDLE_TIMEOUT_S
 
         time.sleep(IDLE_TIMEOUT_S + 1.5)  # the idle ones are dropped, the service answers
         ls = subprocess.run([str(BIN / "flwr"), "ls", "hpc"], capture_output=True, text=True,

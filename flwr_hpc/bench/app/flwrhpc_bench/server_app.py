@@ -27,7 +27,7 @@ def main(grid: Grid, context: Context) -> None:
     rounds, size_mb = int(cfg["rounds"]), float(cfg["size-mb"])
     nodes = len(list(grid.get_node_ids()))
     if bool(cfg["streaming"]):
-        from flwr_hpc.streaming import StreamingFedAvg as Strategy
+        from flwr_hpc.strategy.streaming import StreamingFedAvg as Strategy
     else:
         Strategy = FedAvg
     strategy = Strategy(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=nodes,
@@ -44,7 +44,7 @@ def main(grid: Grid, context: Context) -> None:
             os.replace(progress + ".tmp", progress)
 
     if bool(cfg["streaming"]):  # replies one at a time: the grid's explicit opt-in
-        from flwr_hpc.streaming_grid import StreamingGrid
+        from flwr_hpc.strategy.streaming_grid import StreamingGrid
 
         grid = StreamingGrid(grid)
     strategy.start(grid=grid, initial_arrays=model(size_mb), num_rounds=rounds,

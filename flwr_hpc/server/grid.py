@@ -23,20 +23,22 @@ does on a SuperNode: a node's Context is updated when its ClientApp finishes, wh
 not the ServerApp ever pulls the reply, and a message to a node that is still running an
 earlier one waits for it (one message at a time per node, as on a SuperNode), so it is
 staged with the Context that message left behind.
+
+The grid keeps the Grid API, the node Contexts and the life of each message (push,
+submit, wait, pull, abandon); the rest is in its own module: task records
+(:mod:`.tasks`), staging and jobs (:mod:`.staging`), result to reply (:mod:`.replies`),
+site wiring (:mod:`.sites`), and whose time the run lives in (:mod:`.delivery`: the wall
+clock here, a virtual clock under the simulator).
 """
 
 from __future__ import annotations
 
-import base64
 import logging
-import os
 import queue
 import threading
-import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -47,127 +49,23 @@ from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.run import Run
 
-from flwr_hpc.compute import ComputeBackend, make_backend
+from flwr_hpc.compute import ComputeBackend
 from flwr_hpc.config import SUPERLINK_NODE_ID, ClientSlot, FederationConfig
-from flwr_hpc.errors import FlwrHpcError, RemoteTaskError, WorkerLostError
-from flwr_hpc.payload.inline import InlineStore
-from flwr_hpc.payload.objects import (
-    Parts,
-    fast_object_ids,
-    inflate_message,
-    object_parts,
-    sha256_hex,
-)
-from flwr_hpc.payload.store import FilesystemStore, PayloadStore
-from flwr_hpc.protocol import JOB_VERSION, context_from_bytes, context_to_bytes
-from flwr_hpc.telemetry import Progress, TaskLog
-from flwr_hpc.timing import SiteTimings, TaskTiming, WallClock, local_steps_of
+from flwr_hpc.errors import FlwrHpcError
+from flwr_hpc.payload.objects import Parts, fast_object_ids, object_parts
+from flwr_hpc.protocol import context_from_bytes, context_to_bytes
+from flwr_hpc.server.delivery import Delivery, WallDelivery
+from flwr_hpc.server.replies import collect, returned_context
+from flwr_hpc.server.sites import SiteRuntime, build_sites
+from flwr_hpc.server.staging import Staging
+from flwr_hpc.server.tasks import Task, task_record
+from flwr_hpc.server.telemetry import Progress, TaskLog
+from flwr_hpc.server.timing import SiteTimings, local_steps_of
 from flwr_hpc.worker import run_task
 
 log = logging.getLogger("flwr_hpc")
 
-_ERROR_NAMES = {
-    getattr(ErrorCode, n): n for n in dir(ErrorCode) if n.isupper()
-}
-
-
-def _error_outcome(code: int) -> str:
-    """The ``tasks.jsonl`` outcome of an error reply, e.g. ``error:NODE_UNAVAILABLE``."""
-    return f"error:{_ERROR_NAMES.get(code, code)}"
-
-
-def _r6(value: float | None) -> float | None:
-    return None if value is None else round(value, 6)
-
-
-def round_of(message: Message) -> str:
-    """The round a message belongs to: its group id, else the ``server-round`` it carries."""
-    if message.metadata.group_id:
-        return message.metadata.group_id
-    if not message.has_error():
-        for record in message.content.config_records.values():
-            if "server-round" in record:
-                return str(record["server-round"])
-    return ""
-
-
-@dataclass
-class Task:
-    message: Message
-    message_id: str
-    node: ClientSlot
-    submitted_at: float = 0.0
-    stage_s: float = 0.0
-    bytes_to_site: int = 0
-    future: Future | None = None
-    immediate: Message | None = None  # reply known without running (e.g. unknown node)
-    abandoned: bool = False
-    context_id: str = ""
-    object_ids: list[str] = field(default_factory=list)  # what an inline task carries
-    fetch_error: str = ""  # the site's reply transfer failed (Transfer stores)
-    done_at: float | None = None  # server clock when the result was known
-    steps: int | None = None  # local steps the message asks for (timing signals)
-    parts: dict[str, Parts] | None = None  # held while it waits for its node (backlog)
-
-    @property
-    def phase(self) -> str:
-        return self.message.metadata.message_type
-
-    @property
-    def round(self) -> str:
-        return round_of(self.message)
-
-
-@dataclass
-class SiteRuntime:
-    """What the grid holds for one site: its backend, its store, its apps dir."""
-
-    backend: ComputeBackend
-    store: PayloadStore
-    apps_dir: Path
-    job_extras: dict[str, Any] = field(default_factory=dict)  # launcher, thread share
-
-
-def local_thread_share(federation: FederationConfig) -> int:
-    """CPU threads per rank when all local sites' workers share this machine's cores."""
-    if federation.is_simulated():  # one shared pool runs every simulated site's tasks
-        ranks = federation.sites[0].compute["workers"]
-    else:
-        ranks = sum(s.compute["workers"] * s.launcher["ranks"] for s in federation.sites
-                    if s.compute["type"] == "local")
-    return max(1, (os.cpu_count() or 1) // max(ranks, 1))
-
-
-def open_site_store(federation: FederationConfig, site: str, flwr_home: Path) -> PayloadStore:
-    """The server's handle on ``site``'s payload store, from the site's ``payload`` config."""
-    payload = federation.site(site).payload
-    transfer = None
-    if payload["collection_id"]:  # globus-transfer, or an inline site's file replies
-        from flwr_hpc.payload.transfer import GlobusTransferStore, TransferSettings
-
-        transfer = GlobusTransferStore(
-            site, collection_id=payload["collection_id"],
-            collection_path=payload["collection_path"], site_path=payload["path"],
-            settings=TransferSettings.from_config(federation.transfer))
-    if payload["type"] == "inline":
-        reply_store = transfer or (FilesystemStore(payload["path"], site=site,
-                                                   fsync=payload["fsync"])
-                                   if payload["path"] else None)
-        return InlineStore(site, max_task_bytes=payload["max_task_bytes"],
-                           max_result_bytes=payload["max_result_bytes"],
-                           reply_path=payload["path"], reply_store=reply_store)
-    if transfer is not None:
-        return transfer
-    root = site_root(federation, site, flwr_home)
-    return FilesystemStore(Path(payload["path"]) if payload.get("path") else root / "store",
-                           site=site, fsync=payload["fsync"])
-
-
-def site_root(federation: FederationConfig, site: str, flwr_home: Path) -> Path:
-    base = Path(federation.workdir) if federation.workdir else flwr_home / "hpc" / "sites"
-    if not federation.workdir:
-        base = base / federation.name
-    return base / site
+__all__ = ["HPCGrid", "SiteRuntime", "Task"]
 
 
 class HPCGrid(Grid):
@@ -189,6 +87,8 @@ class HPCGrid(Grid):
         Receives phase/task events.
     worker_fn : callable, optional
         The site-worker entry point; a module-level function of an installed package.
+    delivery : Delivery, optional
+        Whose time the run lives in (default :class:`WallDelivery`, the server's clock).
     """
 
     def __init__(
@@ -200,11 +100,12 @@ class HPCGrid(Grid):
         task_log: TaskLog | None = None,
         progress: Progress | None = None,
         worker_fn: Callable[[dict], dict] = run_task,
+        delivery: Delivery | None = None,
     ) -> None:
         self.federation = federation
         self.sites = sites
-        self._fab_bytes = fab_bytes
-        self.fab_hash = sha256_hex(fab_bytes)
+        self.staging = Staging(sites, fab_bytes, lambda: self.run.run_id)
+        self.fab_hash = self.staging.fab_hash
         self._run_config = dict(run_config or {})
         self.task_log = task_log or TaskLog(None)
         self.progress = progress or Progress()
@@ -222,7 +123,8 @@ class HPCGrid(Grid):
         self._closed = False
         self._interrupted = threading.Event()  # the run is stopping: every wait ends
         self._cond = threading.Condition()  # notified whenever a task's result is known
-        self.clock = WallClock()  # the server's clock; every timing signal is read on it
+        self.delivery: Delivery = delivery or WallDelivery()
+        self.clock = self.delivery.clock  # every timing signal is read on it
         self.timings = SiteTimings()  # per-site history for scheduler-aware strategies
         # one staging thread per site: a Transfer store waits seconds on its transfer task
         self._stage_pool = ThreadPoolExecutor(max_workers=max(4, len(sites)),
@@ -241,30 +143,14 @@ class HPCGrid(Grid):
         run_config: dict[str, Any] | None = None,
         progress: Progress | None = None,
         backends: dict[str, ComputeBackend] | None = None,
+        **kwargs: Any,
     ) -> HPCGrid:
         """Build backends (unless given) and stores for every site and return a ready
-        grid. :func:`flwr_hpc.wiring.make_grid` picks the grid class for a federation."""
-        sites: dict[str, SiteRuntime] = {}
-        threads = local_thread_share(federation)
-        try:
-            for s in federation.sites:
-                root = site_root(federation, s.name, flwr_home)
-                store = open_site_store(federation, s.name, flwr_home)
-                backend = (backends[s.name] if backends is not None
-                           else make_backend(s, run_dir / "sites" / s.name))
-                extras: dict[str, Any] = {"launcher": dict(s.launcher)}
-                if s.compute["type"] in ("local", "sim"):
-                    extras["threads"] = threads
-                sites[s.name] = SiteRuntime(backend=backend, store=store, apps_dir=root / "apps",
-                                            job_extras=extras)
-        except BaseException:
-            for rt in sites.values():
-                rt.backend.close()
-            for backend in (backends or {}).values():
-                backend.close()
-            raise
+        grid. :func:`flwr_hpc.server.wiring.make_grid` picks the grid for a federation."""
+        sites = build_sites(federation, run_dir=run_dir, flwr_home=flwr_home,
+                            backends=backends)
         return cls(federation, sites, fab_bytes, run_config=run_config,
-                   task_log=TaskLog(run_dir / "tasks.jsonl"), progress=progress)
+                   task_log=TaskLog(run_dir / "tasks.jsonl"), progress=progress, **kwargs)
 
     # ------------------------------------------------------------------ Grid API
 
@@ -306,27 +192,36 @@ class HPCGrid(Grid):
         ready now (``[]`` at ``until`` or when none of them is in flight). The non-blocking
         ``push_messages`` / ``wait_any`` / ``pull_messages`` trio is what asynchronous
         strategies use to keep sites busy across rounds."""
+        return self.delivery.wait_any(self, list(message_ids), until)
+
+    def live_tasks(self, message_ids: Iterable[str]) -> dict[str, Task]:
+        """The tasks of ``message_ids`` still in flight (pushed, not pulled or dropped)."""
+        with self._lock:
+            return {m: t for m in message_ids
+                    if (t := self._tasks.get(m)) is not None and not t.abandoned}
+
+    def await_results(self, message_ids: Iterable[str], *, until: float | None = None,
+                      every: bool = False) -> list[str]:
+        """Block until one (``every``: each) of the in-flight ``message_ids`` has its
+        result, the grid clock reaches ``until``, or the run stops; return the ids whose
+        result is known now."""
         ids = list(message_ids)
         with self._cond:
             while True:
-                live = {m: t for m in ids
-                        if (t := self._tasks.get(m)) is not None and not t.abandoned}
-                ready = [m for m, t in live.items() if self._is_ready(t)]
-                if ready or not live or self._interrupted.is_set() or self._closed:
+                live = self.live_tasks(ids)
+                ready = [m for m, t in live.items() if t.ready]
+                done = len(ready) == len(live) if every else bool(ready)
+                if done or not live or self._interrupted.is_set() or self._closed:
                     return ready
                 wait = None if until is None else until - self.clock.now()
                 if wait is not None and wait <= 0:
-                    return []
+                    return ready
                 self._cond.wait(timeout=1.0 if wait is None else min(wait, 1.0))
-
-    @staticmethod
-    def _is_ready(task: Task) -> bool:
-        return task.immediate is not None or (task.future is not None and task.future.done())
 
     def _mark_done(self, message_id: str) -> None:
         task = self._tasks.get(message_id)
         if task is not None and task.done_at is None:
-            task.done_at = self.clock.now()
+            task.done_at = self.delivery.finished_at(task)
         with self._lock:
             waiter = self._waiters.get(message_id)
         if waiter is not None:
@@ -363,7 +258,8 @@ class HPCGrid(Grid):
         node's previous message left)."""
         parts, task.parts = task.parts or {}, None
         try:
-            self._stage_site(task.node.site, [task], parts)
+            self.staging.stage(task.node.site, [task], parts, self.node_context,
+                               self._label(task))
         except Exception as err:  # noqa: BLE001 - that node gets an error reply
             log.error("staging to site '%s' failed: %s", task.node.site, err)
             task.immediate = Message(
@@ -403,6 +299,11 @@ class HPCGrid(Grid):
             ctx = context_from_bytes(data)
             ctx.run_id = self.run.run_id
             self._contexts[int(nid)] = ctx
+
+    @property
+    def stopping(self) -> bool:
+        """The run is stopping or the grid is closed: waits end, no message is accepted."""
+        return self._interrupted.is_set() or self._closed
 
     def interrupt(self) -> None:
         """The run is stopping (safe from a signal handler): every call waiting for
@@ -467,7 +368,8 @@ class HPCGrid(Grid):
                 self._mark_done(t.message_id)
         # Stage every site in parallel (I/O bound, seconds for a Transfer site) and submit
         # each site's tasks as soon as its own staging is done.
-        staged = {self._stage_pool.submit(self._stage_site, site, ts, parts): site
+        staged = {self._stage_pool.submit(self.staging.stage, site, ts, parts,
+                                          self.node_context, self._label(ts[0])): site
                   for site, ts in by_site.items()}
         for fut in as_completed(staged):
             site = staged[fut]
@@ -494,7 +396,8 @@ class HPCGrid(Grid):
         for mid in message_ids:
             with self._lock:
                 task = self._tasks.get(mid)
-                ready = task is not None and not task.abandoned and self._is_ready(task)
+                ready = (task is not None and not task.abandoned and task.ready
+                         and self.delivery.is_due(task))
                 if ready:
                     del self._tasks[mid]
             if ready:
@@ -517,7 +420,7 @@ class HPCGrid(Grid):
         one reply at a time, not all of them (``StreamingGrid`` hands this to Flower's
         round loop). The messages are submitted at once, before the first ``next()``;
         replies not consumed when the iterator is dropped are abandoned."""
-        started = time.monotonic()
+        started = self.delivery.now()
         ids = list(self.push_messages(messages))
         inbox: queue.Queue[str] = queue.Queue()
         with self._lock:  # replies known before this point are queued here, later ones
@@ -563,17 +466,12 @@ class HPCGrid(Grid):
             return batch
 
         try:
-            while pending:
-                wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
-                if wait <= 0 or self._interrupted.is_set() or self._closed:
+            while pending and not (self._interrupted.is_set() or self._closed):
+                got_ids = self.delivery.next_ready(self, inbox, pending, deadline)
+                if got_ids is None:  # the deadline has passed
                     break
-                try:
-                    mid = inbox.get(timeout=wait)
-                except queue.Empty:
-                    continue
-                if mid not in pending:
-                    continue
-                for got_mid in ready([mid]):
+                for got_mid in [m for mid in got_ids if mid in pending
+                                for m in ready([mid])]:
                     got = list(self.pull_messages([got_mid]))
                     while got:  # hold no reference to a reply once it is yielded
                         reply = got.pop()
@@ -601,7 +499,7 @@ class HPCGrid(Grid):
             for mid in list(pending):
                 self._abandon(mid, None if stopping else timeout, stopping=stopping)
             self.progress.phase_finished(round_, phase, received, total,
-                                         time.monotonic() - started)
+                                         self.delivery.now() - started)
 
     # ------------------------------------------------------------------ internals
 
@@ -616,7 +514,7 @@ class HPCGrid(Grid):
         tasks = [self._tasks[m] for m in message_ids if m in self._tasks]
         wanted: list[str] = []
         for t in tasks:
-            result = self._safe_result(t)
+            result = t.safe_result()
             if isinstance(result, dict) and result.get("ok"):
                 wanted.extend(result.get("object_ids") or [])
         if not wanted:
@@ -632,102 +530,23 @@ class HPCGrid(Grid):
         node = self._nodes.get(reply.metadata.src_node_id)
         return node.site if node else "?"
 
-    def _stage_site(self, site: str, tasks: list[Task], parts: dict[str, Parts]) -> None:
-        """Write everything ``site`` lacks for these tasks, each object once.
-        ``parts``: every object of the phase by id (see :meth:`push_messages`)."""
-        rt = self.sites[site]
-        t0 = time.monotonic()
-        written = 0
-        if not rt.store.has(self.fab_hash):  # attributed to the first task of the site
-            written += rt.store.put(self.fab_hash, self._fab_bytes)
-        before = 0
-        seen: set[str] = set()
-        for t in tasks:
-            for oid in t.object_ids:  # the message's objects, children first
-                if oid not in seen and not rt.store.has(oid):
-                    # the id was computed from these very bytes: no second hash
-                    written += rt.store.put(oid, parts[oid], trusted=True)
-                seen.add(oid)
-            ctx_bytes = context_to_bytes(self.node_context(t.node.node_id))
-            t.context_id = sha256_hex(ctx_bytes)
-            written += rt.store.put(t.context_id, ctx_bytes, trusted=True)
-            t.object_ids = [*t.object_ids, t.context_id, self.fab_hash]
-            t.bytes_to_site = written - before
-            before = written
-        if tasks:  # a Transfer store moves all of it in one transfer task
-            rt.store.flush(self._label(tasks[0]))
-        elapsed = time.monotonic() - t0
-        for t in tasks:
-            t.stage_s = elapsed
-
-    def _job(self, site: str, **fields: Any) -> dict[str, Any]:
-        rt = self.sites[site]
-        return {"v": JOB_VERSION, "run_id": self.run.run_id, "site": site,
-                "fab_hash": self.fab_hash, "store": rt.store.spec(),
-                "apps_dir": str(rt.apps_dir), **fields, **rt.job_extras}
-
     def warm_up(self) -> dict[str, str]:
         """Start every site's workers and load the run's ClientApp in them before the
         ServerApp sends its first message, so that one-off cost (worker start, imports,
         FAB install: tens of seconds on a loaded machine) is not charged to the app's
-        first timeout. One warm-up task per worker of each site (``compute.workers``);
-        waits at most ``compute.warmup_s`` per site (0: no warm-up) and goes on either
-        way: a site still starting, or failing, is reported here and by its first task.
-        Returns each site's outcome (``ok``, ``skipped``, ``still starting``, or the error).
-        """
-        outcome: dict[str, str] = {}
-        waits: dict[str, tuple[list[Future], float]] = {}
-        t0 = time.monotonic()
-        for name, rt in self.sites.items():
-            site = self.federation.site(name)
-            budget = float(site.compute.get("warmup_s", 0.0))
-            if budget <= 0 or site.compute["type"] == "sim":
-                outcome[name] = "skipped"
-                continue
-            futures: list[Future] = []
-            try:
-                if not rt.store.has(self.fab_hash):
-                    rt.store.put(self.fab_hash, self._fab_bytes)
-                rt.store.flush(f"flwr-hpc run {self.run.run_id} warm-up")
-                job = self._job(name, warmup=True)
-                rt.store.attach(job, [self.fab_hash])
-                if rt.backend.status() == "offline":
-                    raise RuntimeError("the site's endpoint is offline")
-                for _ in range(max(1, int(site.compute.get("workers", 1)))):
-                    futures.append(rt.backend.submit(self._worker_fn, job))
-            except Exception as err:  # noqa: BLE001 - the site's tasks will say it again
-                outcome[name] = f"failed: {err}"
-                continue
-            waits[name] = (futures, t0 + budget)
-        if waits:
-            log.info("warming up %d site(s): starting workers and loading the ClientApp",
-                     len(waits))
-        for name, (futures, deadline) in waits.items():
-            errors: list[str] = []
-            for fut in futures:
-                try:
-                    res = fut.result(timeout=max(0.0, deadline - time.monotonic()))
-                except TimeoutError:
-                    errors.append("still starting")
-                    continue
-                except Exception as err:  # noqa: BLE001
-                    errors.append(str(err))
-                    continue
-                if not (isinstance(res, dict) and res.get("ok")):
-                    errors.append(str((res or {}).get("reason", res)))
-            outcome[name] = errors[0] if errors else "ok"
-            if errors:
-                log.warning("site '%s' warm-up: %s", name, errors[0][-500:])
-        if waits:
-            log.info("site workers warm after %.1f s (%s)", time.monotonic() - t0,
-                     ", ".join(f"{k}: {v.splitlines()[0][:60]}" for k, v in outcome.items()))
-        return outcome
+        first timeout (see :meth:`Staging.warm_up`). Returns each site's outcome."""
+        return self.staging.warm_up(self.federation, self._worker_fn,
+                                    f"flwr-hpc run {self.run.run_id} warm-up")
 
     def _submit(self, task: Task) -> None:
         rt = self.sites[task.node.site]
-        job = self._job(task.node.site, node_id=task.node.node_id,
-                        message_id=task.message_id, context_id=task.context_id)
-        task.submitted_at = self.clock.now()
+        job = self.staging.job(task.node.site, node_id=task.node.node_id,
+                               message_id=task.message_id, context_id=task.context_id)
+        planned = self.delivery.submitting(self, task)
+        if planned is not None:  # ends here without running (a simulated failure)
+            task.immediate = planned
+            self._mark_done(task.message_id)
+            return
         try:
             rt.store.attach(job, task.object_ids)  # inline: the objects, size checked
             if rt.backend.status() == "offline":  # Globus would hold the task for 2 weeks
@@ -754,7 +573,7 @@ class HPCGrid(Grid):
             task.done_at = self.clock.now()
             log.info("discarded late result of node %s (site %s, round %s, %s)",
                      task.node.node_id, task.node.site, task.round, task.phase)
-            self._record(task, "late-discarded", result=self._safe_result(task))
+            self._record(task, "late-discarded", result=task.safe_result())
             return
         if task is not None:
             self._update_context(task)
@@ -765,29 +584,9 @@ class HPCGrid(Grid):
         (as a SuperNode does), whether or not the ServerApp ever pulls the reply. The
         node runs one message at a time, so updates arrive in order. A late result (its
         node was dropped from the round) leaves the Context as it was."""
-        result = self._safe_result(task)
-        if not isinstance(result, dict) or not result.get("ok") or not result.get(
-                "context_id") or result.get("message_id") != task.message_id:
-            return
-        context_id = str(result["context_id"])
-        try:
-            inline = result.get("context")
-            if inline is not None:
-                data = base64.b64decode(inline)
-                if sha256_hex(data) != context_id:
-                    raise FlwrHpcError(f"the Context returned inline does not match its "
-                                       f"sha256 {context_id[:16]}…")
-            else:
-                store = self.sites[task.node.site].store
-                store.receive(result, [context_id], self._label(task))
-                data = store.get(context_id)
-            context = context_from_bytes(data)
-        except Exception as err:  # noqa: BLE001 - the node keeps its previous Context
-            log.error("node %s (site %s): could not read the Context its ClientApp "
-                      "returned (%s); the node keeps its previous Context",
-                      task.node.node_id, task.node.site, err)
-            return
-        self._contexts[task.node.node_id] = context
+        context = returned_context(task, self.sites[task.node.site].store, self._label(task))
+        if context is not None:
+            self._contexts[task.node.node_id] = context
 
     def _abandon(self, message_id: str, timeout: float | None, *,
                  stopping: bool = False) -> None:
@@ -797,8 +596,8 @@ class HPCGrid(Grid):
                 return
             task.abandoned = True
         self._release_node(task)  # a dropped message no longer holds its node
-        if timeout is None and self._is_ready(task):  # finished, never pulled by the app
-            self._record(task, "not-pulled", result=self._safe_result(task))
+        if timeout is None and task.ready:  # finished, never pulled by the app
+            self._record(task, "not-pulled", result=task.safe_result())
             return
         if stopping:  # the run was asked to stop: not a missed deadline either
             log.info("node %s (site %s): round %s (%s) abandoned, the run is stopping",
@@ -816,135 +615,19 @@ class HPCGrid(Grid):
                     task.node.node_id, task.node.site, timeout, task.round, task.phase)
         self._record(task, "timeout")
 
-    @staticmethod
-    def _safe_result(task: Task) -> dict | None:
-        try:
-            return task.future.result(timeout=0) if task.future else None
-        except Exception:  # noqa: BLE001
-            return None
-
-    def _error_reply(self, task: Task, code: int, reason: str) -> Message:
-        reply = Message(Error(code=code, reason=reason), reply_to=task.message)
-        reply.metadata.__dict__["_message_id"] = reply.object_id
-        return reply
-
     def _collect(self, task: Task) -> Message:
         """Turn a finished task into the reply the strategy sees (never raises)."""
-        if task.immediate is not None:
-            reply = task.immediate
-            reply.metadata.__dict__["_message_id"] = reply.object_id
-            self._record(task, _error_outcome(reply.error.code),
-                         error=reply.error.reason)
-            return reply
-        assert task.future is not None
-        try:
-            result = task.future.result()
-        except WorkerLostError as err:
-            self._record(task, "error:CLIENT_APP_CRASHED", error=str(err))
-            return self._error_reply(task, ErrorCode.CLIENT_APP_CRASHED, str(err))
-        except RemoteTaskError as err:
-            self._record(task, "error:UNKNOWN", error=err.remote_traceback[-2000:])
-            return self._error_reply(task, ErrorCode.UNKNOWN, str(err))
-        except Exception as err:  # noqa: BLE001
-            self._record(task, "error:UNKNOWN", error=repr(err))
-            return self._error_reply(task, ErrorCode.UNKNOWN, repr(err))
-        if not isinstance(result, dict) or result.get("message_id") != task.message_id:
-            self._record(task, "error:UNKNOWN", error="mismatched task result")
-            return self._error_reply(task, ErrorCode.UNKNOWN,
-                                     "site returned a result for a different message")
-        if not result.get("ok"):
-            code = int(result.get("error_code", ErrorCode.UNKNOWN))
-            self._record(task, _error_outcome(code), result=result,
-                         error=result.get("reason"))
-            return self._error_reply(task, code, str(result.get("reason")))
-
-        store = self.sites[task.node.site].store
-        t0 = time.monotonic()
-        read_bytes = 0
-
-        def read(oid: str) -> bytes:
-            nonlocal read_bytes
-            data = store.get(oid)
-            read_bytes += len(data)
-            return data
-
-        try:
-            if task.fetch_error:
-                raise FlwrHpcError(task.fetch_error)
-            # inline: the objects the result carries (or its file reply); Transfer: a
-            # no-op when send_and_receive fetched the site's batch already
-            store.receive(result, result.get("object_ids") or [result["reply_id"]],
-                          self._label(task))
-            reply = inflate_message(result["reply_id"], read)
-            md = reply.metadata
-            if md.reply_to_message_id != task.message_id or md.src_node_id != task.node.node_id:
-                raise FlwrHpcError(
-                    f"reply {result['reply_id'][:16]}… answers message "
-                    f"{md.reply_to_message_id[:16]}… from node {md.src_node_id}, not "
-                    f"{task.message_id[:16]}… from node {task.node.node_id}"
-                )
-        except Exception as err:  # noqa: BLE001 - corrupted/mismatched replies are never used
-            log.error("rejected reply of node %s (site %s): %s",
-                      task.node.node_id, task.node.site, err)
-            self._record(task, "error:REPLY_MESSAGE_UNAVAILABLE", result=result, error=str(err))
-            return self._error_reply(task, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, str(err))
-        fetch_s = time.monotonic() - t0
-        outcome = "ok"
-        err_text = None
-        if reply.has_error():
-            outcome = _error_outcome(reply.error.code)
-            err_text = reply.error.reason
-        self._record(task, outcome, result=result, bytes_from_site=read_bytes,
-                     fetch_s=fetch_s, error=err_text)
-        return reply
+        rt = self.sites.get(task.node.site)  # none for a node outside the federation
+        return collect(task, rt.store if rt else None, self._label(task), self._record)
 
     def _record(self, task: Task, outcome: str, *, result: dict | None = None,
                 bytes_from_site: int = 0, fetch_s: float = 0.0, error: str | None = None) -> None:
-        timing = self._timing(task, outcome, result, fetch_s)
+        timing = self.delivery.timing(task, outcome, result, fetch_s)
         self.timings.add(timing)
-        self.task_log.write({
-            "run_id": self._run.run_id if self._run else None,
-            "message_id": task.message_id,
-            "node_id": task.node.node_id,
-            "site": task.node.site,
-            "phase": task.phase,
-            "round": task.round,
-            "outcome": outcome,
-            "bytes_to_site": task.bytes_to_site,
-            "bytes_from_site": bytes_from_site,
-            "stage_s": round(task.stage_s, 6),
-            "queue_wait_s": _r6(timing.queue_wait_s),
-            "run_s": _r6(timing.run_s),
-            "fetch_s": round(fetch_s, 6),
-            "transfer_s": _r6(timing.transfer_s),
-            "turnaround_s": _r6(timing.turnaround_s),
-            "steps": task.steps,
-            "clock": "virtual" if self.clock.virtual else "server",
-            "ranks": (result or {}).get("ranks", 1),
-            "launcher": (result or {}).get("launcher", "none"),
-            # the site worker process that ran it and its ClientApp load time: a warm
-            # worker keeps its pid across rounds and loads in milliseconds
-            "worker_pid": (result or {}).get("pid"),
-            "load_s": _r6((result or {}).get("load_s")),
-            "submitted_at": task.submitted_at,
-            "error": (error or None) and str(error)[-1000:],
-        })
-
-    def _timing(self, task: Task, outcome: str, result: dict | None,
-                fetch_s: float) -> TaskTiming:
-        """The task's durations, every one measured on the server's clock: the site's
-        ``finished_at - started_at`` is a difference on one clock, so offsets cancel."""
-        started = (result or {}).get("started_at")
-        finished = (result or {}).get("finished_at")
-        run_s = (finished - started) if started and finished else None
-        turnaround = (task.done_at - task.submitted_at
-                      if task.done_at is not None and task.submitted_at else None)
-        queue_wait = (max(turnaround - run_s, 0.0)
-                      if turnaround is not None and run_s is not None else None)
-        return TaskTiming(site=task.node.site, node_id=task.node.node_id, round=task.round,
-                          phase=task.phase, outcome=outcome, submitted_at=task.submitted_at,
-                          turnaround_s=turnaround, queue_wait_s=queue_wait, run_s=run_s,
-                          transfer_s=task.stage_s + fetch_s, steps=task.steps)
+        self.task_log.write(task_record(
+            task, outcome, timing, run_id=self._run.run_id if self._run else None,
+            virtual=self.clock.virtual, result=result, bytes_from_site=bytes_from_site,
+            fetch_s=fetch_s, error=error))
 
     def close(self) -> None:
         """Drop in-flight tasks and shut every site backend down (kills local workers)."""

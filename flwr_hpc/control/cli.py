@@ -36,7 +36,7 @@ CONNECTION_NAME = "hpc"
 
 
 def _home() -> Path:
-    from flwr_hpc.runner import flwr_home
+    from flwr_hpc.server.runs import flwr_home
 
     return flwr_home()
 
@@ -148,7 +148,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     log_path = hpc_dir / "superlink.log"
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "flwr_hpc.service", "--host", host, "--port",
+            [sys.executable, "-m", "flwr_hpc.control.service", "--host", host, "--port",
              str(args.port), "--federation-json", str(fed_json), "--home", str(home)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, env={**os.environ, "FLWR_HOME": str(home)},
@@ -218,7 +218,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from flwr_hpc.config import read_federation
-    from flwr_hpc.runner import read_status, runs_dir
+    from flwr_hpc.server.runs import read_status, runs_dir
 
     home = _home()
     console = Console()
@@ -258,7 +258,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from flwr.cli.build import build_fab_from_disk
 
-    from flwr_hpc.runner import prepare_run
+    from flwr_hpc.server.runs import prepare_run
 
     app = Path(args.app)
     if not (app / "pyproject.toml").exists():
@@ -275,8 +275,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run_in_foreground(run_dir: Path) -> int:
     """Execute (or resume) ``run_dir`` here with progress; SIGTERM stops it cleanly."""
     from flwr_hpc._proc import keep_caches_under
-    from flwr_hpc.runner import execute_run, exit_within_grace, request_stop
-    from flwr_hpc.telemetry import Progress, RichProgress
+    from flwr_hpc.server.runner import execute_run, exit_within_grace, request_stop
+    from flwr_hpc.server.telemetry import Progress, RichProgress
 
     keep_caches_under(_home() / "hpc" / "cache")  # a run writes only under $FLWR_HOME
 
@@ -299,7 +299,7 @@ def _run_in_foreground(run_dir: Path) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     """Continue an interrupted run after its last checkpointed round: on the running HPC
     SuperLink (follow it with ``flwr log RUN_ID``), else in the foreground."""
-    from flwr_hpc.runner import check_resumable, runs_dir
+    from flwr_hpc.server.runs import check_resumable, runs_dir
 
     home = _home()
     run_dir = runs_dir(home) / str(args.run_id)
@@ -394,7 +394,7 @@ def cmd_sites(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from flwr_hpc.sites import check_sites
+    from flwr_hpc.control.sites import check_sites
 
     federation = _load_federation(args.overrides, args.config_dir)
     console = Console()

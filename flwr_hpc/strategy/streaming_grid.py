@@ -2,7 +2,7 @@
 
 Flower's ``Grid.send_and_receive`` returns every reply at once (a ``list``): Flower's own
 workflows iterate the replies twice and take ``len()``, so ``HPCGrid`` keeps that contract.
-A strategy that aggregates while it iterates (``flwr_hpc.streaming``) can hold one reply
+A strategy that aggregates while it iterates (``flwr_hpc.strategy.streaming``) can hold one reply
 at a time instead of all of them -- O(model) server memory, not O(clients x model) -- when
 Flower's round loop gets this wrapper: its ``send_and_receive`` is the wrapped grid's
 ``stream_replies``. Everything else is delegated.

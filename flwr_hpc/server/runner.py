@@ -9,8 +9,8 @@ install the FAB (checked and installed atomically by :mod:`flwr_hpc.fab`), fuse 
     app.fab       the FAB bytes (sha256-verified before use)
     status.json   pending / starting / running / finished:{completed,failed,stopped}
     log.txt       the run's log (what ``flwr log`` / ``--stream`` show)
-    tasks.jsonl   one record per task (see ``flwr_hpc.telemetry``)
-    checkpoint/   the last completed rounds (``flwr_hpc.checkpoint``), for resume
+    tasks.jsonl   one record per task (see ``flwr_hpc.server.telemetry``)
+    checkpoint/   the last completed rounds (``flwr_hpc.strategy.checkpoint``), for resume
 
 An interrupted run (runner killed, node lost, SuperLink restarted) is resumed by running
 the same run directory again (:func:`check_resumable` + :func:`execute_run`): the ServerApp
@@ -20,7 +20,6 @@ finds the checkpoint and continues after the last completed round.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import io
 import json
 import logging
@@ -31,16 +30,23 @@ import sys
 import threading
 import traceback
 from collections import Counter
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from flwr_hpc._proc import keep_caches_under, large_buffer_env, return_large_buffers
-from flwr_hpc.config import SUPERLINK_NODE_ID, FederationConfig, dump_federation, read_federation
-from flwr_hpc.errors import FlwrHpcError
+from flwr_hpc.config import SUPERLINK_NODE_ID, read_federation
 from flwr_hpc.payload.objects import sha256_hex
 from flwr_hpc.protocol import ENV_RUN_DIR
-from flwr_hpc.telemetry import Progress
+from flwr_hpc.server.runs import (
+    RunnerBusy,
+    RunnerLock,
+    checkpoint_round,
+    flwr_home,
+    now_iso,
+    runner_holding,
+    update_status,
+)
+from flwr_hpc.server.telemetry import Progress
 
 log = logging.getLogger("flwr_hpc")
 
@@ -108,178 +114,6 @@ def no_task_succeeded(records: list[dict[str, Any]]) -> str:
     return (f"no task succeeded at any site ({len(records)} tasks: "
             + ", ".join(f"{n} {k}" for k, n in errors.most_common())
             + (f"); first error: {first[:500]}" if first else ")"))
-
-
-def now_iso() -> str:
-    return datetime.now(tz=UTC).isoformat()
-
-
-def flwr_home() -> Path:
-    from flwr.common.config import get_flwr_home
-
-    return Path(get_flwr_home())
-
-
-def runs_dir(home: Path | None = None) -> Path:
-    return (home or flwr_home()) / "hpc" / "runs"
-
-
-def new_run_id() -> int:
-    return random.SystemRandom().getrandbits(63) | 1 << 40  # wide, positive, never 0/1
-
-
-def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # e.g. ENOSPC: the old file stays as it was, no temp file left
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-def read_status(run_dir: Path) -> dict[str, Any]:
-    """The run's ``status.json``; {} for anything that is not a readable run directory
-    (a stray file in ``runs/``, a torn or foreign file)."""
-    try:
-        status = json.loads((run_dir / "status.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return status if isinstance(status, dict) else {}
-
-
-def update_status(run_dir: Path, **fields: Any) -> dict[str, Any]:
-    status = read_status(run_dir)
-    status.update(fields)
-    _atomic_write_json(run_dir / "status.json", status)
-    return status
-
-
-def prepare_run(
-    fab_bytes: bytes,
-    override_config: dict[str, Any],
-    federation: FederationConfig,
-    *,
-    home: Path | None = None,
-    run_id: int | None = None,
-) -> Path:
-    """Create the run directory of a new run (status ``pending``) and return it, private
-    to the owner (0700). A FAB that is malformed, too large or names itself unsafely is
-    refused (:class:`~flwr_hpc.fab.FabError`) before anything is written."""
-    from flwr_hpc.fab import check_fab
-
-    info = check_fab(fab_bytes)
-    fab_id, fab_version = info.fab_id, info.version
-    run_id = run_id or new_run_id()
-    parent = runs_dir(home)
-    parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    run_dir = parent / str(run_id)
-    run_dir.mkdir(exist_ok=False, mode=0o700)
-    fab_hash = sha256_hex(fab_bytes)
-    (run_dir / "app.fab").write_bytes(fab_bytes)
-    dump_federation(federation, run_dir / "federation.json")
-    _atomic_write_json(run_dir / "run.json", {
-        "run_id": run_id,
-        "fab_hash": fab_hash,
-        "fab_id": fab_id,
-        "fab_version": fab_version,
-        "override_config": override_config,
-        "federation": federation.name,
-    })
-    update_status(run_dir, run_id=run_id, fab_id=fab_id, fab_version=fab_version,
-                  fab_hash=fab_hash, override_config=override_config,
-                  federation=federation.name, status="pending", sub_status="",
-                  details="", pending_at=now_iso(), starting_at="", running_at="",
-                  finished_at="")
-    return run_dir
-
-
-def checkpoint_round(run_dir: Path) -> int:
-    """The last round checkpointed in ``run_dir`` (0: none)."""
-    from flwr_hpc.checkpoint import CHECKPOINT_DIR
-
-    latest = run_dir / CHECKPOINT_DIR / "LATEST"
-    try:
-        return int(latest.read_text().strip().split("-")[1])
-    except (FileNotFoundError, IndexError, ValueError):
-        return 0
-
-
-def check_resumable(run_dir: Path) -> int:
-    """Raise unless the run in ``run_dir`` can be resumed; return its checkpointed round."""
-    status = read_status(run_dir)
-    if not status or not (run_dir / "run.json").exists():
-        raise FlwrHpcError(f"{run_dir} is not a flwr-hpc run directory")
-    if status.get("status") == "finished" and status.get("sub_status") == "completed":
-        raise FlwrHpcError(f"run {run_dir.name} already completed; nothing to resume")
-    holder = runner_holding(run_dir)
-    if holder is not None:
-        raise RunnerBusy(f"run {run_dir.name} is still running (runner pid {holder or '?'}); "
-                         "stop it first (flwr stop) or let it finish")
-    return checkpoint_round(run_dir)
-
-
-# ----------------------------------------------------------------- one runner per run
-
-RUNNER_LOCK = "runner.lock"
-
-
-class RunnerBusy(FlwrHpcError):
-    """Another runner executes this run (it holds the run's lock)."""
-
-
-class RunnerLock:
-    """What makes a runner *the* runner of a run: an exclusive ``flock`` on
-    ``<run dir>/runner.lock``, held for as long as the run executes, with the runner's pid
-    written inside. The kernel releases it when the process (and any child that inherited
-    the descriptor) is gone, whatever killed it: no stale pid files, no "is this pid alive
-    on this host" guesses, and a second runner — a resume, a second service, a restart —
-    cannot start on the same run."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / RUNNER_LOCK
-        self._fh: Any = None
-
-    def acquire(self) -> bool:
-        fh = open(self.path, "a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
-            return False
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
-        self._fh = fh
-        return True
-
-    def release(self) -> None:
-        if self._fh is not None:
-            fcntl.flock(self._fh, fcntl.LOCK_UN)
-            self._fh.close()
-            self._fh = None
-
-
-def runner_holding(run_dir: Path) -> int | None:
-    """The pid of the runner that holds the run's lock (0: pid unreadable), or None when
-    no runner executes the run."""
-    try:
-        fh = open(run_dir / RUNNER_LOCK)
-    except OSError:
-        return None
-    with fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = fh.read().strip()
-            return int(text) if text.isdigit() else 0
-        fcntl.flock(fh, fcntl.LOCK_UN)
-    return None
 
 
 def _setup_logging(run_dir: Path, console: bool) -> logging.Handler:
@@ -374,8 +208,8 @@ def _execute_locked(run_dir: Path, *, progress: Progress | None, console: bool) 
     from flwr.supercore.task_identity import TaskIdentity
 
     from flwr_hpc.fab import install_fab
-    from flwr_hpc.grid import HPCGrid
-    from flwr_hpc.wiring import make_grid
+    from flwr_hpc.server.grid import HPCGrid
+    from flwr_hpc.server.wiring import make_grid
 
     handler = _setup_logging(run_dir, console)
     if "glibc.malloc.mmap_max" not in os.environ.get("GLIBC_TUNABLES", ""):
@@ -463,7 +297,7 @@ def _execute_locked(run_dir: Path, *, progress: Progress | None, console: bool) 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m flwr_hpc.runner RUN_DIR", file=sys.stderr)
+        print("usage: python -m flwr_hpc.server.runner RUN_DIR", file=sys.stderr)
         return 2
     os.umask(0o077)  # run files, stores and FAB installs are the owner's only
     keep_caches_under(flwr_home() / "hpc" / "cache")  # and its local sites' workers'

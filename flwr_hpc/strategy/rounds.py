@@ -5,7 +5,7 @@
 set by the flwr-hpc runner):
 
 * **a checkpoint after every completed round** and **resume** from the last one
-  (:mod:`flwr_hpc.checkpoint`): rounds are presented to the strategy with their true
+  (:mod:`flwr_hpc.strategy.checkpoint`): rounds are presented to the strategy with their true
   numbers, the initial model is not re-evaluated, and the strategy, node Contexts and RNGs
   are restored;
 * **reply screening**: a reply that would make Flower's aggregation raise (no or several
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from flwr.serverapp.strategy import Strategy
 
-import flwr_hpc.checkpoint as checkpoint
+import flwr_hpc.strategy.checkpoint as checkpoint
 from flwr_hpc.protocol import ENV_RUN_DIR
 
 log = logging.getLogger("flwr_hpc")
@@ -269,8 +269,8 @@ def start(strategy: Any, grid: Any, initial_arrays: Any, num_rounds: int = 3,
     no train reply succeeded and the strategy produced no model trained nothing; after
     ``max_failed_rounds`` such rounds in a row the run fails (:class:`RoundsFailed`) with
     the nodes' errors, instead of ending with an untrained model."""
-    from flwr_hpc.streaming_grid import StreamingGrid
-    from flwr_hpc.timing import clock_of, transport_of
+    from flwr_hpc.server.timing import clock_of, transport_of
+    from flwr_hpc.strategy.streaming_grid import StreamingGrid
 
     clock = clock_of(grid)
     began = clock.now()

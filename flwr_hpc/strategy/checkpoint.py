@@ -1,6 +1,6 @@
 """Checkpoint and resume for ServerApps that run Flower strategies.
 
-:func:`flwr_hpc.rounds.start` (a drop-in for ``strategy.start(...)``) writes one of these
+:func:`flwr_hpc.strategy.rounds.start` (a drop-in for ``strategy.start(...)``) writes one of these
 after every completed round and, when the run directory already holds one -- ``flwr-hpc
 resume RUN``, or an HPC SuperLink restarted after the runner died --, continues from the
 last completed round; a resumed run ends with the same global model as an uninterrupted

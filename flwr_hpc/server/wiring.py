@@ -1,8 +1,8 @@
 """Site wiring: the grid for a federation.
 
 :func:`make_grid` is how the runner (and anyone driving a federation) gets its grid: an
-:class:`~flwr_hpc.grid.HPCGrid` over real or local sites, or, when every site is
-simulated, the site simulator's :class:`~flwr_hpc.sim.VirtualTimeGrid` (virtual time). It
+:class:`~flwr_hpc.server.grid.HPCGrid` over real or local sites, or, when every site is
+simulated, the site simulator's :class:`~flwr_hpc.server.sim.VirtualTimeGrid` (virtual time). It
 sits above both, so neither imports the other's module to choose.
 """
 
@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from flwr_hpc.config import FederationConfig
-from flwr_hpc.grid import HPCGrid
-from flwr_hpc.sim import VirtualTimeGrid
+from flwr_hpc.server.grid import HPCGrid
+from flwr_hpc.server.sim import VirtualTimeGrid
 
 
 def make_grid(federation: FederationConfig, fab_bytes: bytes, *, run_dir: Path,

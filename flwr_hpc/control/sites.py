@@ -42,9 +42,9 @@ class SiteCheck:
 def check_site(federation: FederationConfig, name: str, flwr_home: Path,
                timeout_s: float) -> SiteCheck:
     from flwr_hpc.compute import make_backend
-    from flwr_hpc.grid import open_site_store, site_root
     from flwr_hpc.payload.objects import sha256_hex
     from flwr_hpc.payload.transfer import GlobusTransferStore
+    from flwr_hpc.server.sites import open_site_store, site_root
     from flwr_hpc.worker import probe
 
     site = federation.site(name)

@@ -3,7 +3,7 @@
 It answers the HTTP-protobuf routes that the stock ``flwr`` CLI (>= 1.37) uses, so
 ``flwr run . hpc``, ``flwr ls hpc``, ``flwr log RUN hpc`` and ``flwr stop RUN hpc`` work
 unchanged. Its fleet is the federation's sites, not SuperNodes: each run is a runner
-process (``python -m flwr_hpc.runner RUN_DIR``) driving an ``HPCGrid``.
+process (``python -m flwr_hpc.server.runner RUN_DIR``) driving an ``HPCGrid``.
 
 Routes: ``POST /v1/control/{start-run,stream-logs,list-runs,stop-run}`` and ``GET /health``.
 Every other Control API route answers 501 with a message saying it is not supported.
@@ -40,11 +40,11 @@ from flwr.proto.control_pb2 import (  # pylint: disable=E0611
 from flwr.supercore.run import Run, RunStatus
 
 from flwr_hpc._proc import large_buffer_env
-from flwr_hpc.access import FAILED_TO_CREATE_RUN, RUN_ID_NOT_FOUND, check_request
 from flwr_hpc.config import FederationConfig, read_federation
+from flwr_hpc.control.access import FAILED_TO_CREATE_RUN, RUN_ID_NOT_FOUND, check_request
 from flwr_hpc.errors import FlwrHpcError
 from flwr_hpc.payload.objects import sha256_hex
-from flwr_hpc.runner import (
+from flwr_hpc.server.runs import (
     check_resumable,
     now_iso,
     prepare_run,
@@ -54,7 +54,7 @@ from flwr_hpc.runner import (
     update_status,
 )
 
-log = logging.getLogger("flwr_hpc.service")
+log = logging.getLogger("flwr_hpc.control.service")
 
 PROTOBUF = "application/protobuf"
 PROTOBUF_STREAM = "application/flower-protobuf-stream"
@@ -168,7 +168,7 @@ class HPCSuperLink:
         run_id = int(run_dir.name)
         out = open(run_dir / "runner.out", "ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "flwr_hpc.runner", str(run_dir)],
+            [sys.executable, "-m", "flwr_hpc.server.runner", str(run_dir)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: stop kills the whole tree
             env=large_buffer_env(),  # reuse payload buffers (see flwr_hpc._proc)
@@ -391,7 +391,7 @@ def make_handler(link: HPCSuperLink) -> type[BaseHTTPRequestHandler]:
 
         def _refused(self, method: str) -> bool:
             """Refuse anyone but the owner, browsers, wrong content types and oversized
-            bodies before reading the body (see flwr_hpc.access)."""
+            bodies before reading the body (see flwr_hpc.control.access)."""
             refusal = check_request(method=method, route=self.path.rstrip("/"),
                                     headers=self.headers, peer=self.client_address,
                                     local=self.server.server_address[:2])
@@ -575,7 +575,7 @@ def serve(federation: FederationConfig, home: Path, host: str, port: int) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flwr_hpc.service")
+    parser = argparse.ArgumentParser(prog="python -m flwr_hpc.control.service")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--federation-json", type=Path, required=True)

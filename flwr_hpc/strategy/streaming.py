@@ -1,7 +1,7 @@
 """Streaming aggregation: Flower's FedAvg family, aggregating replies one at a time.
 
 Part of the plugin's public API (the counterpart of the grid's streaming opt-in,
-:class:`flwr_hpc.streaming_grid.StreamingGrid`): any ServerApp may use it, this project's
+:class:`flwr_hpc.strategy.streaming_grid.StreamingGrid`): any ServerApp may use it, this project's
 LoRA job and the transport benchmark's app do.
 
 Flower's ``FedAvg.aggregate_train`` turns the replies into a list and then averages them,
@@ -85,7 +85,7 @@ def _accumulate(total: np.ndarray, values: np.ndarray, weight: np.float64) -> No
 class StreamingFedAvg(FedAvg):
     """FedAvg whose ``aggregate_train`` consumes the replies one by one."""
 
-    streaming = True  # flwr_hpc.rounds passes replies through without a list
+    streaming = True  # flwr_hpc.strategy.rounds passes replies through without a list
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -1,6 +1,6 @@
 """Timing signals: what the transport knows about each site's queue waits and run times.
 
-Every finished task of an :class:`~flwr_hpc.grid.HPCGrid` adds one :class:`TaskTiming` to
+Every finished task of an :class:`~flwr_hpc.server.grid.HPCGrid` adds one :class:`TaskTiming` to
 ``grid.timings`` (a :class:`SiteTimings`), and the same fields go to ``tasks.jsonl``.
 Scheduler-aware strategies (``strategies/queue_aware.py``, ...) read them through this small
 public API:
