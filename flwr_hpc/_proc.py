@@ -11,7 +11,8 @@ def keep_caches_under(base: Path) -> None:
     """Libraries' caches (Hugging Face datasets/hub, anything honouring XDG_CACHE_HOME) go
     under ``base`` instead of ``~/.cache``, unless the user chose a place: a run writes only
     under ``$FLWR_HOME`` (server) or the site's directory. Set before those libraries are
-    imported (they read the variables at import)."""
+    imported (they read the variables at import).
+    """
     os.environ.setdefault("XDG_CACHE_HOME", str(base))
     os.environ.setdefault("HF_HOME", str(base / "huggingface"))
     os.environ.setdefault("HF_DATASETS_CACHE", str(base / "huggingface" / "datasets"))
@@ -104,7 +105,8 @@ TUNABLES = {"glibc.malloc.mmap_max": "0",
 def large_buffer_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """``env`` (default: this process's) with the glibc tunables above added to the
     user's own ``GLIBC_TUNABLES``, which win where they name the same tunable. Other C
-    libraries ignore the variable."""
+    libraries ignore the variable.
+    """
     out = dict(os.environ if env is None else env)
     tunables = [t for t in out.get("GLIBC_TUNABLES", "").split(":") if t]
     named = {t.split("=", 1)[0] for t in tunables}

@@ -44,6 +44,11 @@ _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 @dataclass(frozen=True)
 class Field:
+    """One key of a config schema: its kind, whether it is required, its default, and
+    the allowed ``choices`` / ``minimum`` / ``maximum``; a ``section`` field holds the
+    schema of a nested mapping.
+    """
+
     kind: str  # str, int, float, bool, scalar-map, any-map, str|null, str-list, section, sites
     required: bool = False
     default: Any = None
@@ -196,6 +201,10 @@ def _check_value(f: Field, value: Any, key: str, file: str) -> Any:
 
 
 def check_section(schema: Mapping[str, Field], raw: Any, key: str, file: str) -> dict:
+    """``raw`` (a mapping, or None for an empty one) checked against ``schema``, with
+    defaults filled in for absent keys; raises :class:`ConfigError` naming ``file`` and
+    the offending key under ``key`` for an unknown, missing or invalid one.
+    """
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
@@ -227,7 +236,8 @@ def check_section(schema: Mapping[str, Field], raw: Any, key: str, file: str) ->
 
 def _check_dir(value: str | None, key: str, file: str) -> None:
     """A directory flwr-hpc writes into must not be the system's own (a typo such as
-    ``path: /usr`` would otherwise spray objects there, as root on a test box)."""
+    ``path: /usr`` would otherwise spray objects there, as root on a test box).
+    """
     if not value:
         return
     path = os.path.normpath(os.path.expanduser(value))
@@ -252,6 +262,10 @@ class ClientSlot:
 
 @dataclass(frozen=True)
 class SiteConfig:
+    """One site of a federation, as validated: its client slots and its ``compute``,
+    ``payload`` and ``launcher`` sections.
+    """
+
     name: str
     clients: int
     compute: dict[str, Any]
@@ -262,6 +276,10 @@ class SiteConfig:
 
 @dataclass(frozen=True)
 class FederationConfig:
+    """A validated federation: its sites, ``transfer`` section and where it was read
+    from (build one with :meth:`from_dict` or :func:`load_federation`).
+    """
+
     name: str
     sites: tuple[SiteConfig, ...]
     description: str = ""
@@ -271,9 +289,11 @@ class FederationConfig:
 
     @property
     def num_clients(self) -> int:
+        """Client slots (Flower nodes) over all sites."""
         return sum(s.clients for s in self.sites)
 
     def site(self, name: str) -> SiteConfig:
+        """The site called ``name``; raises ``KeyError`` if there is none."""
         for s in self.sites:
             if s.name == name:
                 return s
@@ -302,6 +322,7 @@ class FederationConfig:
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON that :meth:`from_dict` reads back (sites keyed by name)."""
         return {
             "name": self.name,
             "description": self.description,
@@ -314,6 +335,9 @@ class FederationConfig:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "<memory>") -> FederationConfig:
+        """Validate ``raw`` (the federation's keys; a ``source`` key in it wins over
+        ``source``) and build the federation; raises :class:`ConfigError`.
+        """
         raw = dict(raw)
         source = raw.pop("source", source) or source
         checked = check_section(_FEDERATION, raw, "", source)
@@ -351,6 +375,7 @@ class FederationConfig:
         return all(s.compute["type"] == "sim" for s in self.sites)
 
     def uses_transfer(self) -> bool:
+        """Whether the server reaches any site's store through Globus Transfer."""
         return any(uses_transfer(s) for s in self.sites)
 
 
@@ -394,7 +419,7 @@ def _check_globus_compute(site: SiteConfig, source: str) -> None:
 
 
 def uses_transfer(site: SiteConfig) -> bool:
-    """Does the server reach this site's store through Globus Transfer?"""
+    """Whether the server reaches this site's store through Globus Transfer."""
     p = site.payload
     return p["type"] == "globus-transfer" or (p["type"] == "inline"
                                               and bool(p.get("collection_id")))
@@ -555,9 +580,11 @@ def load_federation(
 
 
 def dump_federation(fed: FederationConfig, path: Path) -> None:
+    """Write ``fed`` to ``path`` as JSON (read back by :func:`read_federation`)."""
     path.write_text(json.dumps(fed.to_dict(), indent=2, sort_keys=True))
 
 
 def read_federation(path: Path) -> FederationConfig:
+    """The federation :func:`dump_federation` wrote to ``path`` (validated again)."""
     raw = json.loads(path.read_text())
     return FederationConfig.from_dict(raw, source=raw.get("source") or str(path))

@@ -28,6 +28,10 @@ ENV_MASTER_PORT = "FLWR_HPC_MASTER_PORT"  # set by the site worker for each laun
 
 @dataclass(frozen=True)
 class DistInfo:
+    """A process's place in its launched group: its rank, the group's size, its rank on
+    its node, and the launcher family that started it.
+    """
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -35,10 +39,12 @@ class DistInfo:
 
     @property
     def is_primary(self) -> bool:
+        """Whether this is rank 0 (the rank that writes the reply)."""
         return self.rank == 0
 
     @property
     def enabled(self) -> bool:
+        """Whether the group has more than one rank."""
         return self.world_size > 1
 
 
@@ -60,7 +66,9 @@ def rank_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def info(env: Mapping[str, str] | None = None) -> DistInfo:
-    """This process's place in its group (rank 0 of 1 when not launched as a group)."""
+    """The calling process's place in its group (rank 0 of 1 when not launched as a
+    group).
+    """
     mapped = rank_env(env)
     if not mapped:
         return DistInfo()

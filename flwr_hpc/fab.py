@@ -51,12 +51,15 @@ class FabError(FlwrHpcError):
 
 @dataclass(frozen=True)
 class FabInfo:
+    """What a FAB says about itself in its ``pyproject.toml`` (checked plain names)."""
+
     publisher: str
     name: str
     version: str
 
     @property
     def fab_id(self) -> str:
+        """``publisher/name``."""
         return f"{self.publisher}/{self.name}"
 
 
@@ -73,7 +76,8 @@ def _check_member(info: zipfile.ZipInfo) -> None:
 
 def check_fab(fab_bytes: bytes) -> FabInfo:
     """The FAB's publisher, name and version, after checking its size, members and names.
-    Raises :class:`FabError` saying what is wrong."""
+    Raises :class:`FabError` saying what is wrong.
+    """
     if len(fab_bytes) > MAX_FAB_BYTES:
         raise FabError(f"the FAB is {len(fab_bytes):,} bytes, over the limit of "
                        f"{MAX_FAB_BYTES:,} (FLWR_HPC_MAX_FAB_MB)")
@@ -117,7 +121,8 @@ def check_fab(fab_bytes: bytes) -> FabInfo:
 
 def _extract(zf: zipfile.ZipFile, dest: Path) -> None:
     """Extract member by member, counting the bytes actually inflated (a zip's declared
-    sizes can lie)."""
+    sizes can lie).
+    """
     total = 0
     for info in zf.infolist():
         _check_member(info)
@@ -152,7 +157,8 @@ def _verify_content(root: Path) -> None:
 def install_fab(fab_bytes: bytes, fab_hash: str, install_dir: Path) -> Path:
     """Install the FAB under ``install_dir/apps/`` (Flower's layout:
     ``publisher.name.version.hash8``) and return the app's directory. Idempotent and safe
-    against concurrent installers and a crash halfway through."""
+    against concurrent installers and a crash halfway through.
+    """
     if hashlib.sha256(fab_bytes).hexdigest() != fab_hash:
         raise FabError(f"the FAB does not match its sha256 {fab_hash[:16]}…")
     info = check_fab(fab_bytes)

@@ -95,8 +95,10 @@ def task_serializer() -> ComputeSerializer:
 
 
 def context_to_bytes(context: Context) -> bytes:
+    """A node's ``Context`` as Flower's serialized protobuf."""
     return context_to_proto(context).SerializeToString()
 
 
 def context_from_bytes(data: bytes) -> Context:
+    """The ``Context`` that :func:`context_to_bytes` serialized to ``data``."""
     return context_from_proto(ProtoContext.FromString(data))

@@ -11,9 +11,9 @@ import psutil
 import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
-REPO_ROOT = TESTS_DIR.parent
-APP_DIR = TESTS_DIR / "apps" / "quickstart_numpy"
 sys.path.insert(0, str(TESTS_DIR))  # helpers importable in spawned site workers too
+
+from helpers import APP_DIR, REPO_ROOT, child_python_processes, cli, free_port  # noqa: E402
 
 
 @pytest.fixture
@@ -58,27 +58,6 @@ def run_lora_job(flwr_home, lora_fab):
     return _run
 
 
-def child_python_processes() -> list[psutil.Process]:
-    """Live (non-zombie) descendants of this test process."""
-    out = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if p.status() == psutil.STATUS_ZOMBIE:
-                continue
-            # multiprocessing's shared resource tracker lives as long as the interpreter
-            if "multiprocessing.resource_tracker" in " ".join(p.cmdline()):
-                continue
-            out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
-def read_tasks(run_dir: Path) -> list[dict]:
-    path = run_dir / "tasks.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 @pytest.fixture
 def run_quickstart(flwr_home, quickstart_fab, tmp_path):
     """Run the fixture app through the real runner; return (status, run_dir, summary)."""
@@ -115,6 +94,16 @@ def _no_leftover_processes():
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture
+def superlink(flwr_home):
+    """``flwr-hpc up`` on a free port in this test's FLWR_HOME; ``flwr-hpc down`` after."""
+    port = free_port()
+    up = cli("flwr-hpc", "up", "--port", str(port))
+    assert up.returncode == 0, up.stderr
+    yield port
+    cli("flwr-hpc", "down")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _model_cache(tmp_path_factory):
     """Tiny models are built once per test session (workers inherit the variable)."""
@@ -126,21 +115,6 @@ def _model_cache(tmp_path_factory):
         os.environ.pop("FLWR_HPC_MODEL_CACHE", None)
     else:
         os.environ["FLWR_HPC_MODEL_CACHE"] = old
-
-
-def job_config(*overrides: str) -> dict:
-    from strategies.job import compose_job
-
-    return compose_job(list(overrides))
-
-
-def in_process_federation(clients: int = 2):
-    """One site whose clients run one after another in a thread of this process: the
-    LoRA stack is imported once, so strategy and DP runs take seconds, not minutes."""
-    from flwr_hpc.config import FederationConfig
-
-    return FederationConfig.from_dict({"name": "inproc", "sites": {"a": {
-        "clients": clients, "compute": {"type": "local", "engine": "thread-pool", "workers": 1}}}})
 
 
 @pytest.fixture
@@ -182,29 +156,6 @@ def tcloud(rsps):
     gt.set_transfer_client(make_transfer_client())
     yield fake
     gt.set_transfer_client(None)
-
-
-def fed_of(sites: dict, engine: str = "process-pool"):
-    """A federation of local sites: {site name: clients}."""
-    from flwr_hpc.config import FederationConfig
-
-    return FederationConfig.from_dict({
-        "name": "t",
-        "sites": {name: {"clients": n, "compute": {"engine": engine, "workers": max(1, n)}}
-                  for name, n in sites.items()},
-    })
-
-
-def train_messages(grid, server_round: int, nodes=None, arrays=None) -> list:
-    """Quickstart train messages for ``nodes`` (default: all) of ``grid``."""
-    import numpy as np
-    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-
-    arrays = arrays if arrays is not None else ArrayRecord([np.zeros(4, dtype=np.float32)])
-    content = RecordDict({"arrays": arrays,
-                          "config": ConfigRecord({"server-round": server_round})})
-    return [Message(content, nid, "train", group_id=str(server_round))
-            for nid in (nodes if nodes is not None else grid.get_node_ids())]
 
 
 @pytest.fixture

@@ -50,7 +50,7 @@ STRATEGY_OVERRIDES = {
 
 
 def app_dir() -> Path:
-    """This repository (the Flower app the job runs): the parent of ``flwr_hpc/``."""
+    """The repository (the Flower app the job runs): the parent of ``flwr_hpc/``."""
     root = Path(__file__).resolve().parents[2]
     if not (root / "pyproject.toml").exists() or not (root / "strategies").is_dir():
         raise FlwrHpcError(f"the LoRA app is not next to flwr_hpc ({root}); run the "
@@ -65,6 +65,9 @@ def available_strategies() -> tuple[str, ...]:
 
 def job_overrides(strategy: str, *, hours: float, local_steps: int, seed: int,
                   max_rounds: int) -> str:
+    """The Hydra overrides of one strategy's run: the time budget, local steps and seed,
+    no federated evaluation, plus the strategy's own settings.
+    """
     base = [f"strategy={strategy}", f"strategy.num_rounds={max_rounds}",
             f"strategy.time_budget_s={hours * 3600:g}",
             # synchronous FedAvg waits for every site (a failed job answers with an error)
@@ -98,7 +101,8 @@ def utilisation(tasks: list[dict], sites: list[str], duration_s: float
                 ) -> tuple[dict[str, float], dict[str, float]]:
     """Per site, over the run's ``duration_s``: the share of time it had a train task in
     flight (queued or running: the site is working for the federation rather than idle),
-    and the share its compute spent running train tasks that came back."""
+    and the share its compute spent running train tasks that came back.
+    """
     spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
     run: dict[str, float] = defaultdict(float)
     for t in tasks:
@@ -123,6 +127,9 @@ def utilisation(tasks: list[dict], sites: list[str], duration_s: float
 
 
 def time_to_target(curve: list[tuple[float, float]], target: float) -> float | None:
+    """The first time in ``curve`` (``(time, eval loss)`` points) at which the loss is at
+    or below ``target``, or None if it never is.
+    """
     for t, loss in curve:
         if loss is not None and loss <= target:
             return t
@@ -130,6 +137,9 @@ def time_to_target(curve: list[tuple[float, float]], target: float) -> float | N
 
 
 def summarize(name: str, run: dict[str, Any], sites: list[str]) -> dict[str, Any]:
+    """One strategy's result row: its eval-loss curve over virtual time, final loss,
+    aggregations, train tasks, and the sites' utilisation and compute share.
+    """
     rows = run["rows"]
     curve = [(float(r["clock_s"]), float(r["eval_loss"])) for r in rows
              if r.get("eval_loss") is not None]
@@ -215,7 +225,8 @@ def bench_schedulers(strategies: tuple[str, ...] = DEFAULT_STRATEGIES, *,
 
 def _reseed(fed: Any, seed: int) -> Any:
     """The federation with every site's simulator seeded from ``seed`` (plus the site's own
-    seed), so ``--seed`` changes queue draws and training together."""
+    seed), so ``--seed`` changes queue draws and training together.
+    """
     from flwr_hpc.config import FederationConfig
 
     raw = fed.to_dict()
@@ -295,6 +306,9 @@ def svg(result: dict[str, Any]) -> str:
 
 
 def write_outputs(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Write ``schedulers.json``, ``.md`` (the table) and ``.svg`` (the loss curves)
+    into ``out_dir``; return their paths.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "schedulers.json", out_dir / "schedulers.md", out_dir / "schedulers.svg"]
     paths[0].write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")

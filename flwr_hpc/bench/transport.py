@@ -112,6 +112,9 @@ def _median_after_warmup(round_s: list[float]) -> float:
 
 
 def bench_federation(clients: int, sites: int, workdir: Path):
+    """A local federation of ``clients`` spread over ``sites`` process-pool sites (at
+    most one site per client), with about one worker process per core in all.
+    """
     from flwr_hpc.config import FederationConfig
 
     sites = max(1, min(sites, clients))
@@ -130,6 +133,9 @@ def bench_federation(clients: int, sites: int, workdir: Path):
 
 def run_flwr_hpc(clients: int, size_mb: float, rounds: int, sites: int,
                  workdir: Path, timeout_s: float) -> dict[str, Any]:
+    """Run the bench app through flwr-hpc (the runner in its own process); return its
+    round times, the server's peak RSS, and the bytes staged per site per round.
+    """
     from flwr.cli.build import build_fab_from_disk
 
     from flwr_hpc._proc import large_buffer_env
@@ -182,7 +188,8 @@ def run_flwr_hpc(clients: int, size_mb: float, rounds: int, sites: int,
 
 class FlowerRunFailed(RuntimeError):
     """Flower's own deployment gave up on the run (reported, not raised, by the bench).
-    ``rounds_s``: the round times it completed before that (warm-up round first)."""
+    ``rounds_s``: the round times it completed before that (warm-up round first).
+    """
 
     def __init__(self, message: str, rounds_s: list[float] | None = None) -> None:
         super().__init__(message)
@@ -399,6 +406,10 @@ def run_flower(clients: int, size_mb: float, rounds: int, workdir: Path,
 def bench_transport(clients: int, size_mb: float, rounds: int = 3, *, sites: int = 4,
                     flower: bool = True, workdir: Path | None = None,
                     timeout_s: float = 1800.0) -> dict[str, Any]:
+    """The whole benchmark (see the module docstring): flwr-hpc, then Flower's deployment
+    (unless ``flower`` is False), then the floor; ``workdir`` (default: a temporary
+    directory, removed) keeps the runs' files.
+    """
     own = workdir is None
     workdir = Path(workdir or tempfile.mkdtemp(prefix="flwr-hpc-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -458,6 +469,7 @@ def bench_transport(clients: int, size_mb: float, rounds: int = 3, *, sites: int
 
 
 def format_table(r: dict[str, Any]) -> str:
+    """The result of :func:`bench_transport` as a text table."""
     rows = [("clients", r["clients"]), ("size (MB)", r["size_mb"]),
             ("bytes per round", f"{r['bytes_per_round'] / MiB:,.0f} MiB"),
             ("floor round (s)", f"{r['floor_round_s']:.3f}"),

@@ -9,6 +9,10 @@ from flwr_hpc.config import SiteConfig
 
 
 def make_backend(site: SiteConfig, run_dir: Path) -> ComputeBackend:
+    """The backend for ``site``'s ``compute.type``: a local engine for ``local`` and
+    ``sim`` (a simulated site's real work runs here too), a Globus Compute executor for
+    ``globus``; ``run_dir`` is the local engine's working directory.
+    """
     kind = site.compute["type"]
     if kind in ("local", "sim"):  # sim: the real work of a simulated site runs here too
         from flwr_hpc.compute.local import LocalEngineBackend

@@ -41,7 +41,8 @@ def decode_result(data: str) -> Any:
 
 def task_failure(site: str, text: str) -> FlwrHpcError:
     """The error for a task that failed with ``text``: :class:`WorkerLostError` (naming the
-    line that says so) when its worker was lost, else :class:`RemoteTaskError`."""
+    line that says so) when its worker was lost, else :class:`RemoteTaskError`.
+    """
     lost = [ln.strip() for ln in text.splitlines() if any(m in ln for m in WORKER_LOST_MARKERS)]
     if lost:
         return WorkerLostError(site, lost[-1])
@@ -97,7 +98,8 @@ class ComputeBackend(ABC):
     @abstractmethod
     def start(self, fn: Callable[[dict], dict], job: dict[str, Any]) -> Future:
         """Hand one task to the engine or service; return its future (any shape that
-        :meth:`decode` and :meth:`failure` understand)."""
+        :meth:`decode` and :meth:`failure` understand).
+        """
 
     def decode(self, raw: Any) -> dict:
         """The task's JSON result from what the inner future returned."""

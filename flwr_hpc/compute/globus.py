@@ -29,6 +29,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from typing_extensions import override
+
 from flwr_hpc.compute.base import ComputeBackend
 from flwr_hpc.errors import FlwrHpcError, GlobusServiceError
 from flwr_hpc.protocol import RESULT_SERIALIZERS
@@ -44,6 +46,10 @@ _client: Any = None
 
 
 def credentials_available(environ: dict[str, str] | None = None) -> bool:
+    """Whether a client can be built without a prompt: the confidential-client variables
+    are set in ``environ`` (default: this process's), or the SDK's token store holds a
+    usable login.
+    """
     env = os.environ if environ is None else environ
     if env.get(ENV_CLIENT_ID) and env.get(ENV_CLIENT_SECRET):
         return True
@@ -54,7 +60,8 @@ def credentials_available(environ: dict[str, str] | None = None) -> bool:
 def _stored_login_usable(path: Path) -> bool:
     """The SDK's token store holds a login that works without a prompt: a refresh token
     or an access token that is still valid. A stale or empty ``storage.db`` does not count
-    (the SDK would fall into an interactive login instead of naming what is missing)."""
+    (the SDK would fall into an interactive login instead of naming what is missing).
+    """
     if not path.is_file():
         return False
     try:
@@ -114,6 +121,10 @@ def result_serializer():
 
 
 class GlobusComputeBackend(ComputeBackend):
+    """One site backed by a Globus Compute endpoint (``endpoint_id``), through one
+    ``Executor`` that is rebuilt after a submit error poisons it.
+    """
+
     def __init__(self, site: str, endpoint_id: str, *,
                  resource_specification: dict[str, Any] | None = None,
                  user_endpoint_config: dict[str, Any] | None = None,
@@ -160,6 +171,7 @@ class GlobusComputeBackend(ComputeBackend):
             return ex
 
     # -- ComputeBackend
+    @override
     def start(self, fn: Callable[[dict], dict], job: dict[str, Any]) -> Future:
         executor = self._current_executor()
         try:
@@ -176,6 +188,7 @@ class GlobusComputeBackend(ComputeBackend):
                 "(TASK_PAYLOAD_TOO_LARGE); use a payload store instead of inline data")
         return super().failure(exc)
 
+    @override
     def status(self) -> str:
         now = time.monotonic()
         if self._status and now - self._status[0] < STATUS_TTL_S:
@@ -192,6 +205,7 @@ class GlobusComputeBackend(ComputeBackend):
         self._status = (now, status)
         return status
 
+    @override
     def close(self) -> None:
         with self._lock:
             self._closed = True

@@ -24,6 +24,7 @@ import psutil
 from globus_compute_common import messagepack
 from globus_compute_common.messagepack.message_types import Result, Task
 from globus_compute_sdk.serialize import DillCode, JSONData
+from typing_extensions import override
 
 from flwr_hpc.compute.base import ComputeBackend, decode_result, task_failure
 from flwr_hpc.errors import FlwrHpcError, WorkerLostError
@@ -85,6 +86,7 @@ class LocalEngineBackend(ComputeBackend):
         self._engine.start(endpoint_id=uuid.uuid4(), run_dir=str(self.run_dir))
         self._closed = False
 
+    @override
     def start(self, fn: Callable[[dict], dict], job: dict[str, Any]) -> Future:
         from globus_compute_endpoint.engines import GCFuture
 
@@ -136,6 +138,7 @@ class LocalEngineBackend(ComputeBackend):
         # HTEX: everything is a descendant of this process started for the engine.
         return pids
 
+    @override
     def close(self) -> None:
         if self._closed:
             return

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from typing_extensions import override
 
 from flwr_hpc.compute.base import ComputeBackend
 
@@ -42,6 +43,7 @@ class SimPlan:
 
     @property
     def total_s(self) -> float:
+        """Submission to reply: both transfers, the queue wait and the run."""
         return self.transfer_in_s + self.queue_wait_s + self.run_s + self.transfer_out_s
 
 
@@ -60,6 +62,10 @@ class SimSiteBackend(ComputeBackend):
         self._rng = site_rng(int(self.params["seed"]), site)
 
     def plan(self, phase: str, steps: int | None, nbytes: int) -> SimPlan:
+        """Draw the next task's timeline from the site's model: ``phase`` (``train...``
+        runs ``steps`` local steps, anything else takes ``eval_s``) and ``nbytes`` of
+        arrays moved each way. Consumes the site's random stream.
+        """
         p = self.params
         xfer = float(p["latency_s"]) + nbytes / (float(p["bandwidth_mb_s"]) * 1e6)
         median, sigma = float(p["queue_median_s"]), float(p["queue_sigma"])
@@ -74,9 +80,11 @@ class SimSiteBackend(ComputeBackend):
             return SimPlan(xfer, queue, run, 0.0, True)
         return SimPlan(xfer, queue, run, xfer, False)
 
+    @override
     def start(self, fn: Callable[[dict], dict], job: dict[str, Any]) -> Future:
         return self._runner.submit(fn, job)
 
+    @override
     def close(self) -> None:
         self._runner.close()  # shared; closing twice is a no-op
 

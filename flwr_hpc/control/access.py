@@ -41,6 +41,10 @@ UNSUPPORTED_CONTENT_TYPE = 1002
 
 @dataclass(frozen=True)
 class Refusal:
+    """Why a request is refused: the HTTP status and the Flower ``ApiErrorCode`` and
+    detail of the JSON error body.
+    """
+
     http_status: int
     code: int
     detail: str
@@ -49,7 +53,8 @@ class Refusal:
 def _addr_hex(ip: str, port: int) -> tuple[str, ...]:
     """How ``/proc/net/tcp{,6}`` writes (ip, port): each 32-bit word in host byte order
     (little-endian here), the port big-endian hex. An IPv4 address may appear in the
-    tcp6 table as ``::ffff:a.b.c.d``."""
+    tcp6 table as ``::ffff:a.b.c.d``.
+    """
     addr = ipaddress.ip_address(ip.split("%")[0])
     port_hex = f"{port:04X}"
     forms = []
@@ -65,7 +70,8 @@ def _addr_hex(ip: str, port: int) -> tuple[str, ...]:
 def peer_uid(peer: tuple[str, int], local: tuple[str, int],
              proc_net: Path = Path("/proc/net")) -> int | None:
     """The uid owning the client end of the TCP connection ``peer`` → ``local`` on this
-    host, or None when it cannot be read."""
+    host, or None when it cannot be read.
+    """
     peer_forms, local_forms = set(_addr_hex(*peer[:2])), set(_addr_hex(*local[:2]))
     for table in ("tcp", "tcp6"):
         try:
@@ -89,7 +95,8 @@ def check_request(*, method: str, route: str, headers: Mapping[str, str],
                   peer: tuple[str, int], local: tuple[str, int],
                   owner_uid: int | None = None) -> Refusal | None:
     """Refuse the request unless it comes from the owner, from a client that is not a
-    browser, with the route's content type and a bounded body; None: go ahead."""
+    browser, with the route's content type and a bounded body; None: go ahead.
+    """
     owner = os.getuid() if owner_uid is None else owner_uid
     uid = peer_uid(peer, local)
     if uid is None:

@@ -73,7 +73,8 @@ def _healthy(host: str, port: int, timeout: float = 1.0) -> bool:
 def connection_text(home: Path, address: str, name: str = CONNECTION_NAME) -> str:
     """``$FLWR_HOME/config.toml`` with ``[superlink.<name>]`` added or replaced; a file
     that is not UTF-8 TOML is a :class:`ConfigError` naming it (checked before `up` starts
-    anything)."""
+    anything).
+    """
     import tomllib
 
     from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
@@ -114,6 +115,10 @@ def _load_federation(overrides: list[str], config_dirs: list[str]):
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    """``flwr-hpc up``: start the HPC SuperLink service in the background (loopback only)
+    for the federation, wait until it answers, and write its connection to Flower's
+    ``config.toml``; a no-op if it already runs.
+    """
     from flwr_hpc.config import dump_federation
 
     home = _home()
@@ -188,6 +193,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    """``flwr-hpc down``: stop the HPC SuperLink (SIGTERM, then SIGKILL of its process
+    group after 40 s).
+    """
     home = _home()
     state = _read_state(home)
     if not state or not pid_alive(int(state["pid"])):
@@ -214,6 +222,9 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """``flwr-hpc status``: whether the HPC SuperLink is up, its federation's sites, and
+    the last 20 runs.
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -256,6 +267,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """``flwr-hpc run APP``: build the app's FAB, prepare a run and execute it in the
+    foreground.
+    """
     from flwr.cli.build import build_fab_from_disk
 
     from flwr_hpc.server.runs import prepare_run
@@ -298,7 +312,8 @@ def _run_in_foreground(run_dir: Path) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     """Continue an interrupted run after its last checkpointed round: on the running HPC
-    SuperLink (follow it with ``flwr log RUN_ID``), else in the foreground."""
+    SuperLink (follow it with ``flwr log RUN_ID``), else in the foreground.
+    """
     from flwr_hpc.server.runs import check_resumable, runs_dir
 
     home = _home()
@@ -338,6 +353,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """``flwr-hpc bench transport`` (or ``schedulers``: :func:`cmd_bench_schedulers`)."""
     if args.bench_command == "schedulers":
         return cmd_bench_schedulers(args)
     from flwr_hpc.bench.transport import bench_transport, format_table
@@ -356,6 +372,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_schedulers(args: argparse.Namespace) -> int:
+    """``flwr-hpc bench schedulers``: the strategies on a simulated federation, in
+    virtual time.
+    """
     from flwr_hpc.bench import schedulers as bench
 
     strategies = tuple(x.strip() for x in args.strategies.split(",") if x.strip())
@@ -391,6 +410,9 @@ def cmd_bench_schedulers(args: argparse.Namespace) -> int:
 
 
 def cmd_sites(args: argparse.Namespace) -> int:
+    """``flwr-hpc sites check``: check every site of the federation; exit status 1 if
+    any is not ready.
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -421,6 +443,7 @@ def cmd_sites(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``flwr-hpc`` argument parser and its subcommands."""
     parser = argparse.ArgumentParser(prog="flwr-hpc", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -492,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """argparse, with Hydra overrides accepted anywhere after the command (``flwr-hpc run
-    APP -c k=v federation=x``): argparse alone takes positionals only before options."""
+    APP -c k=v federation=x``): argparse alone takes positionals only before options.
+    """
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
@@ -504,7 +528,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_config_of(pairs: list[str]) -> dict[str, Any]:
     """``-c KEY=VALUE`` pairs as Flower parses them (TOML values: strings in quotes),
-    with an error that names the bad pair instead of a traceback."""
+    with an error that names the bad pair instead of a traceback.
+    """
     from flwr.common.config import parse_config_args
 
     out: dict[str, Any] = {}
@@ -521,6 +546,9 @@ def run_config_of(pairs: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``flwr-hpc`` entry point: run the command; exit status 2 for a configuration
+    error, 1 for another flwr-hpc error, 130 on Ctrl-C.
+    """
     args = parse_args(argv)
     # everything flwr-hpc writes (run directories, FAB installs, payload stores, the
     # service's state) is private to its owner on a shared login node

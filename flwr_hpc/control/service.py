@@ -38,6 +38,7 @@ from flwr.proto.control_pb2 import (  # pylint: disable=E0611
     StreamLogsResponse,
 )
 from flwr.supercore.run import Run, RunStatus
+from typing_extensions import override
 
 from flwr_hpc._proc import large_buffer_env
 from flwr_hpc.config import FederationConfig, read_federation
@@ -62,6 +63,9 @@ STOP_GRACE_S = 15.0
 
 
 def run_from_status(status: dict[str, Any], run_dir: Path) -> Run:
+    """The Flower ``Run`` that ``flwr ls`` shows for a run's ``status.json``, with bytes
+    sent and received summed from the run's ``tasks.jsonl``.
+    """
     run = Run.create_empty(int(status["run_id"]))
     run.fab_id = status.get("fab_id", "")
     run.fab_version = status.get("fab_version", "")
@@ -129,7 +133,8 @@ class HPCSuperLink:
         - one a service started (``origin: service``, or no origin: older run directories)
           is resumed from its last checkpoint (it loses at most the round in progress);
         - a foreground ``flwr-hpc run`` that was killed is not resumed behind the user's
-          back: it is marked failed, and stays resumable with ``flwr-hpc resume``."""
+          back: it is marked failed, and stays resumable with ``flwr-hpc resume``.
+        """
         for run_dir in self._run_dirs():
             status = read_status(run_dir)
             if not status or status.get("status") == "finished":
@@ -146,7 +151,8 @@ class HPCSuperLink:
 
     def _recover(self, run_dir: Path, what: str) -> None:
         """An unfinished run without a runner: resume a service-started one, mark a
-        foreground one failed (resumable on request)."""
+        foreground one failed (resumable on request).
+        """
         run_id = int(run_dir.name)
         if read_status(run_dir).get("origin") == "foreground":
             log.warning("run %s was a foreground run that ended without finishing; "
@@ -179,6 +185,9 @@ class HPCSuperLink:
         return proc.pid
 
     def start_run(self, fab_bytes: bytes, fab_hash: str, override: dict[str, Any]) -> int:
+        """Prepare a new run of the FAB (checked against ``fab_hash`` when one is sent)
+        with the run config ``override``, start its runner process, and return its id.
+        """
         if fab_hash and sha256_hex(fab_bytes) != fab_hash:
             raise ValueError("FAB bytes do not match the FAB hash sent with them")
         run_dir = prepare_run(fab_bytes, override, self.federation, home=self.home)
@@ -201,6 +210,7 @@ class HPCSuperLink:
         return done
 
     def run_dir(self, run_id: int) -> Path | None:
+        """The run's directory, or None if there is no run with a status file there."""
         path = self.runs_dir / str(run_id)
         return path if (path / "status.json").exists() else None
 
@@ -212,6 +222,9 @@ class HPCSuperLink:
         return {**status, **pending} if pending else status
 
     def list_runs(self, run_id: int | None = None) -> dict[int, Run]:
+        """Every run (or only ``run_id``) as a Flower ``Run``, by run id; run directories
+        whose status cannot be read are skipped.
+        """
         out: dict[int, Run] = {}
         dirs = [self.run_dir(run_id)] if run_id is not None else self._run_dirs()
         for d in dirs:
@@ -226,7 +239,8 @@ class HPCSuperLink:
 
     def _finish(self, run_id: int, **fields: Any) -> None:
         """Record a run's final status; if the disk refuses it, keep it in memory (served
-        to the CLI) and retry from the reaper loop."""
+        to the CLI) and retry from the reaper loop.
+        """
         run_dir = self.runs_dir / str(run_id)
         try:
             update_status(run_dir, **fields)
@@ -240,6 +254,10 @@ class HPCSuperLink:
             self._unwritten.pop(run_id, None)
 
     def stop_run(self, run_id: int) -> bool:
+        """Stop the run's runner (and its site workers) and mark the run finished:stopped.
+        False when there is no such run, it has finished already, or its runner did not
+        stop.
+        """
         run_dir = self.run_dir(run_id)
         if run_dir is None:
             return False
@@ -261,7 +279,8 @@ class HPCSuperLink:
 
     def _reap_loop(self) -> None:
         """Notice runners that ended, record their runs as finished. Survives any error
-        (a full disk, a vanished run directory): one failed pass is retried the next."""
+        (a full disk, a vanished run directory): one failed pass is retried the next.
+        """
         while not self._stopping.wait(1.0):
             try:
                 self._reap_once()
@@ -300,6 +319,9 @@ class HPCSuperLink:
                 self._procs.pop(run_id, None)
 
     def shutdown(self) -> None:
+        """Stop the reaper and every runner (adopted ones included), marking their runs
+        finished:stopped.
+        """
         self._stopping.set()
         with self._lock:
             procs = list(self._procs.items())
@@ -323,7 +345,8 @@ def _terminate_runner(pid: int, run_dir: Path, grace_s: float) -> bool:
     """Stop a runner this service did not start (no Popen): SIGTERM, then SIGKILL after
     ``grace_s``; its whole process group when it leads one (the service's runners do),
     else the runner alone (a foreground ``flwr-hpc run`` shares its shell's group; its site
-    workers follow it). True once the run's lock is free."""
+    workers follow it). True once the run's lock is free.
+    """
     def signal_it(sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             if os.getpgid(pid) == pid:
@@ -366,6 +389,7 @@ def _terminate_group(proc: subprocess.Popen, grace_s: float) -> None:
 
 
 def make_handler(link: HPCSuperLink) -> type[BaseHTTPRequestHandler]:
+    """The HTTP request handler class that serves ``link``'s routes."""
     class Handler(BaseHTTPRequestHandler):
         server_version = "flwr-hpc"
         timeout = IDLE_TIMEOUT_S  # an idle connection (no request, or a stalled body) ends
@@ -391,7 +415,8 @@ def make_handler(link: HPCSuperLink) -> type[BaseHTTPRequestHandler]:
 
         def _refused(self, method: str) -> bool:
             """Refuse anyone but the owner, browsers, wrong content types and oversized
-            bodies before reading the body (see flwr_hpc.control.access)."""
+            bodies before reading the body (see flwr_hpc.control.access).
+            """
             refusal = check_request(method=method, route=self.path.rstrip("/"),
                                     headers=self.headers, peer=self.client_address,
                                     local=self.server.server_address[:2])
@@ -510,7 +535,8 @@ IDLE_TIMEOUT_S = 5.0
 
 class BoundedHTTPServer(ThreadingHTTPServer):
     """A threading HTTP server that serves at most :data:`MAX_CONNECTIONS` connections at
-    once (the next ones are closed at once) and closes idle ones (the handler's timeout)."""
+    once (the next ones are closed at once) and closes idle ones (the handler's timeout).
+    """
 
     daemon_threads = True
     request_queue_size = 128  # the listen backlog (socketserver's default of 5 drops
@@ -520,6 +546,7 @@ class BoundedHTTPServer(ThreadingHTTPServer):
         super().__init__(*args, **kwargs)
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
 
+    @override
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
             log.warning("refusing a connection from %s: %d connections open already",
@@ -532,6 +559,7 @@ class BoundedHTTPServer(ThreadingHTTPServer):
             self._slots.release()
             raise
 
+    @override
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
@@ -542,7 +570,8 @@ class BoundedHTTPServer(ThreadingHTTPServer):
 def serve(federation: FederationConfig, home: Path, host: str, port: int) -> None:
     """Serve until SIGTERM/SIGINT. The port is bound and ``$FLWR_HOME/hpc/service.lock``
     taken *before* any run is resumed or adopted: of two services started at once on one
-    FLWR_HOME, the second exits without touching a run."""
+    FLWR_HOME, the second exits without touching a run.
+    """
     server = BoundedHTTPServer((host, port), None)  # bind first: a taken port ends here
     hpc = home / "hpc"
     hpc.mkdir(parents=True, exist_ok=True)
@@ -575,6 +604,9 @@ def serve(federation: FederationConfig, home: Path, host: str, port: int) -> Non
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m flwr_hpc.control.service``: serve the federation read from
+    ``--federation-json`` on ``--host:--port`` (what ``flwr-hpc up`` starts).
+    """
     parser = argparse.ArgumentParser(prog="python -m flwr_hpc.control.service")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)

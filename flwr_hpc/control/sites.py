@@ -1,4 +1,4 @@
-"""``flwr-hpc sites check``: is every site of a federation ready for a run?
+"""``flwr-hpc sites check``: whether every site of a federation is ready for a run.
 
 For each site: the credentials its backend needs, the endpoint's status, the reachability
 of its Globus collection (Transfer sites), and a round-trip probe -- a tiny task
@@ -23,6 +23,8 @@ from flwr_hpc.errors import FlwrHpcError
 
 @dataclass
 class SiteCheck:
+    """One site's row of the check: what was found, and ``error`` when it is not ready."""
+
     site: str
     compute: str
     status: str = "unknown"
@@ -36,11 +38,16 @@ class SiteCheck:
 
     @property
     def ok(self) -> bool:
+        """Whether the site passed (no ``error``)."""
         return not self.error
 
 
 def check_site(federation: FederationConfig, name: str, flwr_home: Path,
                timeout_s: float) -> SiteCheck:
+    """Check one site: its endpoint's status, its collection (Transfer sites), and a
+    probe task that reads an object from the site's store and writes one back, waited
+    for ``timeout_s`` at most. Every failure is reported in the row, never raised.
+    """
     from flwr_hpc.compute import make_backend
     from flwr_hpc.payload.objects import sha256_hex
     from flwr_hpc.payload.transfer import GlobusTransferStore
@@ -113,6 +120,9 @@ def check_collection(store) -> str:
 
 def check_sites(federation: FederationConfig, flwr_home: Path,
                 timeout_s: float = 120.0) -> list[SiteCheck]:
+    """:func:`check_site` on every site of ``federation``, in parallel, after checking
+    that the Globus credentials the federation needs are there (raises if not).
+    """
     names = [s.name for s in federation.sites]
     if any(s.compute["type"] == "globus" for s in federation.sites):
         from flwr_hpc.compute.globus import shared_client

@@ -30,10 +30,12 @@ DEFAULT_MAX_RESULT_BYTES = 6 * 2**20
 
 
 def encode(objects: dict[str, bytes]) -> dict[str, str]:
+    """``{object_id: bytes}`` as ``{object_id: base64 text}``, for a JSON job or result."""
     return {oid: base64.b64encode(data).decode("ascii") for oid, data in objects.items()}
 
 
 def decode(objects: dict[str, str]) -> dict[str, bytes]:
+    """The inverse of :func:`encode`; raises on a key that is not an object id."""
     return {check_object_id(oid): base64.b64decode(text) for oid, text in objects.items()}
 
 
@@ -52,6 +54,9 @@ class InlineStore(StoreDefaults):
         self._lock = threading.Lock()
 
     def spec(self) -> dict[str, Any]:
+        """``{"type": "inline", "site", "max_result_bytes", "reply_path"}``: what the
+        site's side of the store needs.
+        """
         return {"type": "inline", "site": self.site, "max_result_bytes": self.max_result_bytes,
                 "reply_path": self.reply_path}
 
@@ -64,9 +69,13 @@ class InlineStore(StoreDefaults):
         self.reply_store.receive({}, object_ids, label)
 
     def has(self, object_id: str) -> bool:
+        """Whether the object is staged here (file replies are not counted)."""
         return object_id in self._objects
 
     def put(self, object_id: str, data: ObjectData, *, trusted: bool = False) -> int:
+        """Keep the object in memory (verified first unless ``trusted``); return its
+        size, or 0 if it was already held.
+        """
         data = join_parts(data)
         check_object_id(object_id)
         if not trusted:
@@ -78,6 +87,9 @@ class InlineStore(StoreDefaults):
         return len(data)
 
     def get(self, object_id: str) -> bytes:
+        """The object's verified bytes: held here, else read from the file-reply store;
+        raises :class:`PayloadMissingError` if neither has it.
+        """
         data = self._objects.get(check_object_id(object_id))
         if data is None and self.reply_store is not None:
             return self.reply_store.get(object_id)  # a file reply (verified there)
@@ -88,7 +100,8 @@ class InlineStore(StoreDefaults):
     def attach(self, job: dict[str, Any], object_ids: list[str]) -> None:
         """The objects travel inside the task; a task over ``max_task_bytes`` serialized
         is refused before it is submitted (Globus Compute refuses submissions over
-        10 MB, and a refused submit poisons the Executor)."""
+        10 MB, and a refused submit poisons the Executor).
+        """
         from flwr_hpc.protocol import task_serializer
 
         job["objects"] = self.bundle(object_ids)
@@ -102,7 +115,8 @@ class InlineStore(StoreDefaults):
 
     def receive(self, result: dict[str, Any], object_ids: list[str], label: str) -> None:
         """The objects came back inside the result, or as a file reply (fetched whole,
-        in one go, whichever of its objects is asked for first)."""
+        in one go, whichever of its objects is asked for first).
+        """
         if result.get("objects"):
             self.ingest(result["objects"])
         if result.get("file_reply"):
@@ -127,7 +141,8 @@ class InlineSiteStore(StoreDefaults):
     def finish(self, result: dict[str, Any], job: dict[str, Any]) -> str | None:
         """The reply travels back inside the result. Measured with the task serializer,
         a result over the endpoint's limit is written to ``reply_path`` instead (a file
-        reply); without one, the reason is returned."""
+        reply); without one, the reason is returned.
+        """
         from flwr_hpc.payload.store import open_store
         from flwr_hpc.protocol import task_serializer
 
@@ -156,12 +171,15 @@ class InlineSiteStore(StoreDefaults):
         self.outbox: dict[str, bytes] = {}
 
     def spec(self) -> dict[str, Any]:
+        """``{"type": "inline", "site"}``."""
         return {"type": "inline", "site": self.site}
 
     def has(self, object_id: str) -> bool:
+        """Whether the task carried the object or the worker has written it."""
         return object_id in self._objects or object_id in self.outbox
 
     def get(self, object_id: str) -> bytes:
+        """The object's verified bytes, from the task's objects or the outbox."""
         oid = check_object_id(object_id)
         data = self._objects.get(oid, self.outbox.get(oid))
         if data is None:
@@ -169,6 +187,9 @@ class InlineSiteStore(StoreDefaults):
         return verify_object(oid, data, f"site '{self.site}' (inline task)")
 
     def put(self, object_id: str, data: ObjectData, *, trusted: bool = False) -> int:
+        """Add the object to the outbox that :meth:`finish` puts into the result
+        (verified first unless ``trusted``); return its size.
+        """
         data = join_parts(data)
         check_object_id(object_id)
         if not trusted:

@@ -32,6 +32,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, TypeVar
 
 from flwr.app import Array, Message
 from flwr.app.message import array as _flwr_array
@@ -49,15 +50,20 @@ from flwr.supercore.inflatable.inflatable_utils import (
 
 from flwr_hpc.errors import InvalidObjectIdError, PayloadIntegrityError
 
+if TYPE_CHECKING:
+    from flwr.supercore.inflatable.inflatable_object import InflatableObject
+
 _OBJECT_ID = re.compile(r"[0-9a-f]{64}")
 
 Buffer = bytes | bytearray | memoryview
 # An object's bytes as one buffer or as a tuple of buffers to be written one after another
 Parts = tuple[Buffer, ...]
 ObjectData = Buffer | Parts
+_Data = TypeVar("_Data", bound=ObjectData)
 
 
 def sha256_hex(data: ObjectData) -> str:
+    """Hex sha256 of an object given as one buffer or as parts (hashed in order)."""
     if isinstance(data, tuple):
         digest = hashlib.sha256()
         for part in data:
@@ -67,6 +73,7 @@ def sha256_hex(data: ObjectData) -> str:
 
 
 def as_parts(data: ObjectData) -> Parts:
+    """The object's bytes as a tuple of buffers (one buffer: a 1-tuple)."""
     return data if isinstance(data, tuple) else (data,)
 
 
@@ -87,6 +94,7 @@ def join_parts(data: ObjectData) -> bytes:
 
 
 def is_object_id(value: object) -> bool:
+    """Whether ``value`` is a string of 64 lowercase hex digits (a sha256 object id)."""
     return isinstance(value, str) and _OBJECT_ID.fullmatch(value) is not None
 
 
@@ -113,7 +121,8 @@ def _chunk_head(nbytes: int) -> bytes:
 
 def _array_chunks(arr: Array) -> list[tuple[str, ArrayChunk]]:
     """``arr``'s chunks with their ids, as Flower's ``Array.slice_array`` caches them, but
-    hashed in place: head, then a view of the data (Flower deflates each chunk to a copy)."""
+    hashed in place: head, then a view of the data (Flower deflates each chunk to a copy).
+    """
     chunks = arr.__dict__.get("_chunks")  # Flower clears it whenever ``data`` is set
     if chunks is not None:
         return chunks
@@ -142,7 +151,8 @@ def fast_object_ids(*messages: Message) -> Iterator[None]:
     """Inside this block Flower computes each object id of ``messages`` at most once, and
     their array chunks are hashed in place. The messages must not change inside it (their
     ids would go stale); Flower's own ``no_object_id_recompute`` is what makes ids stick.
-    The block is per thread."""
+    The block is per thread.
+    """
     with _flwr_objects.no_object_id_recompute():
         computed = _flwr_objects._get_computed_object_ids()  # noqa: SLF001 - flwr 1.41
         for message in messages:
@@ -153,7 +163,7 @@ def fast_object_ids(*messages: Message) -> Iterator[None]:
         yield
 
 
-def object_parts(obj) -> Parts:
+def object_parts(obj: InflatableObject) -> Parts:
     """One object's bytes (Flower's ``deflate``) as parts; an ArrayChunk is not copied."""
     if type(obj) is ArrayChunk:
         body = memoryview(obj.data).cast("B")
@@ -173,7 +183,10 @@ def message_objects(message: Message) -> dict[str, bytes]:
     return {oid: join_parts(parts) for oid, parts in message_parts(message).items()}
 
 
-def verify_object(object_id: str, content: ObjectData, where: str) -> ObjectData:
+def verify_object(object_id: str, content: _Data, where: str) -> _Data:
+    """Return ``content`` if its sha256 is ``object_id``, else raise
+    :class:`PayloadIntegrityError` naming ``where`` it was read.
+    """
     actual = sha256_hex(content)
     if actual != object_id:
         raise PayloadIntegrityError(object_id, actual, where)
@@ -198,10 +211,12 @@ class ArrayCache:
         self._lock = threading.Lock()
 
     def keys(self) -> list[str]:
+        """The cached Array ids, least recently used first."""
         with self._lock:
             return list(self._data)
 
     def get(self, object_id: str) -> bytes | None:
+        """The cached data of Array ``object_id`` (marked as just used), or None."""
         with self._lock:
             data = self._data.get(object_id)
             if data is not None:
@@ -209,6 +224,10 @@ class ArrayCache:
             return data
 
     def put(self, object_id: str, data: bytes) -> None:
+        """Keep ``data`` for Array ``object_id`` if its size is within
+        ``[min_bytes, limit_bytes]``, dropping the least recently used arrays to stay
+        within ``limit_bytes``.
+        """
         if not self.min_bytes <= len(data) <= self.limit_bytes:
             return
         with self._lock:
@@ -253,7 +272,8 @@ def _chunk_body(object_id: str, content: bytes) -> memoryview:
 def collect_tree(root_id: str, read: Callable[[str], bytes],
                  skip: Callable[[str, str], bool] | None = None) -> dict[str, bytes]:
     """Read the object tree below ``root_id``; ``read`` must verify each object's sha256.
-    ``skip(object_id, object_type)``: read that object but not its children."""
+    ``skip(object_id, object_type)``: read that object but not its children.
+    """
     contents: dict[str, bytes] = {}
     pending = [check_object_id(root_id)]
     while pending:
@@ -277,9 +297,10 @@ def inflate_message(root_id: str, read: Callable[[str], bytes], *,
     Arrays are assembled here, one at a time: an array's chunks are read, their bodies
     joined once into the array's data, and let go before the next array's (so a reply
     costs its arrays plus one array's chunks in memory, not twice its size). With a
-    ``cache``, an array assembled before is taken from it and its chunks are not read."""
+    ``cache``, an array assembled before is taken from it and its chunks are not read.
+    """
     contents = collect_tree(root_id, read, skip=lambda _oid, kind: kind == "Array")
-    arrays: dict[str, Array] = {}
+    arrays: dict[str, InflatableObject] = {}
     for oid, content in contents.items():
         if not content.startswith(b"Array "):
             continue

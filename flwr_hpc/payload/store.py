@@ -39,7 +39,8 @@ class PayloadStore(Protocol):
     """A site's payload store as the server uses it. Every kind (filesystem, inline,
     Globus Transfer) implements the whole protocol, most of it with the do-nothing
     defaults of :class:`StoreDefaults`, so no code outside ``payload/`` asks which kind
-    of store it holds."""
+    of store it holds.
+    """
 
     site: str
     # replies are fetched in one batch per site once its tasks of a phase are done
@@ -47,27 +48,33 @@ class PayloadStore(Protocol):
 
     def flush(self, label: str) -> Any:
         """Make what was ``put`` since the last flush readable at the site (one transfer
-        for a Transfer store); returns a report or None."""
+        for a Transfer store); returns a report or None.
+        """
 
     def attach(self, job: dict[str, Any], object_ids: list[str]) -> None:
         """Add to a task's ``job`` what the site needs to read ``object_ids`` (an inline
-        store: the objects themselves); raises if the job would be too large."""
+        store: the objects themselves); raises if the job would be too large.
+        """
 
     def receive(self, result: dict[str, Any], object_ids: list[str], label: str) -> None:
         """Make ``object_ids`` of a task's ``result`` readable here (inline: the objects
-        the result carries; Transfer: one transfer from the site)."""
+        the result carries; Transfer: one transfer from the site).
+        """
 
     def spec(self) -> dict[str, Any]:
         """Plain-JSON description from which :func:`open_store` reopens this store."""
 
-    def has(self, object_id: str) -> bool: ...
+    def has(self, object_id: str) -> bool:
+        """Whether the store holds ``object_id`` (not verified: :meth:`get` does that)."""
+        ...
 
     def put(self, object_id: str, data: ObjectData, *, trusted: bool = False) -> int:
         """Store ``data`` (one buffer, or a tuple of buffers to concatenate) under
         ``object_id``; return bytes written (0 if already held).
         ``trusted``: the caller just computed ``object_id`` from these bytes (Flower's
         object ids are the sha256 of ``deflate()``), so the store skips hashing them again.
-        Readers verify every object regardless."""
+        Readers verify every object regardless.
+        """
 
     def get(self, object_id: str) -> bytes:
         """Return the verified bytes of ``object_id``."""
@@ -75,7 +82,8 @@ class PayloadStore(Protocol):
 
 class StoreDefaults:
     """The do-nothing parts of :class:`PayloadStore` (and of the site's view of a store,
-    :func:`open_store`): a store both ends read directly."""
+    :func:`open_store`): a store both ends read directly.
+    """
 
     batch_fetch = False
     # site side: the objects travel inside the task and its result (nothing on disk, so
@@ -84,16 +92,20 @@ class StoreDefaults:
 
     def finish(self, result: dict[str, Any], job: dict[str, Any]) -> str | None:
         """Site side, after the reply is written: put what the server must read into
-        ``result``; returns why it cannot (the task then fails), or None."""
+        ``result``; returns why it cannot (the task then fails), or None.
+        """
         return None
 
     def flush(self, label: str) -> Any:
+        """Nothing to make readable: both ends read the store directly; returns None."""
         return None
 
     def attach(self, job: dict[str, Any], object_ids: list[str]) -> None:
+        """Nothing to add: the site reads the objects from the store itself."""
         return None
 
     def receive(self, result: dict[str, Any], object_ids: list[str], label: str) -> None:
+        """Nothing to receive: the site wrote the objects where the server reads them."""
         return None
 
 
@@ -111,9 +123,11 @@ class FilesystemStore(StoreDefaults):
         self.objects_written = 0
 
     def __repr__(self) -> str:
+        """The store's site and root directory."""
         return f"FilesystemStore(site={self.site!r}, root={str(self.root)!r})"
 
     def spec(self) -> dict[str, Any]:
+        """``{"type": "filesystem", "path", "site", "fsync"}``, for :func:`open_store`."""
         return {"type": "filesystem", "path": str(self.root), "site": self.site,
                 "fsync": self.fsync}
 
@@ -122,9 +136,13 @@ class FilesystemStore(StoreDefaults):
         return self.objects_dir / oid[:2] / oid
 
     def has(self, object_id: str) -> bool:
+        """Whether the object's file exists (its bytes are not read)."""
         return self._path(object_id).is_file()
 
     def put(self, object_id: str, data: ObjectData, *, trusted: bool = False) -> int:
+        """Write ``data`` to the object's file atomically (temp file, rename), verified
+        first unless ``trusted``; return bytes written, 0 if the file already exists.
+        """
         path = self._path(object_id)
         if path.is_file():
             return 0
@@ -151,6 +169,10 @@ class FilesystemStore(StoreDefaults):
         return nbytes
 
     def get(self, object_id: str) -> bytes:
+        """The object's verified bytes; raises :class:`PayloadMissingError` if there is
+        no such file, and quarantines the file and raises
+        :class:`PayloadIntegrityError` if its bytes do not hash to ``object_id``.
+        """
         path = self._path(object_id)
         try:
             data = path.read_bytes()

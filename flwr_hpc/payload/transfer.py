@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from flwr_hpc.errors import GlobusServiceError, PayloadMissingError
 from flwr_hpc.payload.objects import ObjectData, check_object_id, data_len
@@ -69,7 +69,8 @@ class TransferError(GlobusServiceError):
 
 def set_transfer_client(client: Any) -> None:
     """Use ``client`` (a ``globus_sdk.TransferClient``) for every site: tests, or a client
-    the caller built with its own app or authorizer."""
+    the caller built with its own app or authorizer.
+    """
     global _tc
     with _tc_lock:
         _tc = client
@@ -161,7 +162,7 @@ def _required_scopes(err: BaseException) -> list[str]:
     try:
         from globus_sdk import gare
 
-        for g in gare.to_gares([err]):
+        for g in gare.to_gares([cast(Any, err)]):
             scopes = g.authorization_parameters.required_scopes
             if scopes:
                 return list(scopes)
@@ -187,11 +188,18 @@ class TransferSettings:
 
     @classmethod
     def from_config(cls, section: dict[str, Any]) -> TransferSettings:
+        """The settings from the ``transfer`` section (extra keys ignored, every field
+        required).
+        """
         return cls(**{k: section[k] for k in cls.__dataclass_fields__})
 
 
 @dataclass
 class TransferReport:
+    """One transfer task that succeeded: its id, files and bytes moved, seconds from
+    submission to success, and final status.
+    """
+
     task_id: str
     files: int
     bytes: int
@@ -213,7 +221,8 @@ def run_transfer(tc: Any, *, source: str, destination: str,
                  items: list[tuple[str, str]], label: str, settings: TransferSettings,
                  site: str, direction: str) -> TransferReport:
     """Submit one transfer task with ``items`` and wait for it; raise :class:`TransferError`
-    (the task cancelled first) on FAILED, INACTIVE, too many faults or the deadline."""
+    (the task cancelled first) on FAILED, INACTIVE, too many faults or the deadline.
+    """
     import globus_sdk
 
     t0 = time.monotonic()
@@ -339,22 +348,30 @@ class GlobusTransferStore(StoreDefaults):
         self.reports: list[TransferReport] = []
 
     def __repr__(self) -> str:
+        """The store's site and the site's collection."""
         return f"GlobusTransferStore(site={self.site!r}, collection={self.collection_id})"
 
     @property
     def client(self) -> Any:
+        """The ``TransferClient`` given at construction, else the process's shared one
+        (built on first use, with ``data_access`` for both collections).
+        """
         if self._client is None:
             self._client = transfer_client([self.settings.collection_id, self.collection_id])
         return self._client
 
     def spec(self) -> dict[str, Any]:
-        # what the site worker opens: the store as files at the site
+        """What the site worker opens: the store as files under ``site_path``."""
         return {"type": "globus-transfer", "path": self.site_path, "site": self.site}
 
     def has(self, object_id: str) -> bool:
+        """Whether the object is at the site already or pending the next :meth:`flush`."""
         return object_id in self._held or object_id in self._pending
 
     def put(self, object_id: str, data: ObjectData, *, trusted: bool = False) -> int:
+        """Stage the object in the server's directory and mark it pending; return its
+        size, or 0 if the site holds it or it is pending already.
+        """
         check_object_id(object_id)
         if self.has(object_id):
             return 0
@@ -403,9 +420,13 @@ class GlobusTransferStore(StoreDefaults):
     batch_fetch = True  # one transfer per site for all its replies of a phase
 
     def receive(self, result: dict[str, Any], object_ids: list[str], label: str) -> None:
+        """:meth:`fetch` ``object_ids`` from the site."""
         self.fetch(object_ids, label)  # nothing to move when the batch already has them
 
     def get(self, object_id: str) -> bytes:
+        """The verified bytes of the server's copy; raises :class:`PayloadMissingError`
+        if it was not fetched from the site yet.
+        """
         try:
             return self.local.get(object_id)
         except PayloadMissingError:

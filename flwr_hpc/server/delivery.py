@@ -29,23 +29,36 @@ from flwr_hpc.server.timing import TaskTiming, VirtualClock, WallClock
 
 class HPCGrid(Protocol):
     """What a delivery may use of the grid (its public members; see
-    :class:`flwr_hpc.server.grid.HPCGrid`)."""
+    :class:`flwr_hpc.server.grid.HPCGrid`).
+    """
 
     sites: dict[str, SiteRuntime]
 
     @property
-    def stopping(self) -> bool: ...
+    def stopping(self) -> bool:
+        """Whether the run is stopping (every wait ends)."""
+        ...
 
-    def live_tasks(self, message_ids: Iterable[str]) -> dict[str, Task]: ...
+    def live_tasks(self, message_ids: Iterable[str]) -> dict[str, Task]:
+        """The tasks of ``message_ids`` still in flight."""
+        ...
 
     def await_results(self, message_ids: Iterable[str], *, until: float | None = None,
-                      every: bool = False) -> list[str]: ...
+                      every: bool = False) -> list[str]:
+        """Block until one (``every``: each) of the in-flight ``message_ids`` has its
+        result, the grid clock reaches ``until``, or the run stops; return the ids whose
+        result is known now.
+        """
+        ...
 
 
 class Delivery(Protocol):
     """The grid's timeline (see the module docstring)."""
 
-    clock: WallClock | VirtualClock
+    @property
+    def clock(self) -> WallClock | VirtualClock:
+        """The clock every timing signal of the run is read on."""
+        ...
 
     def now(self) -> float:
         """The time receive deadlines are measured on."""
@@ -53,7 +66,8 @@ class Delivery(Protocol):
 
     def submitting(self, grid: HPCGrid, task: Task) -> Message | None:
         """``task`` is about to be submitted: stamp it; a reply returned here ends the task
-        without running it (e.g. a simulated failure)."""
+        without running it (e.g. a simulated failure).
+        """
         ...
 
     def finished_at(self, task: Task) -> float:
@@ -77,7 +91,8 @@ class Delivery(Protocol):
                    deadline: float | None) -> list[str] | None:
         """The next message ids a receive loop may collect (``[]``: none yet, ask again;
         ``None``: the deadline has passed). ``inbox`` gets each id of the loop's call
-        once its result is known."""
+        once its result is known.
+        """
         ...
 
 
@@ -88,27 +103,36 @@ class WallDelivery:
         self.clock = WallClock()
 
     def now(self) -> float:
+        """``time.monotonic()``."""
         return time.monotonic()
 
     def submitting(self, grid: HPCGrid, task: Task) -> Message | None:
+        """Stamp ``task`` submitted now; every task runs (returns None)."""
         task.submitted_at = self.clock.now()
         return None
 
     def finished_at(self, task: Task) -> float:
+        """Now, on the wall clock (asked when the result arrives)."""
         return self.clock.now()
 
     def is_due(self, task: Task) -> bool:
+        """Always: a reply is due as soon as its result is known."""
         return True
 
     def timing(self, task: Task, outcome: str, result: dict | None,
                fetch_s: float) -> TaskTiming:
+        """The durations measured on the server's clock (:func:`wall_timing`)."""
         return wall_timing(task, outcome, result, fetch_s)
 
     def wait_any(self, grid: HPCGrid, ids: list[str], until: float | None) -> list[str]:
+        """Wait for the first result among ``ids``, until ``until`` at most."""
         return grid.await_results(ids, until=until)
 
     def next_ready(self, grid: HPCGrid, inbox: queue.Queue[str], pending: set[str],
                    deadline: float | None) -> list[str] | None:
+        """The next id from ``inbox``, waiting a second at most (``[]`` if none came;
+        ``None`` once ``deadline`` has passed).
+        """
         wait = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
         if wait <= 0:
             return None

@@ -40,7 +40,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any
+from typing import Any, Self, cast
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
@@ -48,6 +48,7 @@ from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.run import Run
+from typing_extensions import override
 
 from flwr_hpc.compute import ComputeBackend
 from flwr_hpc.config import SUPERLINK_NODE_ID, ClientSlot, FederationConfig
@@ -144,9 +145,10 @@ class HPCGrid(Grid):
         progress: Progress | None = None,
         backends: dict[str, ComputeBackend] | None = None,
         **kwargs: Any,
-    ) -> HPCGrid:
+    ) -> Self:
         """Build backends (unless given) and stores for every site and return a ready
-        grid. :func:`flwr_hpc.server.wiring.make_grid` picks the grid for a federation."""
+        grid. :func:`flwr_hpc.server.wiring.make_grid` picks the grid for a federation.
+        """
         sites = build_sites(federation, run_dir=run_dir, flwr_home=flwr_home,
                             backends=backends)
         return cls(federation, sites, fab_bytes, run_config=run_config,
@@ -154,26 +156,31 @@ class HPCGrid(Grid):
 
     # ------------------------------------------------------------------ Grid API
 
+    @override
     def set_run(self, run: Run) -> None:
         if not isinstance(run, Run):
             raise TypeError(f"`run` must be an instance of Run, got {type(run).__name__}")
         self._run = run
 
     @property
+    @override
     def run(self) -> Run:
         if self._run is None:
             raise RuntimeError("HPCGrid.set_run() has not been called")
         return Run(**vars(self._run))
 
+    @override
     def create_message(  # noqa: PLR0913 - Flower's signature
         self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
         ttl: float | None = None,
     ) -> Message:
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
+    @override
     def get_node_ids(self) -> Iterable[int]:
         return list(self._nodes)
 
+    @override
     def get_nodes(self) -> Iterable[NodeInfo]:
         return [NodeInfo(node_id=nid, name=f"{c.site}/{c.slot}", location=c.site)
                 for nid, c in self._nodes.items()]
@@ -191,7 +198,8 @@ class HPCGrid(Grid):
         :meth:`pull_messages`, or until the grid clock reaches ``until``; return the ids
         ready now (``[]`` at ``until`` or when none of them is in flight). The non-blocking
         ``push_messages`` / ``wait_any`` / ``pull_messages`` trio is what asynchronous
-        strategies use to keep sites busy across rounds."""
+        strategies use to keep sites busy across rounds.
+        """
         return self.delivery.wait_any(self, list(message_ids), until)
 
     def live_tasks(self, message_ids: Iterable[str]) -> dict[str, Task]:
@@ -204,7 +212,8 @@ class HPCGrid(Grid):
                       every: bool = False) -> list[str]:
         """Block until one (``every``: each) of the in-flight ``message_ids`` has its
         result, the grid clock reaches ``until``, or the run stops; return the ids whose
-        result is known now."""
+        result is known now.
+        """
         ids = list(message_ids)
         with self._cond:
             while True:
@@ -255,7 +264,8 @@ class HPCGrid(Grid):
 
     def _stage_and_submit(self, task: Task) -> None:
         """Stage and submit one message that waited for its node (with the Context its
-        node's previous message left)."""
+        node's previous message left).
+        """
         parts, task.parts = task.parts or {}, None
         try:
             self.staging.stage(task.node.site, [task], parts, self.node_context,
@@ -289,7 +299,8 @@ class HPCGrid(Grid):
     def import_contexts(self, contexts: dict[int, bytes]) -> None:
         """Restore node ``Context``s from :meth:`export_contexts` (resume). Nodes that are
         not in this federation any more are refused: resuming on another federation would
-        silently reset their state."""
+        silently reset their state.
+        """
         unknown = sorted(set(map(int, contexts)) - set(self._nodes))
         if unknown:
             raise FlwrHpcError(f"the checkpoint holds nodes {unknown} that federation "
@@ -307,9 +318,11 @@ class HPCGrid(Grid):
 
     def interrupt(self) -> None:
         """The run is stopping (safe from a signal handler): every call waiting for
-        replies returns what it has within a second, and no new message is accepted."""
+        replies returns what it has within a second, and no new message is accepted.
+        """
         self._interrupted.set()
 
+    @override
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         if self._closed or self._interrupted.is_set():
             raise RuntimeError("HPCGrid is closed" if self._closed else
@@ -391,6 +404,7 @@ class HPCGrid(Grid):
             self.progress.phase_started(tasks[0].round, tasks[0].phase, len(tasks))
         return [t.message_id for t in tasks]
 
+    @override
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         replies: list[Message] = []
         for mid in message_ids:
@@ -401,15 +415,17 @@ class HPCGrid(Grid):
                 if ready:
                     del self._tasks[mid]
             if ready:
-                replies.append(self._collect(task))
+                replies.append(self._collect(cast(Task, task)))  # ready: not None
         return replies
 
+    @override
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> list[Message]:
         """Submit ``messages`` now and return the replies that arrive before ``timeout``
         (the rest are abandoned and their late results discarded), as a list: Flower's
-        contract. Safe to call from any number of threads at once."""
+        contract. Safe to call from any number of threads at once.
+        """
         return list(self.stream_replies(messages, timeout=timeout))
 
     def stream_replies(
@@ -419,7 +435,8 @@ class HPCGrid(Grid):
         reference to a yielded reply, so a strategy that aggregates while iterating holds
         one reply at a time, not all of them (``StreamingGrid`` hands this to Flower's
         round loop). The messages are submitted at once, before the first ``next()``;
-        replies not consumed when the iterator is dropped are abandoned."""
+        replies not consumed when the iterator is dropped are abandoned.
+        """
         started = self.delivery.now()
         ids = list(self.push_messages(messages))
         inbox: queue.Queue[str] = queue.Queue()
@@ -534,7 +551,8 @@ class HPCGrid(Grid):
         """Start every site's workers and load the run's ClientApp in them before the
         ServerApp sends its first message, so that one-off cost (worker start, imports,
         FAB install: tens of seconds on a loaded machine) is not charged to the app's
-        first timeout (see :meth:`Staging.warm_up`). Returns each site's outcome."""
+        first timeout (see :meth:`Staging.warm_up`). Returns each site's outcome.
+        """
         return self.staging.warm_up(self.federation, self._worker_fn,
                                     f"flwr-hpc run {self.run.run_id} warm-up")
 
@@ -561,7 +579,8 @@ class HPCGrid(Grid):
             )
             self._mark_done(task.message_id)
             return
-        task.future.add_done_callback(lambda _f, mid=task.message_id: self._on_done(mid))
+        task.future.add_done_callback(
+            lambda _f, mid=task.message_id: self._on_done(mid))  # type: ignore[misc]
 
     def _on_done(self, message_id: str) -> None:
         with self._lock:
@@ -570,6 +589,7 @@ class HPCGrid(Grid):
             if late:
                 del self._tasks[message_id]
         if late:
+            task = cast(Task, task)  # late: not None
             task.done_at = self.clock.now()
             log.info("discarded late result of node %s (site %s, round %s, %s)",
                      task.node.node_id, task.node.site, task.round, task.phase)
@@ -583,7 +603,8 @@ class HPCGrid(Grid):
         """The node's Context as its ClientApp left it, kept as soon as the task finishes
         (as a SuperNode does), whether or not the ServerApp ever pulls the reply. The
         node runs one message at a time, so updates arrive in order. A late result (its
-        node was dropped from the round) leaves the Context as it was."""
+        node was dropped from the round) leaves the Context as it was.
+        """
         context = returned_context(task, self.sites[task.node.site].store, self._label(task))
         if context is not None:
             self._contexts[task.node.node_id] = context
@@ -643,7 +664,9 @@ class HPCGrid(Grid):
         self._stage_pool.shutdown(wait=False)
 
     def __enter__(self) -> HPCGrid:
+        """The grid itself; leaving the block closes it."""
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """:meth:`close` the grid."""
         self.close()

@@ -39,7 +39,8 @@ def error_reply(task: Task, code: int, reason: str) -> Message:
 
 def collect(task: Task, store: PayloadStore | None, label: str, record: Record) -> Message:
     """Turn a finished task into the reply the strategy sees (never raises). ``store``:
-    the site's store (``None`` only for a task that never reached a site)."""
+    the site's store (``None`` only for a task that never reached a site).
+    """
     if task.immediate is not None:
         reply = task.immediate
         reply.metadata.__dict__["_message_id"] = reply.object_id
@@ -107,7 +108,8 @@ def collect(task: Task, store: PayloadStore | None, label: str, record: Record) 
 def returned_context(task: Task, store: PayloadStore, label: str) -> Context | None:
     """The node's ``Context`` as its ClientApp left it, or ``None`` when the task did not
     return one for this message (failed, late, or a result for another message) or it
-    cannot be read (logged; the node keeps its previous Context)."""
+    cannot be read (logged; the node keeps its previous Context).
+    """
     result: Any = task.safe_result()
     if not isinstance(result, dict) or not result.get("ok") or not result.get(
             "context_id") or result.get("message_id") != task.message_id:

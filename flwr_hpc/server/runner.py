@@ -57,7 +57,8 @@ LOG_FORMAT = "%(levelname)-8s %(message)s"
 class RunStopped(BaseException):
     """Raised in the runner's main thread when the run is asked to stop (SIGTERM/SIGINT).
     A ``BaseException``, like ``KeyboardInterrupt``: an app's ``except Exception`` must
-    not swallow a stop."""
+    not swallow a stop.
+    """
 
 
 # After a stop request the run has this long to end by itself (its grid wakes every
@@ -71,7 +72,8 @@ def request_stop(signum: int | None = None, frame: Any = None) -> None:
     """Signal handler (SIGTERM, SIGINT): stop the run this process executes. Wakes every
     thread waiting on the grid (Flower's legacy Server waits in a thread pool that the
     main thread joins), raises :class:`RunStopped` in the main thread, and arms a
-    watchdog that ends the process after :data:`STOP_GRACE_S`."""
+    watchdog that ends the process after :data:`STOP_GRACE_S`.
+    """
     grid = _ACTIVE.get("grid")
     if grid is not None:
         grid.interrupt()
@@ -106,7 +108,8 @@ class RunFailed(Exception):
 def no_task_succeeded(records: list[dict[str, Any]]) -> str:
     """Why a run whose every task failed is not a completed run ('' if some task worked).
     Messages that were never sent (an app that stops before its first round) fail
-    nothing here."""
+    nothing here.
+    """
     if not records or any(r.get("outcome") == "ok" for r in records):
         return ""
     errors = Counter(r.get("outcome", "?") for r in records)
@@ -136,7 +139,8 @@ def _setup_logging(run_dir: Path, console: bool) -> logging.Handler:
 class _AppOutput(io.TextIOBase):
     """The ServerApp's stdout/stderr: each line goes to the run's log file as written
     (what ``flwr log`` / ``--stream`` show, as Flower copies a ServerApp's output into
-    its run log) and on to the original stream."""
+    its run log) and on to the original stream.
+    """
 
     def __init__(self, handler: logging.FileHandler, passthrough: Any) -> None:
         self._handler = handler
@@ -188,7 +192,8 @@ def execute_run(run_dir: Path, *, progress: Progress | None = None, console: boo
     """Run the ServerApp of ``run_dir`` to the end; return the final status text. Raises
     :class:`RunnerBusy` (touching nothing) when another runner executes the run.
     ``origin`` (``foreground`` or ``service``) is recorded: a service restarted after a
-    crash resumes its own runs by itself, a killed foreground run only on request."""
+    crash resumes its own runs by itself, a killed foreground run only on request.
+    """
     lock = RunnerLock(run_dir)
     if not lock.acquire():
         raise RunnerBusy(f"run {run_dir.name} already has a runner (pid "
@@ -295,6 +300,10 @@ def _execute_locked(run_dir: Path, *, progress: Progress | None, console: bool) 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m flwr_hpc.server.runner RUN_DIR``: execute the prepared run in
+    ``RUN_DIR`` as a service runner; exit status 0 when it completed, 1 when it did not
+    or another runner holds it, 2 on bad usage.
+    """
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m flwr_hpc.server.runner RUN_DIR", file=sys.stderr)
@@ -315,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def exit_within_grace(rc: int) -> None:
     """Before a runner process exits: threads the ServerApp left behind (never joined,
-    e.g. after a stop) must not keep it alive; past the grace period it exits anyway."""
+    e.g. after a stop) must not keep it alive; past the grace period it exits anyway.
+    """
     timer = threading.Timer(STOP_GRACE_S, lambda: (sys.stdout.flush(), sys.stderr.flush(),
                                                    os._exit(rc)))
     timer.daemon = True

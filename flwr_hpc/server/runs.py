@@ -33,20 +33,24 @@ from flwr_hpc.payload.objects import sha256_hex
 
 
 def now_iso() -> str:
+    """The current UTC time in ISO 8601 (run records' timestamps)."""
     return datetime.now(tz=UTC).isoformat()
 
 
 def flwr_home() -> Path:
+    """Flower's home directory (``$FLWR_HOME``, default ``~/.flwr``)."""
     from flwr.common.config import get_flwr_home
 
     return Path(get_flwr_home())
 
 
 def runs_dir(home: Path | None = None) -> Path:
+    """Where run directories live: ``<home>/hpc/runs`` (``home``: :func:`flwr_home`)."""
     return (home or flwr_home()) / "hpc" / "runs"
 
 
 def new_run_id() -> int:
+    """A random positive 63-bit run id with bit 40 set (never 0 or 1)."""
     return random.SystemRandom().getrandbits(63) | 1 << 40  # wide, positive, never 0/1
 
 
@@ -66,7 +70,8 @@ def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
 
 def read_status(run_dir: Path) -> dict[str, Any]:
     """The run's ``status.json``; {} for anything that is not a readable run directory
-    (a stray file in ``runs/``, a torn or foreign file)."""
+    (a stray file in ``runs/``, a torn or foreign file).
+    """
     try:
         status = json.loads((run_dir / "status.json").read_text())
     except (OSError, ValueError):
@@ -75,6 +80,9 @@ def read_status(run_dir: Path) -> dict[str, Any]:
 
 
 def update_status(run_dir: Path, **fields: Any) -> dict[str, Any]:
+    """Merge ``fields`` into the run's ``status.json`` (written atomically) and return
+    the new status.
+    """
     status = read_status(run_dir)
     status.update(fields)
     _atomic_write_json(run_dir / "status.json", status)
@@ -91,7 +99,8 @@ def prepare_run(
 ) -> Path:
     """Create the run directory of a new run (status ``pending``) and return it, private
     to the owner (0700). A FAB that is malformed, too large or names itself unsafely is
-    refused (:class:`~flwr_hpc.fab.FabError`) before anything is written."""
+    refused (:class:`~flwr_hpc.fab.FabError`) before anything is written.
+    """
     from flwr_hpc.fab import check_fab
 
     info = check_fab(fab_bytes)
@@ -158,13 +167,17 @@ class RunnerLock:
     written inside. The kernel releases it when the process (and any child that inherited
     the descriptor) is gone, whatever killed it: no stale pid files, no "is this pid alive
     on this host" guesses, and a second runner — a resume, a second service, a restart —
-    cannot start on the same run."""
+    cannot start on the same run.
+    """
 
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / RUNNER_LOCK
         self._fh: Any = None
 
     def acquire(self) -> bool:
+        """Take the lock without waiting and write this process's pid into the file;
+        False if another process holds it.
+        """
         fh = open(self.path, "a+")
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -179,6 +192,7 @@ class RunnerLock:
         return True
 
     def release(self) -> None:
+        """Unlock and close the file, if this object holds the lock."""
         if self._fh is not None:
             fcntl.flock(self._fh, fcntl.LOCK_UN)
             self._fh.close()
@@ -187,7 +201,8 @@ class RunnerLock:
 
 def runner_holding(run_dir: Path) -> int | None:
     """The pid of the runner that holds the run's lock (0: pid unreadable), or None when
-    no runner executes the run."""
+    no runner executes the run.
+    """
     try:
         fh = open(run_dir / RUNNER_LOCK)
     except OSError:

@@ -53,7 +53,8 @@ class VirtualDelivery:
     is due when the virtual clock reaches the plan's end, and every deadline (the
     ``timeout`` of ``send_and_receive`` and ``stream_replies``, ``wait_any``'s ``until``)
     is virtual. The real tasks run as soon as they are submitted; the grid waits for the
-    real result of the task that is due next on the virtual clock."""
+    real result of the task that is due next on the virtual clock.
+    """
 
     def __init__(self) -> None:
         self.clock = VirtualClock()
@@ -61,9 +62,13 @@ class VirtualDelivery:
         self._due: dict[str, float] = {}
 
     def now(self) -> float:
+        """The virtual clock's time."""
         return self.clock.now()
 
     def submitting(self, grid: GridView, task: Task) -> Message | None:
+        """Draw ``task``'s plan from its site's simulator and stamp it submitted now
+        (virtual); a plan that fails returns the ``NODE_UNAVAILABLE`` reply instead.
+        """
         backend = grid.sites[task.node.site].backend
         assert isinstance(backend, SimSiteBackend)
         plan = backend.plan(task.phase, task.steps, array_bytes(task.message))
@@ -81,13 +86,18 @@ class VirtualDelivery:
             reply_to=task.message)
 
     def finished_at(self, task: Task) -> float:
+        """The planned end of ``task`` (now, if it has no plan)."""
         return self._due.get(task.message_id, self.clock.now())
 
     def is_due(self, task: Task) -> bool:
+        """Whether the virtual clock has reached ``task``'s planned end."""
         return self._due.get(task.message_id, self.clock.now()) <= self.clock.now()
 
     def timing(self, task: Task, outcome: str, result: dict | None,
                fetch_s: float) -> TaskTiming:
+        """The planned durations (the wall-clock ones for a task that was never
+        submitted); forgets the task's plan.
+        """
         plan = self._plans.pop(task.message_id, None)
         self._due.pop(task.message_id, None)
         if plan is None:  # never submitted (unknown node, staging failure)
@@ -100,7 +110,8 @@ class VirtualDelivery:
 
     def wait_any(self, grid: GridView, ids: list[str], until: float | None) -> list[str]:
         """Advance the virtual clock to the next completion among ``ids`` (waiting for its
-        real result) and return the ids due then; at ``until`` return ``[]``."""
+        real result) and return the ids due then; at ``until`` return ``[]``.
+        """
         now = self.clock.now()
         live = [(self._due.get(m, now), m) for m in grid.live_tasks(ids)]
         if not live:
@@ -118,12 +129,16 @@ class VirtualDelivery:
 
     def next_ready(self, grid: GridView, inbox: queue.Queue[str], pending: set[str],
                    deadline: float | None) -> list[str] | None:
+        """:meth:`wait_any` on ``pending`` until ``deadline``, with ``None`` for ``[]``
+        (nothing due before the deadline, or nothing in flight).
+        """
         return self.wait_any(grid, sorted(pending), deadline) or None
 
 
 class VirtualTimeGrid(HPCGrid):
     """An :class:`HPCGrid` over simulated sites, living in virtual time
-    (:class:`VirtualDelivery`)."""
+    (:class:`VirtualDelivery`).
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("delivery", VirtualDelivery())

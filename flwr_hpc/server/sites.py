@@ -74,7 +74,8 @@ def open_site_store(federation: FederationConfig, site: str, flwr_home: Path) ->
 def build_sites(federation: FederationConfig, *, run_dir: Path, flwr_home: Path,
                 backends: dict[str, ComputeBackend] | None = None) -> dict[str, SiteRuntime]:
     """Backend (unless given), store and apps dir of every site; on failure every backend
-    built or given is closed before the error propagates."""
+    built or given is closed before the error propagates.
+    """
     sites: dict[str, SiteRuntime] = {}
     threads = local_thread_share(federation)
     try:

@@ -48,7 +48,8 @@ class Staging:
               context_of: Callable[[int], Context], label: str) -> None:
         """Write everything ``site`` lacks for these tasks, each object once.
         ``parts``: every object of the phase by id; ``context_of(node_id)``: the Context
-        each node's ClientApp receives."""
+        each node's ClientApp receives.
+        """
         rt = self.sites[site]
         t0 = time.monotonic()
         written = 0
@@ -79,7 +80,8 @@ class Staging:
         """Start every site's workers and load the run's ClientApp in them: one warm-up
         task per worker (``compute.workers``), waiting at most ``compute.warmup_s`` per
         site (0: no warm-up). Returns each site's outcome (``ok``, ``skipped``, ``still
-        starting``, or the error); a failing site is reported, not fatal."""
+        starting``, or the error); a failing site is reported, not fatal.
+        """
         outcome: dict[str, str] = {}
         waits: dict[str, tuple[list[Future], float]] = {}
         t0 = time.monotonic()

@@ -88,7 +88,8 @@ def _r6(value: float | None) -> float | None:
 
 def wall_timing(task: Task, outcome: str, result: dict | None, fetch_s: float) -> TaskTiming:
     """The task's durations, every one measured on the server's clock: the site's
-    ``finished_at - started_at`` is a difference on one clock, so offsets cancel."""
+    ``finished_at - started_at`` is a difference on one clock, so offsets cancel.
+    """
     started = (result or {}).get("started_at")
     finished = (result or {}).get("finished_at")
     run_s = (finished - started) if started and finished else None

@@ -6,7 +6,12 @@ import json
 import logging
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from typing_extensions import override
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
 
 log = logging.getLogger("flwr_hpc")
 
@@ -27,6 +32,7 @@ class TaskLog:
         self.records: list[dict[str, Any]] = []
 
     def write(self, record: dict[str, Any]) -> None:
+        """Keep ``record`` in :attr:`records` and append it to the file, if there is one."""
         with self._lock:
             self.records.append(record)
             if self.path is not None:
@@ -39,15 +45,20 @@ class Progress:
     """Receives phase/task events from the grid. The default logs one line per event."""
 
     def phase_started(self, round_: str, phase: str, total: int) -> None:
+        """The ``total`` tasks of a round's phase were submitted."""
         log.info("[round %s] %s: submitted %d task(s)", round_, phase, total)
 
     def task_finished(self, round_: str, phase: str, done: int, total: int,
                       site: str, outcome: str) -> None:
+        """A task of the phase ended with ``outcome``; ``done`` of ``total`` are done."""
         log.info("[round %s] %s: %d/%d tasks done (site %s: %s)",
                  round_, phase, done, total, site, outcome)
 
     def phase_finished(self, round_: str, phase: str, done: int, total: int,
                        elapsed_s: float) -> None:
+        """The phase ended after ``elapsed_s`` with ``done`` of ``total`` replies (the
+        rest were dropped at the deadline).
+        """
         missing = total - done
         extra = f", {missing} dropped at the deadline" if missing else ""
         log.info("[round %s] %s: %d/%d replies in %.2f s%s",
@@ -63,17 +74,20 @@ class RichProgress(Progress):
 
         self._rp = RP(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), transient=False)
-        self._task = None
+        self._task: TaskID | None = None
         self._rp.start()
 
+    @override
     def phase_started(self, round_: str, phase: str, total: int) -> None:
         self._task = self._rp.add_task(f"round {round_} · {phase}", total=total)
 
+    @override
     def task_finished(self, round_: str, phase: str, done: int, total: int,
                       site: str, outcome: str) -> None:
         if self._task is not None:
             self._rp.update(self._task, completed=done)
 
+    @override
     def phase_finished(self, round_: str, phase: str, done: int, total: int,
                        elapsed_s: float) -> None:
         if self._task is not None:
@@ -81,4 +95,5 @@ class RichProgress(Progress):
         super().phase_finished(round_, phase, done, total, elapsed_s)
 
     def stop(self) -> None:
+        """Stop the live display (the bar stays on screen)."""
         self._rp.stop()

@@ -62,6 +62,7 @@ class TaskTiming:
     steps: int | None = None  # local steps the message asked for, when known
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict."""
         return asdict(self)
 
 
@@ -73,10 +74,12 @@ class SiteTimings:
         self._by_site: dict[str, list[TaskTiming]] = defaultdict(list)
 
     def add(self, timing: TaskTiming) -> None:
+        """Append a finished task to its site's history."""
         with self._lock:
             self._by_site[timing.site].append(timing)
 
     def sites(self) -> list[str]:
+        """The sites with a history, sorted."""
         with self._lock:
             return sorted(self._by_site)
 
@@ -91,7 +94,8 @@ class SiteTimings:
     def ewma(self, site: str, field: str, *, alpha: float = 0.3, phase: str | None = "train",
              default: float | None = None) -> float | None:
         """Exponentially weighted mean of ``field`` over the site's history (newest weighs
-        ``alpha``); ``default`` when the site has no value yet."""
+        ``alpha``); ``default`` when the site has no value yet.
+        """
         return ewma([getattr(t, field) for t in self.history(site, phase=phase)],
                     alpha=alpha, default=default)
 
@@ -108,6 +112,7 @@ class SiteTimings:
         return sum(t.outcome != "ok" for t in items) / len(items) if items else 0.0
 
     def to_dict(self) -> dict[str, list[dict[str, Any]]]:
+        """Every site's history as plain dicts (``{site: [timing, ...]}``)."""
         with self._lock:
             return {s: [t.to_dict() for t in v] for s, v in self._by_site.items()}
 
@@ -115,7 +120,8 @@ class SiteTimings:
 def ewma(values: Iterable[float | None], *, alpha: float = 0.3,
          default: float | None = None) -> float | None:
     """``m <- alpha * x + (1 - alpha) * m`` over the non-missing values, seeded with the
-    first one; ``default`` when there is none."""
+    first one; ``default`` when there is none.
+    """
     if not 0 < alpha <= 1:
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
     out: float | None = None
@@ -135,6 +141,7 @@ class WallClock:
     virtual = False
 
     def now(self) -> float:
+        """``time.time()``."""
         return time.time()
 
 
@@ -148,9 +155,11 @@ class VirtualClock:
         self._lock = threading.Lock()
 
     def now(self) -> float:
+        """The simulated time."""
         return self._now
 
     def advance_to(self, t: float) -> None:
+        """Move the clock to ``t``, unless it is past that already."""
         with self._lock:
             self._now = max(self._now, float(t))
 
@@ -189,7 +198,8 @@ def site_of(grid: Any, node_id: int) -> str:
 
 def local_steps_of(message: Any) -> int | None:
     """The local steps a train message asks for: its ``local-steps`` config value, else the
-    ``train.local_steps`` of the ``job-config`` the flwr-hpc ServerApp sends, else None."""
+    ``train.local_steps`` of the ``job-config`` the flwr-hpc ServerApp sends, else None.
+    """
     if message.has_error() or not message.metadata.message_type.startswith("train"):
         return None
     job_steps = None

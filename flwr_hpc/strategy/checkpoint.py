@@ -65,12 +65,14 @@ def _is_array_list(value: Any) -> bool:
 
 class CheckpointStateError(ValueError):
     """A strategy attribute the checkpoint can neither save nor recognise as
-    configuration; its message names the attribute and says what to do."""
+    configuration; its message names the attribute and says what to do.
+    """
 
 
 def _json_encode(value: Any, key: str) -> Any:
     """JSON for scalars, lists, tuples, sets and dicts of them (dict keys of any scalar
-    type kept: stored as pairs); raises :class:`CheckpointStateError` otherwise."""
+    type kept: stored as pairs); raises :class:`CheckpointStateError` otherwise.
+    """
     if isinstance(value, bool | int | float | str) or value is None:
         return value
     if isinstance(value, list | tuple):
@@ -99,7 +101,8 @@ def _json_decode(value: Any) -> Any:
 
 def _configuration(value: Any) -> bool:
     """Callables, classes, modules and loggers configure a strategy; they are not state
-    (the resumed run builds them again from its config)."""
+    (the resumed run builds them again from its config).
+    """
     import types
 
     return callable(value) or isinstance(value, type | types.ModuleType | logging.Logger)
@@ -107,7 +110,8 @@ def _configuration(value: Any) -> bool:
 
 def _through(obj: Any) -> Any:
     """A transparent wrapper (``checkpoint_through = "strategy"``) is checkpointed as the
-    strategy it wraps, so wrapping does not change the checkpoint's layout."""
+    strategy it wraps, so wrapping does not change the checkpoint's layout.
+    """
     while getattr(type(obj), "checkpoint_through", None):
         obj = getattr(obj, type(obj).checkpoint_through)
     return obj
@@ -117,7 +121,8 @@ def capture_state(obj: Any, arrays: dict[str, np.ndarray], prefix: str = "s") ->
     """The restorable state of a strategy object: JSON meta + arrays added to ``arrays``.
     Every attribute is saved, skipped as configuration (callables, classes, loggers) or as
     declared per-process state (the class's ``checkpoint_transient``), or refused with
-    :class:`CheckpointStateError` naming it: nothing is dropped silently."""
+    :class:`CheckpointStateError` naming it: nothing is dropped silently.
+    """
     from flwr.app import ArrayRecord
     from flwr.serverapp.strategy import Strategy
 
@@ -163,6 +168,9 @@ def capture_state(obj: Any, arrays: dict[str, np.ndarray], prefix: str = "s") ->
 
 def restore_state(obj: Any, meta: dict, arrays: dict[str, np.ndarray], prefix: str = "s"
                   ) -> None:
+    """Set the state that :func:`capture_state` returned as ``meta`` (with its
+    ``arrays``) back on the strategy object ``obj``, nested strategies included.
+    """
     from flwr.app import Array, ArrayRecord
 
     obj = _through(obj)
@@ -194,6 +202,9 @@ def restore_state(obj: Any, meta: dict, arrays: dict[str, np.ndarray], prefix: s
 
 
 def capture_rng(arrays: dict[str, np.ndarray]) -> dict:
+    """The RNG states of Python's ``random``, NumPy's global generator and (when loaded)
+    torch: JSON meta returned, state arrays added to ``arrays``.
+    """
     version, internal, gauss = random.getstate()
     np_state = np.random.get_state()
     arrays["rng.numpy"] = np_state[1]
@@ -206,6 +217,7 @@ def capture_rng(arrays: dict[str, np.ndarray]) -> dict:
 
 
 def restore_rng(meta: dict, arrays: dict[str, np.ndarray]) -> None:
+    """Set the RNG states that :func:`capture_rng` saved (torch's only if it is loaded)."""
     version, internal, gauss = meta["python"]
     random.setstate((version, tuple(internal), gauss))
     name, pos, has_gauss, cached = meta["numpy"]
@@ -220,6 +232,11 @@ def restore_rng(meta: dict, arrays: dict[str, np.ndarray]) -> None:
 
 @dataclass
 class Checkpoint:
+    """One completed round's checkpoint: the global arrays, the strategy's and the RNGs'
+    state (JSON meta, plus ``state_arrays``), every node's serialized ``Context``, any
+    ``extra`` JSON, and ``path``, the directory it was read from.
+    """
+
     round: int
     arrays: Any                    # ArrayRecord: the global model after ``round``
     strategy: dict = field(default_factory=dict)

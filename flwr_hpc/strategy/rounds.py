@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 from flwr.serverapp.strategy import Strategy
+from typing_extensions import override
 
 import flwr_hpc.strategy.checkpoint as checkpoint
 from flwr_hpc.protocol import ENV_RUN_DIR
@@ -94,7 +95,8 @@ def _dropped(msg: Any, problem: str) -> Any:
 def screen_stream(replies: Iterable[Any], *, train: bool, weighted_by_key: str | None,
                   reference: Any = None) -> Iterator[Any]:
     """:func:`screen` one reply at a time, for streaming strategies (which aggregate only
-    the metric keys every reply has, so differing metric keys are not a problem there)."""
+    the metric keys every reply has, so differing metric keys are not a problem there).
+    """
     for msg in replies:
         problem = "" if msg.has_error() else reply_problem(
             msg.content, train=train, weighted_by_key=weighted_by_key, reference=reference)
@@ -127,7 +129,8 @@ def screen(replies: Iterable[Any], *, train: bool, weighted_by_key: str | None,
 
 def keep_dtypes(arrays: Any, reference: Any) -> Any:
     """The aggregate with the global model's float dtypes. FedOpt's and the DP wrappers'
-    NumPy arithmetic promotes float32 to float64, which would double every later message."""
+    NumPy arithmetic promotes float32 to float64, which would double every later message.
+    """
     if arrays is None or reference is None:
         return arrays
     from flwr.app import Array, ArrayRecord
@@ -152,7 +155,8 @@ def keep_dtypes(arrays: Any, reference: Any) -> Any:
 class RoundsFailed(Exception):
     """Rounds in a row trained nothing: no train reply succeeded and the strategy produced
     no new model. Raised so that the run fails with the reason instead of "completing"
-    with an untrained model."""
+    with an untrained model.
+    """
 
 
 class _Tally:
@@ -224,30 +228,35 @@ class ScreenedStrategy(Strategy):
         self._check = screen_stream if self._streaming else screen
         self._sent: Any = None
 
+    @override
     def configure_train(self, server_round, arrays, config, grid):
         self._sent = arrays
         return self.strategy.configure_train(server_round + self.offset, arrays, config, grid)
 
+    @override
     def aggregate_train(self, server_round, replies):
         reference = self._sent
         replies = self._check(replies, train=True, weighted_by_key=self._weighted_by_key,
                               reference=reference)
         tally = _Tally()
-        counted = tally.watch(replies)
+        counted: Iterable[Any] = tally.watch(replies)
         if not self._streaming:
             counted = list(counted)  # a list, as from Flower's grids
         arrays, metrics = self.strategy.aggregate_train(server_round + self.offset, counted)
         self._failed.round_ended(server_round + self.offset, tally, arrays)
         return keep_dtypes(arrays, reference), metrics
 
+    @override
     def configure_evaluate(self, server_round, arrays, config, grid):
         return self.strategy.configure_evaluate(server_round + self.offset, arrays, config,
                                                 grid)
 
+    @override
     def aggregate_evaluate(self, server_round, replies):
         replies = self._check(replies, train=False, weighted_by_key=self._weighted_by_key)
         return self.strategy.aggregate_evaluate(server_round + self.offset, replies)
 
+    @override
     def summary(self) -> None:
         self.strategy.summary()
 
@@ -268,7 +277,8 @@ def start(strategy: Any, grid: Any, initial_arrays: Any, num_rounds: int = 3,
     since this call: the round that crosses the budget is the last one. A round in which
     no train reply succeeded and the strategy produced no model trained nothing; after
     ``max_failed_rounds`` such rounds in a row the run fails (:class:`RoundsFailed`) with
-    the nodes' errors, instead of ending with an untrained model."""
+    the nodes' errors, instead of ending with an untrained model.
+    """
     from flwr_hpc.server.timing import clock_of, transport_of
     from flwr_hpc.strategy.streaming_grid import StreamingGrid
 

@@ -37,6 +37,7 @@ from flwr.serverapp.strategy import (
     FedYogi,
 )
 from flwr.serverapp.strategy.strategy_utils import InconsistentMessageReplies
+from typing_extensions import override
 
 log = logging.getLogger("flwr")
 
@@ -45,7 +46,8 @@ _BLOCK = 1 << 20  # elements per step of the running sum (8 MiB of float64 scrat
 
 def ndarray_view(arr: Array) -> np.ndarray:
     """``arr.numpy()`` without the copy: a read-only view of the ``np.save`` bytes the
-    Array holds (Flower's ``numpy()`` reads them through a BytesIO into a new array)."""
+    Array holds (Flower's ``numpy()`` reads them through a BytesIO into a new array).
+    """
     if arr.stype != SType.NUMPY:
         return arr.numpy()
     fp = io.BytesIO(arr.data)
@@ -67,7 +69,8 @@ def ndarray_view(arr: Array) -> np.ndarray:
 
 def _accumulate(total: np.ndarray, values: np.ndarray, weight: np.float64) -> None:
     """``total += values * weight`` (the same float64 operations, bit for bit) in blocks,
-    so no temporary the size of the tensor is made for every reply."""
+    so no temporary the size of the tensor is made for every reply.
+    """
     if (values.size <= _BLOCK or values.shape != total.shape
             or not total.flags.c_contiguous):
         total += values * weight
@@ -87,6 +90,7 @@ class StreamingFedAvg(FedAvg):
 
     streaming = True  # flwr_hpc.strategy.rounds passes replies through without a list
 
+    @override
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         sums: dict[str, np.ndarray] = {}
@@ -147,7 +151,8 @@ class StreamingFedAvg(FedAvg):
 
 def _common_keys(records: list[RecordDict]) -> list[RecordDict]:
     """Only the metric keys every reply reported (Flower would refuse differing keys; a
-    streaming round cannot wait to take a majority)."""
+    streaming round cannot wait to take a majority).
+    """
     key_sets = [set(next(iter(r.metric_records.values())).keys()) for r in records]
     common = set.intersection(*key_sets)
     if any(k != common for k in key_sets):
@@ -159,23 +164,23 @@ def _common_keys(records: list[RecordDict]) -> list[RecordDict]:
 
 
 class StreamingFedProx(FedProx, StreamingFedAvg):
-    pass
+    """``FedProx`` whose FedAvg aggregation consumes the replies one by one."""
 
 
 class StreamingFedAdam(FedAdam, StreamingFedAvg):
-    pass
+    """``FedAdam`` whose FedAvg aggregation consumes the replies one by one."""
 
 
 class StreamingFedYogi(FedYogi, StreamingFedAvg):
-    pass
+    """``FedYogi`` whose FedAvg aggregation consumes the replies one by one."""
 
 
 class StreamingFedAdagrad(FedAdagrad, StreamingFedAvg):
-    pass
+    """``FedAdagrad`` whose FedAvg aggregation consumes the replies one by one."""
 
 
 class StreamingFedAvgM(FedAvgM, StreamingFedAvg):
-    pass
+    """``FedAvgM`` whose FedAvg aggregation consumes the replies one by one."""
 
 
 STREAMING = {FedAvg: StreamingFedAvg, FedProx: StreamingFedProx, FedAdam: StreamingFedAdam,

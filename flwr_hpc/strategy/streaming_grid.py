@@ -20,6 +20,7 @@ from typing import Any
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+from typing_extensions import override
 
 
 class StreamingGrid(Grid):
@@ -35,29 +36,37 @@ class StreamingGrid(Grid):
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
 
+    @override
     def set_run(self, run: Run) -> None:
         self.grid.set_run(run)
 
     @property
+    @override
     def run(self) -> Run:
         return self.grid.run
 
+    @override
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
                        group_id: str, ttl: float | None = None) -> Message:
         return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
+    @override
     def get_node_ids(self) -> Iterable[int]:
         return self.grid.get_node_ids()
 
+    @override
     def get_nodes(self) -> Iterable[Any]:
         return self.grid.get_nodes()
 
+    @override
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self.grid.push_messages(messages)
 
+    @override
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.grid.pull_messages(message_ids)
 
+    @override
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterator[Message]:
         stream = getattr(self.grid, "stream_replies", None)
@@ -67,9 +76,11 @@ class StreamingGrid(Grid):
 
     def stream_replies(self, messages: Iterable[Message], *,
                        timeout: float | None = None) -> Iterator[Message]:
+        """The same as :meth:`send_and_receive`: the replies one at a time."""
         return self.send_and_receive(messages, timeout=timeout)
 
     def __getattr__(self, name: str) -> Any:  # wait_any, site_of, ... of the wrapped grid
+        """Any other attribute is the wrapped grid's."""
         if name == "grid":
             raise AttributeError(name)
         return getattr(self.grid, name)

@@ -73,7 +73,8 @@ def warm_up(job: dict[str, Any], started_at: float) -> dict[str, Any]:
     """A warm-up task (``job["warmup"]``): load the run's ClientApp into this worker
     process (install the FAB, import the app and what it imports) and return, so the
     ServerApp's first message finds a warm worker. Runs through ``run_task`` so a site's
-    function allow-list needs nothing new."""
+    function allow-list needs nothing new.
+    """
     try:
         store = task_store(job)
         fab_hash = check_object_id(job["fab_hash"])
@@ -89,7 +90,8 @@ def warm_up(job: dict[str, Any], started_at: float) -> dict[str, Any]:
 
 def probe(job: dict[str, Any]) -> dict[str, Any]:
     """A tiny site task for ``flwr-hpc sites check``: who runs here, and can it read the
-    store? Reads the probe object the server staged and writes one back."""
+    store? Reads the probe object the server staged and writes one back.
+    """
     import platform
     from importlib.metadata import version
 

@@ -14,8 +14,9 @@ import random
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode
@@ -30,7 +31,7 @@ from flwr_hpc.payload.objects import (
     message_parts,
     sha256_hex,
 )
-from flwr_hpc.payload.store import open_store
+from flwr_hpc.payload.store import FilesystemStore, open_store
 from flwr_hpc.protocol import (
     ENV_ALLOW_BY_NAME,
     ENV_ALLOWED_FABS,
@@ -38,6 +39,9 @@ from flwr_hpc.protocol import (
     context_from_bytes,
     context_to_bytes,
 )
+
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
 
 _APP_CACHE: dict[str, Any] = {}
 
@@ -71,9 +75,11 @@ def fab_refusal(fab_hash: str, fab_id: str, site: str,
             "the site's admin to add the FAB's sha256")
 
 
-def load_client_app(fab_hash: str, fab_bytes_fn, apps_dir: Path, site: str = ""):
+def load_client_app(fab_hash: str, fab_bytes_fn: Callable[[], bytes], apps_dir: Path,
+                    site: str = "") -> ClientApp:
     """ClientApp of the FAB ``fab_hash``; installed and imported once per worker process.
-    The site's allow-list is checked on every task, before anything is installed or run."""
+    The site's allow-list is checked on every task, before anything is installed or run.
+    """
     cached = _APP_CACHE.get(fab_hash)
     if cached is None:
         fab_bytes = fab_bytes_fn()
@@ -97,14 +103,18 @@ class FabRefusedError(FlwrHpcError):
     """The site's allow-list does not include this FAB."""
 
 
-def task_store(job: dict[str, Any]):
+def task_store(job: dict[str, Any]) -> InlineSiteStore | FilesystemStore:
     """The store a task reads from and writes to: the site's, or (inline) the task itself."""
     if job["store"].get("type") == "inline":
         return InlineSiteStore(job.get("objects") or {}, site=job["store"].get("site", ""))
-    return open_store(job["store"])
+    # at the site every other kind of store is plain files (see open_store)
+    return cast(FilesystemStore, open_store(job["store"]))
 
 
 def failure_result(job: dict, code: int, reason: str, started_at: float) -> dict[str, Any]:
+    """A task result with ``ok`` False: the Flower ``ErrorCode`` ``code`` and ``reason``
+    (its last 4000 characters) for the job's message.
+    """
     return {
         "ok": False,
         "message_id": job.get("message_id"),

@@ -74,6 +74,9 @@ def launch_prefix(launcher: dict[str, Any]) -> list[str]:
 
 
 def launch_command(launcher: dict[str, Any], job_file: Path) -> list[str]:
+    """The whole command that runs this module's :func:`rank_main` on ``job_file`` as a
+    rank group (torchrun without ``launcher.command`` starts Python itself).
+    """
     python = [] if launcher["type"] == "torchrun" and not launcher.get("command") else [
         sys.executable]
     module = ["-m", "flwr_hpc.worker.launch", str(job_file)]

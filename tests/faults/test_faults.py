@@ -10,9 +10,9 @@ import errno
 import fault_workers
 import numpy as np
 import pytest
-from conftest import fed_of, read_tasks, train_messages
 from flwr.app import ArrayRecord
 from flwr.common.constant import ErrorCode
+from helpers import fed_of, read_tasks, train_messages
 
 from flwr_hpc.payload.store import FilesystemStore
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import psutil
-from conftest import APP_DIR
+from helpers import APP_DIR
 
 BIN = Path(sys.executable).parent
 LONG_RUN = ["-c", "num-server-rounds=50", "-c", "sleep-partition=0", "-c", "sleep-s=1.0"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import read_tasks
+from helpers import read_tasks
 
 # FedAdam (server moments) under central DP (server-side NumPy noise): what a resumed run
 # must restore exactly -- moments, noise RNG, node sampling RNG, node Contexts.

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import read_tasks
+from helpers import read_tasks
 
 BIN = Path(sys.executable).parent
 

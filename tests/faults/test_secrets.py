@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from urllib.parse import parse_qs
 
-from conftest import read_tasks
+from helpers import read_tasks
 
 SECRET = "XYZZY-client-secret-4711"
 TOKEN = "PLUGH-access-token-0815"

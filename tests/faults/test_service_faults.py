@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import APP_DIR
+from helpers import APP_DIR
 
 BIN = Path(sys.executable).parent
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import responses
-from conftest import read_tasks
+from helpers import read_tasks
 
 from flwr_hpc.compute import globus as gc
 from flwr_hpc.config import FederationConfig

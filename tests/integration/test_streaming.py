@@ -8,9 +8,9 @@ import weakref
 
 import numpy as np
 import pytest
-from conftest import fed_of, train_messages
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg
+from helpers import fed_of, train_messages
 
 from flwr_hpc.strategy.streaming import StreamingFedAdam, StreamingFedAvg
 

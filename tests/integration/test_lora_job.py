@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import read_tasks
+from helpers import read_tasks
 
 from client_apps import causal_lm, classification, models
 from client_apps.recipe import load_recipe

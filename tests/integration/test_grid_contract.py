@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from conftest import fed_of, train_messages
+from helpers import fed_of, train_messages
 
 
 @pytest.fixture(autouse=True)

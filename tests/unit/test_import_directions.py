@@ -1,5 +1,5 @@
 """Import directions (#17): no circles, no private names taken across modules, no import
-against the declared layers (``tests/import_rules.toml``). Reads source text only (ast)."""
+against the declared layers (``tests/unit/import_rules.toml``). Reads source text only (ast)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import ast
 import tomllib
 from pathlib import Path
 
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 PACKAGES = ("flwr_hpc", "strategies", "client_apps")
 RULES = Path(__file__).with_name("import_rules.toml")

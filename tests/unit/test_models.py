@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 import torch
-from conftest import job_config
+from helpers import job_config
 
 from client_apps import causal_lm, lora, models
 from client_apps.recipe import load_recipe

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import fed_of, train_messages
+from helpers import fed_of, train_messages
 
 from flwr_hpc.config import FederationConfig
 from flwr_hpc.errors import ConfigError

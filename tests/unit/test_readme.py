@@ -8,7 +8,7 @@ from pathlib import Path
 
 from strategies.job import compose_job
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_readme_override_examples_compose():

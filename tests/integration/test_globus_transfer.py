@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import read_tasks
+from helpers import read_tasks
 
 from flwr_hpc.config import FederationConfig
 from flwr_hpc.errors import ConfigError

@@ -12,7 +12,7 @@ import pytest
 
 from client_apps.data import DEMO_DATA, load_instructions, load_partition
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_demo_set_is_small_and_in_smolinstruct_form():

@@ -3,39 +3,16 @@ half-written installs (issue #16, item 3). Each fault is shown first, then refus
 
 from __future__ import annotations
 
-import hashlib
 import io
 import zipfile
 
 import pytest
-from conftest import fed_of, train_messages
 from flwr.common.constant import ErrorCode
+from helpers import fed_of, rebuild, train_messages, with_pyproject
 
 import flwr_hpc.fab as fabmod
 from flwr_hpc.fab import INSTALLED_MARKER, FabError, check_fab, install_fab
 from flwr_hpc.payload.objects import sha256_hex
-
-
-def rebuild(fab: bytes, edits: dict[str, bytes]) -> bytes:
-    """The FAB with some files replaced or added, its CONTENT manifest kept consistent
-    (what an attacker who builds their own FAB can do)."""
-    src = zipfile.ZipFile(io.BytesIO(fab))
-    files = {i.filename: src.read(i) for i in src.infolist() if i.filename != ".info/CONTENT"}
-    files.update(edits)
-    manifest = "".join(f"{n},{hashlib.sha256(b).hexdigest()},{len(b) * 8}\n"
-                       for n, b in files.items())
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-        zf.writestr(".info/CONTENT", manifest)
-    return out.getvalue()
-
-
-def with_pyproject(fab: bytes, old: str, new: str) -> bytes:
-    text = zipfile.ZipFile(io.BytesIO(fab)).read("pyproject.toml").decode()
-    assert old in text
-    return rebuild(fab, {"pyproject.toml": text.replace(old, new).encode()})
 
 
 def test_a_traversal_version_escapes_flowers_installer_and_is_refused_here(

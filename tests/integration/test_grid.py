@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import child_python_processes, read_tasks
-from conftest import fed_of as _fed
-from conftest import train_messages as _train_messages
 from flwr.common.constant import ErrorCode
+from helpers import child_python_processes, read_tasks
+from helpers import fed_of as _fed
+from helpers import train_messages as _train_messages
 
 from flwr_hpc.config import load_federation
 

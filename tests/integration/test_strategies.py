@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import in_process_federation
+from helpers import in_process_federation
 from safetensors import safe_open
 from safetensors.numpy import load_file
 

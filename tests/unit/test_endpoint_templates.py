@@ -10,7 +10,7 @@ import pytest
 from flwr_hpc._proc import large_buffer_env
 from flwr_hpc.config import load_federation
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "endpoints"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "endpoints"
 # the site workers reuse payload buffers as local ones do (flwr_hpc._proc)
 _TUNABLES = large_buffer_env({})["GLIBC_TUNABLES"]
 EXPECTED = {  # facility -> (provider, mpi launcher)

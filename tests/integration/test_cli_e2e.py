@@ -4,28 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
-import pytest
-from conftest import APP_DIR
-
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cli(*args: str, cwd: Path | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout, stdin=subprocess.DEVNULL)
+from helpers import APP_DIR, BIN
+from helpers import cli as _cli
 
 
 def _processes_of(home: Path) -> list[psutil.Process]:
@@ -44,15 +29,6 @@ def _runs(home: Path) -> dict[int, dict]:
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout[res.stdout.index("{"):])
     return {int(r["run-id"]): r for r in data["runs"]}
-
-
-@pytest.fixture
-def superlink(flwr_home):
-    port = _free_port()
-    up = _cli("flwr-hpc", "up", "--port", str(port))
-    assert up.returncode == 0, up.stderr
-    yield port
-    _cli("flwr-hpc", "down")
 
 
 def test_flwr_run_stream_ls_and_down(superlink, flwr_home):

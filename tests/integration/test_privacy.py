@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import in_process_federation, job_config
+from helpers import in_process_federation, job_config
 from torch.utils.data import DataLoader
 
 from client_apps import lora

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import APP_DIR
+from helpers import APP_DIR
 
 from flwr_hpc.control.access import peer_uid
 
@@ -191,7 +191,7 @@ def test_start_run_with_a_hostile_fab_is_a_400_saying_why(service, flwr_home, qu
     from flwr.common.serde import fab_to_proto
     from flwr.proto.control_pb2 import StartRunRequest
     from flwr.supercore.fab import Fab
-    from test_fab import with_pyproject
+    from helpers import with_pyproject
 
     from flwr_hpc.payload.objects import sha256_hex
 
@@ -227,7 +227,7 @@ def test_a_run_writes_only_private_files_and_only_under_flwr_home(flwr_home, tmp
 def test_the_lora_job_writes_nothing_in_home_or_tmp(flwr_home, tmp_path):
     """The LoRA job loads its data with `datasets` (which caches under ~/.cache by
     default): the cache goes under $FLWR_HOME instead."""
-    from conftest import REPO_ROOT
+    from helpers import REPO_ROOT
 
     home, tmp = tmp_path / "home", tmp_path / "tmp"
     home.mkdir()

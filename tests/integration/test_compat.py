@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from conftest import TESTS_DIR
 from flower_reference import run_reference
+from helpers import TESTS_DIR
 
 BIN = Path(sys.executable).parent
 APPS = TESTS_DIR / "apps"

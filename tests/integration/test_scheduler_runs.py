@@ -7,8 +7,8 @@ import json
 import math
 
 import pytest
-from conftest import REPO_ROOT
-from test_cli_e2e import _cli, superlink  # noqa: F401 - the fixture
+from helpers import REPO_ROOT
+from helpers import cli as _cli
 
 
 def _job(strategy: str) -> str:

@@ -1,0 +1,119 @@
+"""Helpers shared by the test suites (plain functions and constants; fixtures live in
+``conftest.py``). ``tests/`` is on ``sys.path`` (conftest puts it there), so a test module
+of any kind imports them as ``from helpers import …``, and spawned site workers can import
+``tests/fault_workers.py`` the same way."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import socket
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import psutil
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+APP_DIR = TESTS_DIR / "apps" / "quickstart_numpy"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: float = 180,
+        env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a console script of this venv (``flwr``, ``flwr-hpc``) with no stdin."""
+    return subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, stdin=subprocess.DEVNULL, env=env)
+
+
+def child_python_processes() -> list[psutil.Process]:
+    """Live (non-zombie) descendants of this test process."""
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() == psutil.STATUS_ZOMBIE:
+                continue
+            # multiprocessing's shared resource tracker lives as long as the interpreter
+            if "multiprocessing.resource_tracker" in " ".join(p.cmdline()):
+                continue
+            out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def read_tasks(run_dir: Path) -> list[dict]:
+    """The run's ``tasks.jsonl`` rows ([] when it has none)."""
+    path = run_dir / "tasks.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def job_config(*overrides: str) -> dict:
+    from strategies.job import compose_job
+
+    return compose_job(list(overrides))
+
+
+def in_process_federation(clients: int = 2):
+    """One site whose clients run one after another in a thread of this process: the
+    LoRA stack is imported once, so strategy and DP runs take seconds, not minutes."""
+    from flwr_hpc.config import FederationConfig
+
+    return FederationConfig.from_dict({"name": "inproc", "sites": {"a": {
+        "clients": clients, "compute": {"type": "local", "engine": "thread-pool", "workers": 1}}}})
+
+
+def fed_of(sites: dict, engine: str = "process-pool"):
+    """A federation of local sites: {site name: clients}."""
+    from flwr_hpc.config import FederationConfig
+
+    return FederationConfig.from_dict({
+        "name": "t",
+        "sites": {name: {"clients": n, "compute": {"engine": engine, "workers": max(1, n)}}
+                  for name, n in sites.items()},
+    })
+
+
+def train_messages(grid, server_round: int, nodes=None, arrays=None) -> list:
+    """Quickstart train messages for ``nodes`` (default: all) of ``grid``."""
+    import numpy as np
+    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+    arrays = arrays if arrays is not None else ArrayRecord([np.zeros(4, dtype=np.float32)])
+    content = RecordDict({"arrays": arrays,
+                          "config": ConfigRecord({"server-round": server_round})})
+    return [Message(content, nid, "train", group_id=str(server_round))
+            for nid in (nodes if nodes is not None else grid.get_node_ids())]
+
+
+def rebuild(fab: bytes, edits: dict[str, bytes]) -> bytes:
+    """The FAB with some files replaced or added, its CONTENT manifest kept consistent
+    (what an attacker who builds their own FAB can do)."""
+    src = zipfile.ZipFile(io.BytesIO(fab))
+    files = {i.filename: src.read(i) for i in src.infolist() if i.filename != ".info/CONTENT"}
+    files.update(edits)
+    manifest = "".join(f"{n},{hashlib.sha256(b).hexdigest()},{len(b) * 8}\n"
+                       for n, b in files.items())
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+        zf.writestr(".info/CONTENT", manifest)
+    return out.getvalue()
+
+
+def with_pyproject(fab: bytes, old: str, new: str) -> bytes:
+    """The FAB with one edit to its pyproject.toml (manifest kept consistent)."""
+    text = zipfile.ZipFile(io.BytesIO(fab)).read("pyproject.toml").decode()
+    assert old in text
+    return rebuild(fab, {"pyproject.toml": text.replace(old, new).encode()})
