@@ -7,6 +7,16 @@ from collections.abc import Mapping
 from pathlib import Path
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (what a batch job, a cgroup
+    or ``taskset`` gives it), not every core of the machine.
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def keep_caches_under(base: Path) -> None:
     """Libraries' caches (Hugging Face datasets/hub, anything honouring XDG_CACHE_HOME) go
     under ``base`` instead of ``~/.cache``, unless the user chose a place: a run writes only

@@ -7,6 +7,9 @@ is a YAML file under ``conf/federation/``, not new code.
 
 Validation is strict on purpose: an unknown key, a wrong type or a missing field stops
 start-up with a :class:`~flwr_hpc.errors.ConfigError` naming the file and the dotted key.
+
+One cohesive thing (over 400 lines): the federation schema, its defaults and the checks
+that name the bad key, kept together so the schema is read in one place.
 """
 
 from __future__ import annotations

@@ -15,6 +15,31 @@ sys.path.insert(0, str(TESTS_DIR))  # helpers importable in spawned site workers
 
 from helpers import APP_DIR, REPO_ROOT, child_python_processes, cli, free_port  # noqa: E402
 
+MAX_XDIST_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: one test process per usable core, at most 4 (the end-to-end tests
+    start site workers of their own; more test processes only time-slice them)."""
+    return max(1, min(MAX_XDIST_WORKERS, len(os.sched_getaffinity(0))))
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist, each test process gets its own share of the cores (its affinity
+    mask, inherited by every process it starts): flwr-hpc sizes its local workers' thread
+    pools from that mask, and two tests never fight over the same core with oversubscribed
+    OpenMP pools (which slows torch down several-fold)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if not worker.startswith("gw") or count < 2:
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < count:
+        return
+    share = cpus[int(worker[2:]) % count::count]
+    os.sched_setaffinity(0, share)
+    os.environ["OMP_NUM_THREADS"] = str(len(share))
+
 
 @pytest.fixture
 def flwr_home(tmp_path, monkeypatch) -> Path:

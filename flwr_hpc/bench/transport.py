@@ -16,6 +16,8 @@ once through the disk (write bandwidth, fsynced). Reported per transport: the me
 round time over the rounds after the first (warm-up), the server's peak RSS, and for
 flwr-hpc the bytes staged per site per round (which must not grow with the clients a site
 hosts).
+
+One cohesive thing (over 400 lines): one benchmark, its three arms and its report.
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ def bench_federation(clients: int, sites: int, workdir: Path):
     """A local federation of ``clients`` spread over ``sites`` process-pool sites (at
     most one site per client), with about one worker process per core in all.
     """
+    from flwr_hpc._proc import usable_cpus
     from flwr_hpc.config import FederationConfig
 
     sites = max(1, min(sites, clients))
@@ -122,7 +125,7 @@ def bench_federation(clients: int, sites: int, workdir: Path):
     # one worker process per core over all sites (at least one per site): more workers
     # than cores only time-slice the same work and finish every task late together
     # (N=32, S=64 on 2 cores: 7.0 s/round with 2 workers per site, 6.3 s with 1)
-    share = max(1, (os.cpu_count() or 1) // sites)
+    share = max(1, usable_cpus() // sites)
     return FederationConfig.from_dict({
         "name": "bench", "workdir": str(workdir / "sites"),
         "sites": {f"site{i}": {"clients": n,

@@ -7,6 +7,9 @@ process (``python -m flwr_hpc.server.runner RUN_DIR``) driving an ``HPCGrid``.
 
 Routes: ``POST /v1/control/{start-run,stream-logs,list-runs,stop-run}`` and ``GET /health``.
 Every other Control API route answers 501 with a message saying it is not supported.
+
+One cohesive thing (over 400 lines): one HTTP service — its routes, the run processes it
+owns, and its lifecycle (lock, adoption of live runners, reaper).
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ What the Transfer service does not do, this module does (see the Globus referenc
 Credentials: the confidential client of ``GLOBUS_COMPUTE_CLIENT_ID`` /
 ``GLOBUS_COMPUTE_CLIENT_SECRET`` (one identity for Compute and Transfer; each collection
 must grant ``<client id>@clients.auth.globus.org`` access), never logged.
+
+One cohesive thing (over 400 lines): the Transfer store and the fault handling the service
+needs (deadlines, fault watching, cancellation), which only make sense together.
 """
 
 from __future__ import annotations

@@ -29,6 +29,10 @@ submit, wait, pull, abandon); the rest is in its own module: task records
 (:mod:`.tasks`), staging and jobs (:mod:`.staging`), result to reply (:mod:`.replies`),
 site wiring (:mod:`.sites`), and whose time the run lives in (:mod:`.delivery`: the wall
 clock here, a virtual clock under the simulator).
+
+This module is over 400 lines on purpose: it is the life of one message in one place
+(push, per-node backlog, submit, wait, pull, abandon, close), all under one lock and one
+condition; split across files, the locking could no longer be checked in one read.
 """
 
 from __future__ import annotations

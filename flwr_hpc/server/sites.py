@@ -7,11 +7,11 @@ directory and the fields every job to it carries (launcher, CPU thread share).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flwr_hpc._proc import usable_cpus
 from flwr_hpc.compute import ComputeBackend, make_backend
 from flwr_hpc.config import FederationConfig
 from flwr_hpc.payload.inline import InlineStore
@@ -29,13 +29,15 @@ class SiteRuntime:
 
 
 def local_thread_share(federation: FederationConfig) -> int:
-    """CPU threads per rank when all local sites' workers share this machine's cores."""
+    """CPU threads per rank when all local sites' workers share the cores this process
+    may use (:func:`~flwr_hpc._proc.usable_cpus`).
+    """
     if federation.is_simulated():  # one shared pool runs every simulated site's tasks
         ranks = federation.sites[0].compute["workers"]
     else:
         ranks = sum(s.compute["workers"] * s.launcher["ranks"] for s in federation.sites
                     if s.compute["type"] == "local")
-    return max(1, (os.cpu_count() or 1) // max(ranks, 1))
+    return max(1, usable_cpus() // max(ranks, 1))
 
 
 def site_root(federation: FederationConfig, site: str, flwr_home: Path) -> Path:
