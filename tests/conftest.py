@@ -19,9 +19,9 @@ MAX_XDIST_WORKERS = 4
 
 
 def pytest_xdist_auto_num_workers(config) -> int:
-    """``-n auto``: one test process per usable core, at most 4 (the end-to-end tests
-    start site workers of their own; more test processes only time-slice them)."""
-    return max(1, min(MAX_XDIST_WORKERS, len(os.sched_getaffinity(0))))
+    """``-n auto``: one test process per usable core plus one (the end-to-end tests spend
+    part of their time waiting on processes they start), at most 4."""
+    return max(1, min(MAX_XDIST_WORKERS, len(os.sched_getaffinity(0)) + 1))
 
 
 def pytest_configure(config) -> None:
@@ -34,11 +34,21 @@ def pytest_configure(config) -> None:
     if not worker.startswith("gw") or count < 2:
         return
     cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < count:
-        return
-    share = cpus[int(worker[2:]) % count::count]
+    index = int(worker[2:])
+    share = cpus[index::count] if len(cpus) >= count else [cpus[index % len(cpus)]]
     os.sched_setaffinity(0, share)
     os.environ["OMP_NUM_THREADS"] = str(len(share))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Files with the most ``slow`` tests first (stable otherwise): pytest-xdist hands out
+    whole files in this order, so the longest ones start at once instead of last."""
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[item.nodeid.split("::")[0]] = slow.get(item.nodeid.split("::")[0], 0) + (
+            item.get_closest_marker("slow") is not None)
+    order = {f: i for i, f in enumerate(dict.fromkeys(i.nodeid.split("::")[0] for i in items))}
+    items.sort(key=lambda it: (-slow[it.nodeid.split("::")[0]], order[it.nodeid.split("::")[0]]))
 
 
 @pytest.fixture

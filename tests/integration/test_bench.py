@@ -8,10 +8,12 @@ import sys
 from pathlib import Path
 
 import psutil
+import pytest
 
 BIN = Path(sys.executable).parent
 
 
+@pytest.mark.slow
 def test_bench_transport_json_has_the_figures_and_leaves_nothing_running(tmp_path):
     out = subprocess.run(
         [str(BIN / "flwr-hpc"), "bench", "transport", "--clients", "3", "--size-mb", "2",

@@ -36,6 +36,7 @@ def _reload_and_evaluate(job: dict, adapter_dir) -> dict:
                                    batch_size=ev["batch_size"], device=torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_main_job_learns_and_saves_reloadable_adapters(run_lora_job):
     status, run_dir, rows = run_lora_job(SMALL)
     assert status == "finished:completed", (run_dir / "log.txt").read_text()[-3000:]
@@ -71,6 +72,7 @@ def test_main_job_learns_and_saves_reloadable_adapters(run_lora_job):
     assert "train_loss" in log and "global/round-2" in log
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["tiny_bert", "minilm"])
 def test_encoder_job_two_rounds(run_lora_job, model):
     steps = 25 if model == "minilm" else 40
@@ -98,6 +100,7 @@ def _require_launchers() -> None:
         pytest.skip(f"{missing} not installed (scripts/setup.sh installs Open MPI)")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dp", ["none", "opacus"])
 def test_two_rank_clients_under_torchrun_and_mpirun(run_lora_job, dp):
     """Plain DDP, and DP-SGD over DP-DDP (Opacus' distributed optimizer)."""

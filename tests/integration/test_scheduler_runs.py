@@ -16,6 +16,7 @@ def _job(strategy: str) -> str:
             'evaluate.max_generate=0"')
 
 
+@pytest.mark.slow
 def test_each_scheduler_aware_strategy_runs_through_flwr_run(superlink, flwr_home):  # noqa: F811
     for strategy in ("deadline", "fedbuff", "queue_aware"):
         run = _cli("flwr", "run", ".", "hpc", "--stream", "-c", _job(strategy), cwd=REPO_ROOT,
@@ -53,6 +54,7 @@ def bench_args(tmp_path):
             "--local-steps", "3", "--seed", "7", "--json", "--out", str(tmp_path / "out")]
 
 
+@pytest.mark.slow
 def test_bench_schedulers_is_reproducible(bench_args, tmp_path, capsys):
     from flwr_hpc.bench.schedulers import bench_schedulers, format_table
     from flwr_hpc.control.cli import main
