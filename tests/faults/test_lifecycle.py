@@ -75,7 +75,7 @@ def _kill_everything(home: Path) -> None:
             pass
 
 
-@pytest.mark.slow
+@pytest.mark.slow(22)
 def test_a_killed_service_leaves_its_runner_to_the_next_one_and_stop_stops_it(flwr_home):
     from flwr_hpc.server.runs import read_status, runner_holding
 
@@ -112,7 +112,7 @@ def test_a_killed_service_leaves_its_runner_to_the_next_one_and_stop_stops_it(fl
         _kill_everything(flwr_home)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(50)
 def test_two_ups_at_once_never_put_two_runners_on_a_run(flwr_home):
     """The service and its runner were SIGKILLed mid-run; then two `up`s race. Three
     times: every time exactly one runner resumes the run, and no round is trained twice."""

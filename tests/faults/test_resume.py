@@ -110,7 +110,7 @@ def _assert_same_final_model(run_dir: Path, reference: Path) -> None:
     assert [r["round"] for r in rows if r["round"] > 0] == [1, 2, 3, 4]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(70)
 def test_runner_killed_after_round_2_resumes_to_the_same_final_model(
         uninterrupted, flwr_home, lora_fab):
     patch = """
@@ -132,7 +132,7 @@ def test_runner_killed_after_round_2_resumes_to_the_same_final_model(
     assert "resumes after round 2" in log
 
 
-@pytest.mark.slow
+@pytest.mark.slow(40)
 def test_runner_killed_mid_round_repeats_only_the_unfinished_round(
         uninterrupted, flwr_home, lora_fab):
     patch = """
@@ -154,7 +154,7 @@ def test_runner_killed_mid_round_repeats_only_the_unfinished_round(
     assert max(n for (_, r), n in trained.items() if r == "3") == 2  # round 3 repeated
 
 
-@pytest.mark.slow
+@pytest.mark.slow(40)
 def test_runner_killed_between_the_metrics_row_and_the_checkpoint_writes_no_row_twice(
         uninterrupted, flwr_home, lora_fab):
     """Round 2's row is in metrics.jsonl, its checkpoint is not: resume redoes round 2 and

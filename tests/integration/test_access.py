@@ -224,7 +224,7 @@ def test_a_run_writes_only_private_files_and_only_under_flwr_home(flwr_home, tmp
     assert shared == []
 
 
-@pytest.mark.slow
+@pytest.mark.slow(40)
 def test_the_lora_job_writes_nothing_in_home_or_tmp(flwr_home, tmp_path):
     """The LoRA job loads its data with `datasets` (which caches under ~/.cache by
     default): the cache goes under $FLWR_HOME instead."""

@@ -13,7 +13,7 @@ import pytest
 BIN = Path(sys.executable).parent
 
 
-@pytest.mark.slow
+@pytest.mark.slow(40)
 def test_bench_transport_json_has_the_figures_and_leaves_nothing_running(tmp_path):
     out = subprocess.run(
         [str(BIN / "flwr-hpc"), "bench", "transport", "--clients", "3", "--size-mb", "2",

@@ -67,7 +67,7 @@ def test_raising_clientapp_becomes_error_reply_and_others_aggregate(run_quicksta
     assert all("fails on purpose" in t["error"] for t in failed)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(21)
 def test_task_past_deadline_is_dropped_and_late_result_discarded(run_quickstart):
     status, run_dir, summary = run_quickstart(
         # the deadline must exceed a cold start (4 spawned workers on 2 cores: ~7 s) and

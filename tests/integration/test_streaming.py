@@ -65,7 +65,7 @@ def test_streaming_fedadam_equals_flowers_fedadam_over_two_rounds():
                                    rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(20)
 def test_streaming_holds_one_reply_at_a_time_flower_holds_all():
     def peak_alive(strategy, as_list: bool) -> int:
         alive: list = []

@@ -112,7 +112,7 @@ def test_proximal_term_keeps_the_adapter_near_the_global_one():
     assert drifts[3] < 0.5 * drifts[0]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(20)
 @pytest.mark.parametrize("name", ["tiny_bert", "tiny_albert", "tiny_deberta", "minilm"])
 def test_encoders_train_with_lora_and_ship_their_head(name):
     recipe = load_recipe(job_config(f"model={name}"))
