@@ -28,15 +28,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from flwr.supercore.error import ApiErrorCode
+
 # A StartRun carries the whole FAB; bound it (and so the service's memory) here.
 MAX_BODY_BYTES = int(float(os.environ.get("FLWR_HPC_MAX_FAB_MB", "64")) * 1024 * 1024) + 65536
 
-# Flower's ApiErrorCode values (flwr.supercore.error.base) that the refusals use
-NO_PERMISSIONS = 9
-FORBIDDEN_ACTION = 10
-FAILED_TO_CREATE_RUN = 14
-RUN_ID_NOT_FOUND = 16
-UNSUPPORTED_CONTENT_TYPE = 1002
+# Flower's own error codes, which the CLI prints with the detail
+NO_PERMISSIONS = int(ApiErrorCode.NO_PERMISSIONS)
+FORBIDDEN_ACTION = int(ApiErrorCode.FORBIDDEN_ACTION)
+FAILED_TO_CREATE_RUN = int(ApiErrorCode.FAILED_TO_CREATE_RUN)
+RUN_ID_NOT_FOUND = int(ApiErrorCode.RUN_ID_NOT_FOUND)
+UNSUPPORTED_CONTENT_TYPE = int(ApiErrorCode.UNSUPPORTED_CONTENT_TYPE)
 
 
 @dataclass(frozen=True)

@@ -259,8 +259,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     runs = [read_status(d) for d in sorted(rdir.iterdir())] if rdir.exists() else []
     runs = sorted((r for r in runs if r), key=lambda r: r.get("pending_at", ""))
     table = Table(title="Runs")
-    for col in ("run id", "app", "status", "started", "finished"):
-        table.add_column(col)
+    table.add_column("run id", no_wrap=True, min_width=19)  # whole, to paste into flwr log
+    for col in ("app", "status", "started", "finished"):
+        table.add_column(col, overflow="fold")
     for r in runs[-20:]:
         st = r.get("status", "?") + (f":{r['sub_status']}" if r.get("sub_status") else "")
         table.add_row(str(r.get("run_id")), f"{r.get('fab_id')}=={r.get('fab_version')}", st,
@@ -445,9 +446,24 @@ def cmd_sites(args: argparse.Namespace) -> int:
     return 0
 
 
+def version_text() -> str:
+    """``flwr-hpc X (flwr Y, Python Z)``, from the installed distributions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (f"flwr-hpc {of('flwr-hpc')} (flwr {of('flwr')}, "
+            f"Python {sys.version.split()[0]})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``flwr-hpc`` argument parser and its subcommands."""
     parser = argparse.ArgumentParser(prog="flwr-hpc", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_config(p: argparse.ArgumentParser) -> None:

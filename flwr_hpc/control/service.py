@@ -6,7 +6,9 @@ unchanged. Its fleet is the federation's sites, not SuperNodes: each run is a ru
 process (``python -m flwr_hpc.server.runner RUN_DIR``) driving an ``HPCGrid``.
 
 Routes: ``POST /v1/control/{start-run,stream-logs,list-runs,stop-run}`` and ``GET /health``.
-Every other Control API route answers 501 with a message saying it is not supported.
+Also ``list-nodes``, ``list-federations``, ``show-federation`` and ``pull-artifacts``
+(:mod:`flwr_hpc.control.fleet`). Every other Control API route answers 501 with Flower's
+JSON error saying why it does not apply to an HPC federation.
 
 One cohesive thing (over 400 lines): one HTTP service — its routes, the run processes it
 owns, and its lifecycle (lock, adoption of live runners, reaper).
@@ -31,8 +33,14 @@ from typing import Any
 
 from flwr.common.serde import fab_from_proto, run_to_proto, user_config_from_proto
 from flwr.proto.control_pb2 import (  # pylint: disable=E0611
+    ListFederationsResponse,
+    ListNodesResponse,
     ListRunsRequest,
     ListRunsResponse,
+    PullArtifactsRequest,
+    PullArtifactsResponse,
+    ShowFederationRequest,
+    ShowFederationResponse,
     StartRunRequest,
     StartRunResponse,
     StopRunRequest,
@@ -40,11 +48,13 @@ from flwr.proto.control_pb2 import (  # pylint: disable=E0611
     StreamLogsRequest,
     StreamLogsResponse,
 )
+from flwr.supercore.error import ApiErrorCode
 from flwr.supercore.run import Run, RunStatus
 from typing_extensions import override
 
 from flwr_hpc._proc import large_buffer_env
 from flwr_hpc.config import FederationConfig, read_federation
+from flwr_hpc.control import fleet
 from flwr_hpc.control.access import FAILED_TO_CREATE_RUN, RUN_ID_NOT_FOUND, check_request
 from flwr_hpc.errors import FlwrHpcError
 from flwr_hpc.payload.objects import sha256_hex
@@ -101,6 +111,7 @@ class HPCSuperLink:
     def __init__(self, federation: FederationConfig, home: Path) -> None:
         self.federation = federation
         self.home = home
+        self.started_at = now_iso()
         self.runs_dir = runs_dir(home)
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self._procs: dict[int, subprocess.Popen] = {}
@@ -439,7 +450,8 @@ def make_handler(link: HPCSuperLink) -> type[BaseHTTPRequestHandler]:
                     "status": "ok", "federation": link.federation.name,
                     "pid": os.getpid(), "home": str(link.home)}).encode(), "application/json")
             else:
-                self._fail(404, "not found")
+                self._fail(404, f"{self.path} not found: the HPC SuperLink serves GET /health and "
+                                "Flower's Control API (POST /v1/control/...)")
 
         def do_POST(self) -> None:  # noqa: N802
             if self._refused("POST"):
@@ -483,12 +495,50 @@ def make_handler(link: HPCSuperLink) -> type[BaseHTTPRequestHandler]:
                     self._reply(200, StopRunResponse(success=ok).SerializeToString())
                 elif route == "/v1/control/stream-logs":
                     self._stream_logs(StreamLogsRequest.FromString(self._body()))
+                elif route == "/v1/control/list-nodes":
+                    self._reply(200, ListNodesResponse(
+                        nodes_info=fleet.nodes_info(link.federation, link.started_at),
+                        now=now_iso()).SerializeToString())
+                elif route == "/v1/control/list-federations":
+                    self._reply(200, ListFederationsResponse(federations=[
+                        fleet.federation_proto(link.federation, link.started_at)]
+                    ).SerializeToString())
+                elif route == "/v1/control/show-federation":
+                    self._show_federation(ShowFederationRequest.FromString(self._body()))
+                elif route == "/v1/control/pull-artifacts":
+                    self._pull_artifacts(PullArtifactsRequest.FromString(self._body()))
                 else:
-                    self._fail(501, f"{route} is not supported by the flwr-hpc SuperLink "
-                                    "(supported: start-run, stream-logs, list-runs, stop-run)")
+                    code, detail = fleet.unsupported(route)
+                    self._fail(501, detail, code)
             except Exception as err:  # noqa: BLE001 - report to the CLI instead of hanging up
                 log.exception("request %s failed", route)
                 self._fail(500, f"{type(err).__name__}: {err}")
+
+        def _show_federation(self, req: ShowFederationRequest) -> None:
+            name = link.federation.name
+            if req.federation_name not in ("", name):
+                self._fail(404, f"federation '{req.federation_name}' is not served here: "
+                                f"this HPC SuperLink serves federation '{name}'",
+                           ApiErrorCode.FEDERATION_NOT_FOUND)
+                return
+            runs = [run_to_proto(r) for r in link.list_runs().values()]
+            self._reply(200, ShowFederationResponse(
+                federation=fleet.federation_proto(link.federation, link.started_at,
+                                                  with_nodes=True, runs=runs),
+                now=now_iso()).SerializeToString())
+
+        def _pull_artifacts(self, req: PullArtifactsRequest) -> None:
+            run_dir = link.run_dir(req.run_id)
+            if run_dir is None:
+                self._fail(404, f"run {req.run_id} not found", RUN_ID_NOT_FOUND)
+                return
+            if link.status_of(run_dir).get("status") != "finished":
+                self._fail(409, f"run {req.run_id} has not finished; pull its artifacts "
+                                "when it has (flwr ls shows its status)",
+                           ApiErrorCode.PULL_UNFINISHED_RUN)
+                return
+            path = fleet.pack_artifacts(run_dir)
+            self._reply(200, PullArtifactsResponse(url=path.as_uri()).SerializeToString())
 
         def _stream_logs(self, req: StreamLogsRequest) -> None:
             run_dir = link.run_dir(req.run_id)
