@@ -14,7 +14,12 @@ from flwr_hpc.errors import (
     PayloadMissingError,
 )
 
-__version__ = "0.1.0"
+try:  # one version source: pyproject.toml, as installed
+    from importlib.metadata import version as _version
+
+    __version__ = _version("flwr-hpc")
+except Exception:  # noqa: BLE001 - not installed (a source tree on sys.path)
+    __version__ = "0+unknown"
 
 __all__ = [
     "ConfigError",

@@ -19,6 +19,7 @@ if ! command -v mpirun >/dev/null 2>&1; then
   SUDO=""
   [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo -n"
   if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" -eq 0 ] || [ -n "$SUDO" ]; }; then
+    echo "installing Open MPI (apt-get install openmpi-bin, as root) for the mpirun launcher"
     export DEBIAN_FRONTEND=noninteractive
     $SUDO apt-get install -y -q --no-install-recommends openmpi-bin >/dev/null 2>&1 \
       || { $SUDO apt-get update -q >/dev/null 2>&1 \

@@ -25,19 +25,22 @@ def pytest_xdist_auto_num_workers(config) -> int:
 
 
 def pytest_configure(config) -> None:
-    """Under pytest-xdist, each test process gets its own share of the cores (its affinity
-    mask, inherited by every process it starts): flwr-hpc sizes its local workers' thread
-    pools from that mask, and two tests never fight over the same core with oversubscribed
-    OpenMP pools (which slows torch down several-fold)."""
+    """Under pytest-xdist, test processes must not fight over cores with oversubscribed
+    OpenMP pools (which slows torch down several-fold). With a core per test process,
+    each gets its own (its affinity mask, inherited by every process it starts, from which
+    flwr-hpc sizes its local workers' thread pools); with more test processes than cores,
+    each torch runs one thread and the kernel balances the processes."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
     if not worker.startswith("gw") or count < 2:
         return
     cpus = sorted(os.sched_getaffinity(0))
-    index = int(worker[2:])
-    share = cpus[index::count] if len(cpus) >= count else [cpus[index % len(cpus)]]
-    os.sched_setaffinity(0, share)
-    os.environ["OMP_NUM_THREADS"] = str(len(share))
+    if len(cpus) >= count:
+        share = cpus[int(worker[2:])::count]
+        os.sched_setaffinity(0, share)
+        os.environ["OMP_NUM_THREADS"] = str(len(share))
+    else:
+        os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def pytest_collection_modifyitems(config, items) -> None:

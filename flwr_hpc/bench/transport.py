@@ -244,7 +244,7 @@ def _flower_status(bindir: Path, env: dict, run_id: str) -> str:
 # heartbeats for 2 x 30 s is declared dead ("No heartbeat received from the task"), and a
 # 5 MB object push that takes over the 30 s HTTP timeout is retried, the retry finds the
 # object already stored and the ServerApp fails ("The push session may have expired or
-# been replaced"). flwr 1.41 has no flag or variable for these, so a ``sitecustomize`` on
+# been replaced"). flwr 1.41 and 1.42 have no flag or variable for these, so a ``sitecustomize`` on
 # the Flower processes' PYTHONPATH sets them before any Flower module binds them. Only
 # timeouts change; the data path is Flower's own.
 FLOWER_PATIENCE = {

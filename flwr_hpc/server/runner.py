@@ -28,6 +28,7 @@ import random
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections import Counter
 from pathlib import Path
@@ -51,6 +52,8 @@ from flwr_hpc.server.telemetry import Progress
 log = logging.getLogger("flwr_hpc")
 
 LOG_FORMAT = "%(levelname)-8s %(message)s"
+# log.txt (what `flwr log` and `--stream` show): every line timestamped, UTC
+FILE_LOG_FORMAT = "%(asctime)s %(levelname)-8s %(message)s"
 # Set for the ServerApp while it runs: where it may write outputs (adapters, metrics).
 
 
@@ -121,7 +124,9 @@ def no_task_succeeded(records: list[dict[str, Any]]) -> str:
 
 def _setup_logging(run_dir: Path, console: bool) -> logging.Handler:
     handler = logging.FileHandler(run_dir / "log.txt")
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    formatter = logging.Formatter(FILE_LOG_FORMAT, datefmt="%Y-%m-%dT%H:%M:%SZ")
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
     for name in ("flwr", "flwr_hpc"):
         lg = logging.getLogger(name)
         lg.addHandler(handler)

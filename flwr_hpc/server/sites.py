@@ -7,6 +7,7 @@ directory and the fields every job to it carries (launcher, CPU thread share).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,14 +31,17 @@ class SiteRuntime:
 
 def local_thread_share(federation: FederationConfig) -> int:
     """CPU threads per rank when all local sites' workers share the cores this process
-    may use (:func:`~flwr_hpc._proc.usable_cpus`).
+    may use (:func:`~flwr_hpc._proc.usable_cpus`), at most ``OMP_NUM_THREADS`` when the
+    user set it.
     """
     if federation.is_simulated():  # one shared pool runs every simulated site's tasks
         ranks = federation.sites[0].compute["workers"]
     else:
         ranks = sum(s.compute["workers"] * s.launcher["ranks"] for s in federation.sites
                     if s.compute["type"] == "local")
-    return max(1, usable_cpus() // max(ranks, 1))
+    share = max(1, usable_cpus() // max(ranks, 1))
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    return min(share, int(cap)) if cap.isdigit() and int(cap) > 0 else share
 
 
 def site_root(federation: FederationConfig, site: str, flwr_home: Path) -> Path:

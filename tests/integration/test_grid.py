@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from flwr.common.constant import ErrorCode
@@ -34,7 +35,12 @@ def test_three_rounds_fedavg_with_persistent_state(run_quickstart):
         assert t["queue_wait_s"] >= 0 and t["run_s"] >= 0
     status_json = json.loads((run_dir / "status.json").read_text())
     assert status_json["status"] == "finished" and status_json["sub_status"] == "completed"
-    assert "[ROUND 3/3]" in (run_dir / "log.txt").read_text()
+    log = (run_dir / "log.txt").read_text()
+    assert "[ROUND 3/3]" in log
+    # log.txt lines carry a UTC timestamp (Flower's logger and flwr-hpc's alike)
+    stamp = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ INFO +"
+    assert re.search(stamp + r"\[ROUND 3/3\]", log, re.M), log[:2000]
+    assert re.search(stamp + r"run \d+: ", log, re.M), log[:2000]
 
 
 def test_model_crosses_to_a_site_once_per_round(run_quickstart):
