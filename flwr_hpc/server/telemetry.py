@@ -42,16 +42,17 @@ class TaskLog:
 
 
 class Progress:
-    """Receives phase/task events from the grid. The default logs one line per event."""
+    """Receives phase/task events from the grid. The default logs one INFO line per
+    phase (when it ends) and the per-task events at DEBUG (``tasks.jsonl`` has them all)."""
 
     def phase_started(self, round_: str, phase: str, total: int) -> None:
         """The ``total`` tasks of a round's phase were submitted."""
-        log.info("[round %s] %s: submitted %d task(s)", round_, phase, total)
+        log.debug("[round %s] %s: submitted %d task(s)", round_, phase, total)
 
     def task_finished(self, round_: str, phase: str, done: int, total: int,
                       site: str, outcome: str) -> None:
         """A task of the phase ended with ``outcome``; ``done`` of ``total`` are done."""
-        log.info("[round %s] %s: %d/%d tasks done (site %s: %s)",
+        log.debug("[round %s] %s: %d/%d tasks done (site %s: %s)",
                  round_, phase, done, total, site, outcome)
 
     def phase_finished(self, round_: str, phase: str, done: int, total: int,
