@@ -43,7 +43,8 @@ class TaskLog:
 
 class Progress:
     """Receives phase/task events from the grid. The default logs one INFO line per
-    phase (when it ends) and the per-task events at DEBUG (``tasks.jsonl`` has them all)."""
+    phase (when it ends) and the per-task events at DEBUG (``tasks.jsonl`` has them all).
+    """
 
     def phase_started(self, round_: str, phase: str, total: int) -> None:
         """The ``total`` tasks of a round's phase were submitted."""
