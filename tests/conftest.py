@@ -43,18 +43,36 @@ def pytest_configure(config) -> None:
         os.environ["OMP_NUM_THREADS"] = "1"
 
 
+# Seconds each file took in a parallel run on 2 cores (the sum of its tests' durations,
+# from `pytest --durations=0`): the order in which files are handed out. Refresh when a
+# file grows a lot; a file not listed counts the sum of its tests' slow(seconds) marks,
+# else 2 s per test.
+FILE_SECONDS = {
+    "tests/integration/test_lora_job.py": 290, "tests/integration/test_compat.py": 220,
+    "tests/integration/test_scheduler_runs.py": 206, "tests/faults/test_resume.py": 158,
+    "tests/faults/test_lifecycle.py": 157, "tests/unit/test_models.py": 137,
+    "tests/integration/test_access.py": 122, "tests/integration/test_lora_ranks.py": 89,
+    "tests/integration/test_bench.py": 81, "tests/integration/test_bench_schedulers.py": 76,
+    "tests/integration/test_grid.py": 68, "tests/integration/test_flwr_verbs.py": 60,
+    "tests/integration/test_globus_compute.py": 35, "tests/faults/test_faults.py": 33,
+    "tests/integration/test_cli_e2e.py": 33,
+}
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     """The longest files first (stable otherwise): pytest-xdist hands out whole files in
-    this order, so the longest ones start at once instead of last. A file's weight is the
-    sum of its tests' ``slow(seconds)`` marks (measured on 2 cores), 1 s for the rest."""
+    this order (``--no-loadscope-reorder``), so the longest ones start at once instead of
+    last (see :data:`FILE_SECONDS`)."""
     weight: dict[str, float] = {}
     order: dict[str, int] = {}
     for item in items:
         path = item.nodeid.split("::")[0]
         mark = item.get_closest_marker("slow")
-        seconds = (float(mark.args[0]) if mark and mark.args else 20.0) if mark else 1.0
+        seconds = (float(mark.args[0]) if mark.args else 20.0) if mark else 2.0
         weight[path] = weight.get(path, 0.0) + seconds
         order.setdefault(path, len(order))
+    for path in weight:
+        weight[path] = FILE_SECONDS.get(path, weight[path])
     items.sort(key=lambda it: (-weight[it.nodeid.split("::")[0]],
                                order[it.nodeid.split("::")[0]]))
 

@@ -42,13 +42,13 @@ class TaskLog:
 
 
 class Progress:
-    """Receives phase/task events from the grid. The default logs one INFO line per
-    phase (when it ends) and the per-task events at DEBUG (``tasks.jsonl`` has them all).
+    """Receives phase/task events from the grid. The default logs when a phase starts and
+    when it ends at INFO, and the per-task events at DEBUG (``tasks.jsonl`` has them all).
     """
 
     def phase_started(self, round_: str, phase: str, total: int) -> None:
         """The ``total`` tasks of a round's phase were submitted."""
-        log.debug("[round %s] %s: submitted %d task(s)", round_, phase, total)
+        log.info("[round %s] %s: submitted %d task(s)", round_, phase, total)
 
     def task_finished(self, round_: str, phase: str, done: int, total: int,
                       site: str, outcome: str) -> None:

@@ -41,7 +41,7 @@ def test_three_rounds_fedavg_with_persistent_state(run_quickstart):
     stamp = r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ INFO +"
     assert re.search(stamp + r"\[ROUND 3/3\]", log, re.M), log[:2000]
     assert re.search(stamp + r"run \d+: ", log, re.M), log[:2000]
-    # one progress line per phase, not one per task
+    # progress lines per phase (submitted, replies), not one per task
     assert "tasks done" not in log
     for r in ("1", "2", "3"):
         assert len(re.findall(rf"\[round {r}\] train: 4/4 replies in ", log)) == 1, log
