@@ -93,10 +93,16 @@ def test_verbs_that_do_not_apply_say_why(superlink, node_ids, tmp_path):
             "`add-node-to-federation` " + NOT_HPC,
         ("federation", "remove-supernode", node, "local", "hpc"):
             "`remove-node-from-federation` " + NOT_HPC,
+        ("federation", "remove-account", "local", "someone", "hpc"):
+            "`remove-account-from-federation` " + NOT_HPC,
+        ("federation", "simulation-config", "local", "hpc", "--num-supernodes", "2"):
+            "`configure-simulation-federation` " + NOT_HPC,
+        ("federation", "invite", "list", "hpc"): "`list-invitations` " + NOT_HPC,
     }
     for args, text in expected.items():
         rc, out = _flwr(*args)
         assert rc == 1 and text in out, (args, out)
-        assert "client slots of its sites" in out or "exactly one federation" in out, out
+        assert any(why in out for why in ("client slots of its sites", "exactly one federation",
+                                          "is a federation config")), out
     rc, out = _flwr("login", "hpc")  # refused by the CLI itself, in its own words
     assert rc == 1 and "requires TLS" in out, out
