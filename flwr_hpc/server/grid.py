@@ -276,13 +276,16 @@ class HPCGrid(Grid):
                                self._label(task))
         except Exception as err:  # noqa: BLE001 - that node gets an error reply
             log.error("staging to site '%s' failed: %s", task.node.site, err)
-            task.immediate = Message(
-                Error(ErrorCode.MESSAGE_UNAVAILABLE,
-                      f"staging to site '{task.node.site}' failed: {err}"),
-                reply_to=task.message)
-            self._mark_done(task.message_id)
+            self._end_early(task, Error(ErrorCode.MESSAGE_UNAVAILABLE,
+                                        f"staging to site '{task.node.site}' failed: {err}"))
             return
         self._submit(task)
+
+    def _end_early(self, task: Task, error: Error | Message) -> None:
+        """``task`` ends without running: its reply is ``error`` (or a ready reply)."""
+        task.immediate = (error if isinstance(error, Message)
+                          else Message(error, reply_to=task.message))
+        self._mark_done(task.message_id)
 
     def node_context(self, node_id: int) -> Context:
         """The node's current ``Context`` (what its ClientApp will receive next)."""
@@ -395,12 +398,8 @@ class HPCGrid(Grid):
             except Exception as err:  # noqa: BLE001 - a staging failure fails that site's tasks
                 log.error("staging to site '%s' failed: %s", site, err)
                 for t in by_site[site]:
-                    t.immediate = Message(
-                        Error(ErrorCode.MESSAGE_UNAVAILABLE,
-                              f"staging to site '{site}' failed: {err}"),
-                        reply_to=t.message,
-                    )
-                    self._mark_done(t.message_id)
+                    self._end_early(t, Error(ErrorCode.MESSAGE_UNAVAILABLE,
+                                             f"staging to site '{site}' failed: {err}"))
                 continue
             for t in by_site[site]:
                 self._submit(t)
@@ -566,8 +565,7 @@ class HPCGrid(Grid):
                                message_id=task.message_id, context_id=task.context_id)
         planned = self.delivery.submitting(self, task)
         if planned is not None:  # ends here without running (a simulated failure)
-            task.immediate = planned
-            self._mark_done(task.message_id)
+            self._end_early(task, planned)
             return
         try:
             rt.store.attach(job, task.object_ids)  # inline: the objects, size checked
@@ -576,12 +574,8 @@ class HPCGrid(Grid):
                                    "this round")
             task.future = rt.backend.submit(self._worker_fn, job)
         except Exception as err:  # noqa: BLE001
-            task.immediate = Message(
-                Error(ErrorCode.NODE_UNAVAILABLE,
-                      f"submit to site '{task.node.site}' failed: {err}"),
-                reply_to=task.message,
-            )
-            self._mark_done(task.message_id)
+            self._end_early(task, Error(ErrorCode.NODE_UNAVAILABLE,
+                                        f"submit to site '{task.node.site}' failed: {err}"))
             return
         task.future.add_done_callback(
             lambda _f, mid=task.message_id: self._on_done(mid))  # type: ignore[misc]
