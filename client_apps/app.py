@@ -4,8 +4,11 @@
 node's shard -> return the adapter and metrics. ``evaluate`` reports eval loss and exact
 match (causal LM) or accuracy (classifier) on this node's share of the held-out split.
 
-Contract with the ServerApp (``strategies.server_app``): every message's ``config``
-ConfigRecord carries ``job-config`` (the composed Hydra config as JSON) and may carry
+Contract with the ServerApp (``strategies.server_app``): the job is composed here from
+``context.run_config`` exactly as the server composes it (``strategies.job``), as Flower
+apps read their run config; every message's ``config`` ConfigRecord carries ``job-digest``
+(a sha256 of the server's job; a different composition here fails the task, naming both),
+``local-steps`` and may carry
 ``proximal-mu`` (FedProx), ``local-steps`` / ``lr-scale`` (a per-node budget from a
 scheduler-aware strategy, overriding ``train.local_steps`` / scaling the lr) or a
 clipping norm (central DP with client-side clipping, applied by Flower's
@@ -21,6 +24,8 @@ ended apart (0.0 when they are identical).
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import logging
 
@@ -35,18 +40,29 @@ from client_apps.privacy import STATE_KEY, check_adapter_moved
 from client_apps.recipe import load_recipe, with_node_overrides
 from client_apps.training import make_loader, train_steps
 from flwr_hpc import dist
+from strategies.job import JOB_DIGEST_KEY, job_digest, job_from_run_config
 
 log = logging.getLogger(__name__)
 
 app = ClientApp()
 
 
+@functools.lru_cache(maxsize=4)
+def _composed(run_config: str) -> tuple[dict, str]:
+    job = job_from_run_config(json.loads(run_config))
+    return job, job_digest(job)
+
+
 def _job(msg: Message, context: Context) -> dict:
-    config = msg.content["config"]
-    if "job-config" not in config:
-        raise ValueError("the message carries no 'job-config': this ClientApp expects the "
-                         "flwr-hpc ServerApp (strategies.server_app)")
-    return with_node_overrides(json.loads(str(config["job-config"])), context.node_config)
+    """The job of this run, composed from the run config (cached per run config) and
+    checked against the digest the server sent; the site's node-config overrides applied."""
+    job, digest = _composed(json.dumps(dict(context.run_config), sort_keys=True))
+    sent = msg.content["config"].get(JOB_DIGEST_KEY) if "config" in msg.content else None
+    if sent is not None and str(sent) != digest:
+        raise ValueError(f"this site composed job {digest} from the run config, the server "
+                         f"sent job {sent}: the app's conf/ differs between server and site "
+                         "(reinstall the same FAB at both)")
+    return with_node_overrides(copy.deepcopy(job), context.node_config)
 
 
 def _partition(context: Context) -> tuple[int, int]:

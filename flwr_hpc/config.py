@@ -518,12 +518,14 @@ def compose(overrides: Sequence[str] = (), config_dirs: Sequence[str | Path] = (
         with initialize_config_dir(config_dir=str(primary), version_base=None):
             cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as err:
-        text = str(err).splitlines()[0]
+        text = hydra_message(str(err))
         hint = ""
-        if "federation" in text:
+        if "federation" in text and "Available options" not in text:
             names = ", ".join(_group_options("federation", config_dirs))
             hint = f" (available federations: {names})"
-        raise ConfigError("command line", given, f"{text}{hint}") from None
+        culprit = next((o for o in overrides if f"'{_override_key(o)}'" in text
+                        or f"'{_override_key(o)}/" in text), given)
+        raise ConfigError("command line", culprit, f"{text}{hint}") from None
     finally:
         GlobalHydra.instance().clear()
     choices = dict(cfg.hydra.runtime.choices)
@@ -537,6 +539,30 @@ def compose(overrides: Sequence[str] = (), config_dirs: Sequence[str | Path] = (
     assert isinstance(data, dict)
     data["_choices"] = {k: v for k, v in choices.items() if not k.startswith("hydra")}
     return data
+
+
+def _override_key(item: str) -> str:
+    """``+train.foo=1`` -> ``train.foo``; ``model=x`` -> ``model``."""
+    return item.lstrip("+~").partition("=")[0].strip()
+
+
+def hydra_message(text: str) -> str:
+    """Hydra's whole error message on one line -- its lists of available options and its
+    hints kept, its config search path (an internal detail) left out.
+    """
+    text = text.split("\nConfig search path:")[0]
+    lines = [ln.strip() for ln in text.splitlines()]
+    out: list[str] = []
+    for line in lines:
+        if not line:
+            continue
+        if out and out[-1].endswith(":"):
+            out[-1] += " " + line
+        elif out and ":" in out[-1] and not line.endswith(":") and " " not in line:
+            out[-1] += ", " + line  # the next option of a list
+        else:
+            out.append(line)
+    return " ".join(ln if ln[-1] in ".:" else ln + "." for ln in out)
 
 
 def _federation_file(choice: str, config_dirs: Sequence[str | Path]) -> str:

@@ -5,12 +5,26 @@ The Flower run config carries the Hydra selections and overrides in one string k
 
     flwr run . hpc -c 'overrides="model=minilm strategy.num_rounds=2 train.lr=1e-3"'
 
-Validation is strict, like the federation's: an unknown key or a wrong type stops the run
-with a :class:`~flwr_hpc.errors.ConfigError` naming the config file and the dotted key.
+and the run-config keys Flower's own app templates use work as first-class ``-c`` keys,
+mapped onto the job (:data:`FLOWER_KEYS`)::
+
+    flwr run . hpc -c num-server-rounds=2 -c local-steps=5 -c lr=1e-3
+
+Both sides compose the job from the same run config (:func:`job_from_run_config`): the
+ServerApp, and each ClientApp from its ``Context.run_config``; only a digest of the job
+travels in the messages, and a site whose composition differs refuses the task.
+
+Validation is strict, like the federation's: an unknown key (in any section, at the top
+level, or a parameter the chosen strategy does not have) or a wrong type stops the run with
+a :class:`~flwr_hpc.errors.ConfigError` naming where the key came from (the config file,
+the ``overrides`` run-config key or the ``-c`` key) and the dotted key. The federation is
+not part of a job: it is chosen when the service starts (``flwr-hpc up federation=...``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -131,6 +145,25 @@ OUTPUT = {
     "dir": Field("str|null"),
     "save_client_updates": Field("bool", default=False),  # updates/round-<r>/<node>.safetensors
 }
+# Each strategy's own parameters, beyond the ones every strategy has (STRATEGY_COMMON):
+# a parameter of another strategy is refused (FedAvg has no eta), not silently ignored.
+STRATEGY_COMMON = ("name", "num_rounds", "fraction_train", "fraction_evaluate",
+                   "min_train_nodes", "min_evaluate_nodes", "min_available_nodes",
+                   "round_timeout_s", "streaming", "time_budget_s")
+_FEDOPT = ("eta", "eta_l", "beta_1", "beta_2", "tau")
+_SCHEDULED = ("deadline_s", "staleness_exponent", "max_staleness")
+STRATEGY_KEYS: dict[str, tuple[str, ...]] = {
+    "fedavg": (),
+    "fedprox": ("proximal_mu",),
+    "fedadam": _FEDOPT,
+    "fedyogi": _FEDOPT,
+    "fedadagrad": ("eta", "eta_l", "tau"),
+    "fedavgm": ("server_learning_rate", "server_momentum"),
+    "deadline": ("quorum", *_SCHEDULED),
+    "fedbuff": ("buffer_size", "server_learning_rate", *_SCHEDULED),
+    "queue_aware": ("quorum", "target_round_s", "min_steps", "max_steps", "lr_exponent",
+                    "lr_scale_max", "ewma_alpha", *_SCHEDULED),
+}
 SECTIONS = {"model": MODEL, "data": DATA, "train": TRAIN, "evaluate": EVALUATE,
             "strategy": STRATEGY, "dp": DP, "output": OUTPUT}
 
@@ -143,12 +176,38 @@ def _source(group: str, choices: Mapping[str, str]) -> str:
     return "conf/config.yaml"
 
 
-def validate(raw: Mapping[str, Any], choices: Mapping[str, str] | None = None) -> dict:
-    """Check every job section; returns plain dicts with defaults filled in."""
+def _origin(key: str, choices: Mapping[str, str], given: Mapping[str, str]) -> str:
+    """Where ``key`` (dotted) was set: the run-config key whose override named it (the
+    values of ``given``, by override), else the config file of its section."""
+    names = {item.lstrip("+~").partition("=")[0].strip(): origin
+             for item, origin in given.items()}
+    if key in names:
+        return names[key]
+    for name, origin in names.items():
+        if key.startswith(name + ".") and "." in name:  # a whole sub-section, e.g. model.lora
+            return origin
+    return _source(key.partition(".")[0], choices)
+
+
+def validate(raw: Mapping[str, Any], choices: Mapping[str, str] | None = None,
+             given: Mapping[str, str] | None = None) -> dict:
+    """Check every job section; returns plain dicts with defaults filled in. ``given``
+    maps each override the job was composed with to where it came from (to say where a
+    bad key was set)."""
+    given = given or {}
     choices = choices or {}
+    unknown = sorted(k for k in raw if k not in SECTIONS and k not in ("federation", "_choices"))
+    if unknown:
+        raise ConfigError(_origin(unknown[0], choices, given), unknown[0],
+                          f"unknown section; a job has {', '.join(SECTIONS)}")
     job: dict[str, Any] = {}
     for name, schema in SECTIONS.items():
-        job[name] = check_section(schema, raw.get(name), name, _source(name, choices))
+        try:
+            job[name] = check_section(schema, raw.get(name), name, _source(name, choices))
+        except ConfigError as err:
+            raise ConfigError(_origin(err.key, choices, given), err.key, err.problem) from None
+    job["strategy"] = _own_strategy_keys(job["strategy"], raw.get("strategy") or {},
+                                         choices, given)
     if job["train"]["lr"] is None:
         job["train"]["lr"] = job["model"]["default_lr"]
     if job["model"]["source"] == "pretrained" and not job["model"]["path"]:
@@ -162,6 +221,23 @@ def validate(raw: Mapping[str, Any], choices: Mapping[str, str] | None = None) -
     return job
 
 
+def _own_strategy_keys(strategy: dict, raw: Mapping[str, Any], choices: Mapping[str, str],
+                       given: Mapping[str, str]) -> dict:
+    """The strategy section with only the chosen strategy's parameters; a parameter of
+    another strategy, set in a file or an override, is refused."""
+    own = (*STRATEGY_COMMON, *STRATEGY_KEYS[strategy["name"]])
+    foreign = sorted(k for k in raw if k not in own)
+    if foreign:
+        key = f"strategy.{foreign[0]}"
+        mine = ", ".join(STRATEGY_KEYS[strategy["name"]]) or "only the common ones"
+        users = [n for n, keys in STRATEGY_KEYS.items() if foreign[0] in keys]
+        raise ConfigError(_origin(key, choices, given), key,
+                          f"strategy {strategy['name']!r} has no parameter {foreign[0]!r} "
+                          f"(it is one of {', '.join(users)}); {strategy['name']}'s own "
+                          f"parameters: {mine}")
+    return {k: v for k, v in strategy.items() if k in own}
+
+
 def _check_scheduled(job: dict, choices: Mapping[str, str]) -> None:
     s = job["strategy"]
     source = _source("strategy", choices)
@@ -172,16 +248,16 @@ def _check_scheduled(job: dict, choices: Mapping[str, str]) -> None:
                           f"strategy {s['name']!r} collects its own replies across rounds, "
                           "which Flower's central-DP wrappers never see; use dp=opacus "
                           "(sample-level DP at the clients) or a synchronous strategy")
-    if not 0 < s["quorum"] <= 1:
+    if "quorum" in s and not 0 < s["quorum"] <= 1:
         raise ConfigError(source, "strategy.quorum", f"must be in (0, 1], got {s['quorum']}")
     if s["deadline_s"] is not None and s["deadline_s"] <= 0:
         raise ConfigError(source, "strategy.deadline_s", "must be > 0 (or null: no deadline)")
-    if not 0 < s["ewma_alpha"] <= 1:
+    if "ewma_alpha" in s and not 0 < s["ewma_alpha"] <= 1:
         raise ConfigError(source, "strategy.ewma_alpha",
                           f"must be in (0, 1], got {s['ewma_alpha']}")
-    if s["server_learning_rate"] <= 0:
+    if s.get("server_learning_rate", 1.0) <= 0:
         raise ConfigError(source, "strategy.server_learning_rate", "must be > 0")
-    if s["max_steps"] is not None and s["max_steps"] < s["min_steps"]:
+    if s.get("max_steps") is not None and s["max_steps"] < s["min_steps"]:
         raise ConfigError(source, "strategy.max_steps",
                           f"must be >= strategy.min_steps ({s['min_steps']})")
 
@@ -226,8 +302,93 @@ def parse_overrides(text: str) -> list[str]:
         raise ConfigError("run config", "overrides", f"cannot split {text!r}: {err}") from None
 
 
-def compose_job(overrides: Sequence[str] = ()) -> dict:
-    """Compose ``conf/config.yaml`` with ``overrides`` and validate the job sections."""
+# Flower-template run-config keys -> (job key, type). "" (the app's default) = the job's own
+# value; set with -c, the key overrides it, and an `overrides` entry for the same job key
+# must agree.
+FLOWER_KEYS: dict[str, tuple[str, type]] = {
+    "num-server-rounds": ("strategy.num_rounds", int),
+    "local-steps": ("train.local_steps", int),
+    "lr": ("train.lr", float),
+    "fraction-train": ("strategy.fraction_train", float),
+    "fraction-evaluate": ("strategy.fraction_evaluate", float),
+}
+
+
+def job_overrides(run_config: Mapping[str, Any]) -> dict[str, str]:
+    """The Hydra overrides a Flower run config asks for, in order, each mapped to the
+    run-config key it came from: the ``overrides`` string's, then one per Flower-style key
+    that is set. The federation is refused here (it is the service's, chosen by
+    ``flwr-hpc up``)."""
+    given = parse_overrides(str(run_config.get("overrides", "") or ""))
+    out = {item: f"run config overrides {item!r}" for item in given}
+    for flower_key, (dotted, kind) in FLOWER_KEYS.items():
+        value = run_config.get(flower_key, "")
+        if value == "" or value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or (
+                kind is int and not isinstance(value, int)):
+            wanted = "an integer" if kind is int else "a number"
+            raise ConfigError("run config -c", flower_key,
+                              f"expected {wanted}, got {value!r}")
+        for item in given:
+            name, _, text = item.lstrip("+~").partition("=")
+            if name.strip() == dotted and _number(text) != kind(value):
+                raise ConfigError("run config -c", flower_key,
+                                  f"{value!r} contradicts overrides {item!r}; set "
+                                  f"{dotted} in one place")
+        out[f"{dotted}={kind(value)!r}"] = f"run config -c {flower_key}"
+    return out
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def compose_job(overrides: Sequence[str] | Mapping[str, str] = ()) -> dict:
+    """Compose ``conf/config.yaml`` with ``overrides`` and validate the job sections
+    (``overrides`` may map each to where it came from, as :func:`job_overrides` does)."""
     dirs = [APP_CONF_DIR] if APP_CONF_DIR.exists() else []
-    data = compose(list(overrides), config_dirs=dirs)
-    return validate(data, data.get("_choices"))
+    given = (dict(overrides) if isinstance(overrides, Mapping)
+             else {o: f"override {o!r}" for o in overrides})
+    for item in given:
+        key = item.lstrip("+~").partition("=")[0].strip()
+        if key == "federation" or key.startswith("federation."):
+            raise ConfigError(given[item], key,
+                              "the federation is not part of a job: it is chosen when the "
+                              "service starts (flwr-hpc up federation=<name>), or with "
+                              "flwr-hpc run APP federation=<name>")
+    items = list(given)
+    for _ in range(len(items) + 1):
+        try:
+            data = compose(items, config_dirs=dirs)
+            break
+        except ConfigError as err:
+            culprit = next((o for o in items if o == err.key), None)
+            if culprit and err.problem.startswith("Could not override") and culprit[0] != "+":
+                # a key the YAML files leave to the schema's default: set it (validation
+                # below refuses it if the job has no such key)
+                items[items.index(culprit)] = "+" + culprit
+                given["+" + culprit] = given[culprit]
+                continue
+            raise ConfigError(given[culprit] if culprit else err.file, err.key,
+                              err.problem) from None
+    return validate(data, data.get("_choices"), given)
+
+
+def job_from_run_config(run_config: Mapping[str, Any]) -> dict:
+    """The job a Flower run config describes (what both the ServerApp and the ClientApp
+    compose: :func:`job_digest` of it is the same on both sides)."""
+    return compose_job(job_overrides(run_config))
+
+
+JOB_DIGEST_KEY = "job-digest"  # the ConfigRecord key that carries job_digest(job)
+
+
+def job_digest(job: Mapping[str, Any]) -> str:
+    """A short sha256 of the job (canonical JSON): it travels in every message so a site
+    can check that it composed the same job as the server."""
+    text = json.dumps(job, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -26,6 +26,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import Strategy
 
+from flwr_hpc.server.telemetry import human_bytes, human_seconds
 from strategies.metered_grid import MeteredGrid
 
 log = logging.getLogger("flwr")
@@ -108,8 +109,9 @@ class RoundRecorder:
             row.update(self.extra_fn(self._train))
         self._write_row(row)
         self.rows.append(row)
-        log.info("%s", self.format_row(row) if len(self.rows) > 1
-                 else self.header() + "\n" + self.format_row(row))
+        if len(self.rows) == 1:
+            log.info("%s", self.header())  # each line its own record: all lines aligned
+        log.info("%s", self.format_row(row))
         self._train, self._evaluate = {}, {}
         self._round_started = time.perf_counter()
         metrics = {k: float(v) for k, v in central.items() if isinstance(v, int | float)}
@@ -149,25 +151,63 @@ class RoundRecorder:
                       metadata={"num-examples": str(metrics.get("num-examples", 0))})
 
     # -- table
+    COLUMNS = (("round", 5), ("train_loss", 10), ("eval_loss", 9), ("score", 11),
+               ("time_s", 7), ("moved", 10))
+
     def header(self) -> str:
-        names = ("round", "train_loss", "eval_loss", self.score_key, "time_s", "bytes")
-        return " ".join(f"{n:>12}" for n in names)
+        names = [self.score_key if n == "score" else n for n, _ in self.COLUMNS]
+        return "  ".join(f"{n:>{w}}" for n, (_, w) in zip(names, self.COLUMNS, strict=True))
 
     def format_row(self, row: dict[str, Any]) -> str:
         values = [row["round"], row["train_loss"], row["eval_loss"], row[self.score_key],
-                  row["round_time_s"], row["bytes_sent"] + row["bytes_received"]]
+                  row["round_time_s"], human_bytes(row["bytes_sent"] + row["bytes_received"])]
         cells = []
-        for value in values:
+        for (name, width), value in zip(self.COLUMNS, values, strict=True):
             if value is None or (isinstance(value, float) and math.isnan(value)):
-                cells.append(f"{'-':>12}")
+                text = "-"
+            elif name == "time_s":
+                text = f"{float(value):.1f}"
             elif isinstance(value, float):
-                cells.append(f"{value:>12.4f}")
+                text = f"{value:.4f}"
             else:
-                cells.append(f"{value:>12}")
-        return " ".join(cells)
+                text = str(value)
+            cells.append(f"{text:>{max(width, len(self.score_key) if name == 'score' else 0)}}")
+        return "  ".join(cells)
 
     def table(self) -> str:
         return "\n".join([self.header()] + [self.format_row(r) for r in self.rows])
+
+    # -- the closing summary
+    def summary(self, *, run_id: int | str, wall_s: float, final_dir: Path | None) -> list[str]:
+        """The lines that close a run: rounds, best and final evaluation, wall time,
+        bytes per direction, where the outputs are and what to run next."""
+        rows = self.rows
+        trained = [r for r in rows if r["round"] > 0]
+        lines = [f"run {run_id}: {len(trained)} round(s) in {human_seconds(wall_s)}"]
+        scored = [r for r in rows if r.get("eval_loss") is not None]
+        if scored:
+            best = min(scored, key=lambda r: r["eval_loss"])
+            last = scored[-1]
+            first = scored[0]
+            lines.append(f"  eval_loss   {first['eval_loss']:.4f} (round {first['round']}) -> "
+                         f"{last['eval_loss']:.4f} (round {last['round']}); best "
+                         f"{best['eval_loss']:.4f} (round {best['round']})")
+            if last.get(self.score_key) is not None:
+                top = max((r for r in scored if r.get(self.score_key) is not None),
+                          key=lambda r: r[self.score_key])
+                lines.append(f"  {self.score_key:<11} {last[self.score_key]:.4f} final; best "
+                             f"{top[self.score_key]:.4f} (round {top['round']})")
+        sent = sum(r["bytes_sent"] for r in rows)
+        received = sum(r["bytes_received"] for r in rows)
+        lines.append(f"  moved       {human_bytes(sent)} to sites, {human_bytes(received)} "
+                     "back")
+        if final_dir is not None:
+            lines.append(f"  adapter     {final_dir}  (peft.PeftModel.from_pretrained(base, "
+                         "path))")
+        lines.append(f"  metrics     {self.metrics_path}")
+        lines.append(f"  next        flwr log {run_id} hpc  |  flwr pull {run_id} hpc  |  "
+                     "flwr-hpc status")
+        return lines
 
 
 class RecordingStrategy(Strategy):

@@ -1,6 +1,8 @@
 """The ServerApp: federated LoRA fine-tuning driven by the Hydra job config.
 
-1. compose the job config (``conf/``) from the run config's ``overrides`` and validate it;
+1. compose the job config (``conf/``) from the run config (``overrides`` and the
+   Flower-style keys, ``strategies.job``) and validate it; only its digest travels (each
+   ClientApp composes the same job from its ``Context.run_config``);
 2. build the strategy (``strategies.builder``) and the initial adapter (LoRA B = 0);
 3. run the strategy over the grid -- ``HPCGrid`` under flwr-hpc, but any Flower grid works;
    under flwr-hpc a checkpoint is written after every round and an interrupted run resumes
@@ -19,16 +21,23 @@ import json
 import logging
 import os
 import random
+import time
 from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from flwr_hpc.protocol import LOCAL_STEPS_KEY
 from flwr_hpc.server.timing import clock_of
 from flwr_hpc.strategy.rounds import start
 from strategies.builder import build_strategy
-from strategies.job import check_federation_size, compose_job, parse_overrides
+from strategies.job import (
+    JOB_DIGEST_KEY,
+    check_federation_size,
+    job_digest,
+    job_from_run_config,
+)
 from strategies.metered_grid import MeteredGrid
 from strategies.recorder import RoundRecorder
 
@@ -66,7 +75,8 @@ def main(grid: Grid, context: Context) -> None:
     from client_apps import lora
     from client_apps.recipe import initial_adapter, load_recipe
 
-    job = compose_job(parse_overrides(str(context.run_config.get("overrides", ""))))
+    began = time.monotonic()
+    job = job_from_run_config(context.run_config)
     out_dir = output_dir(job, context)
     log.info("job: model=%s data=%s strategy=%s rounds=%d; outputs in %s",
              job["model"]["name"], job["data"]["name"], job["strategy"]["name"],
@@ -107,7 +117,10 @@ def main(grid: Grid, context: Context) -> None:
                              save_client_updates=job["output"]["save_client_updates"],
                              clock_fn=clock_fn)
     strategy = recorder.attach(strategy)
-    job_config = ConfigRecord({"job-config": json.dumps(job, sort_keys=True)})
+    # what every message carries: the job's digest (the ClientApp composes the job itself
+    # and checks it) and the local steps (a scheduler-aware strategy may change them)
+    job_config = ConfigRecord({JOB_DIGEST_KEY: job_digest(job),
+                               LOCAL_STEPS_KEY: int(job["train"]["local_steps"])})
     # flwr-hpc's start = Flower's loop + a checkpoint after every round + resume from one
     # (on any grid; checkpoints where a run directory is known) + the time budget
     start(
@@ -121,8 +134,8 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_fn=recorder.evaluate_fn,
         time_budget_s=job["strategy"]["time_budget_s"],
     )
-    last_round = recorder.rows[-1]["round"] if recorder.rows else job["strategy"]["num_rounds"]
-    final = out_dir / "global" / f"round-{last_round}"
-    log.info("rounds:\n%s", recorder.table())
-    log.info("final global adapter: %s (PeftModel.from_pretrained(base, path)); "
-             "metrics: %s", final, recorder.metrics_path)
+    last_round = recorder.rows[-1]["round"] if recorder.rows else None
+    final = out_dir / "global" / f"round-{last_round}" if last_round is not None else None
+    for line in recorder.summary(run_id=context.run_id, wall_s=time.monotonic() - began,
+                                 final_dir=final):
+        log.info("%s", line)

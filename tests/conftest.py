@@ -107,10 +107,12 @@ def run_lora_job(flwr_home, lora_fab):
     from flwr_hpc.server.runner import execute_run
     from flwr_hpc.server.runs import prepare_run
 
-    def _run(overrides: str, federation: FederationConfig | None = None,
+    def _run(overrides: str | dict, federation: FederationConfig | None = None,
              federation_overrides: list[str] | None = None):
+        """``overrides``: the job's Hydra overrides, or a whole run config (a dict)."""
         fed = federation or load_federation(federation_overrides or [])
-        run_dir = prepare_run(lora_fab, {"overrides": overrides}, fed)
+        run_config = overrides if isinstance(overrides, dict) else {"overrides": overrides}
+        run_dir = prepare_run(lora_fab, run_config, fed)
         status = execute_run(run_dir)
         path = run_dir / "metrics.jsonl"
         rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []

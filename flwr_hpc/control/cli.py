@@ -474,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start the HPC SuperLink in the background")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=DEFAULT_PORT)
+    up.add_argument("-v", "--verbose", action="store_true",
+                    help="runs log Flower's per-round lines and every task (log.txt)")
     add_config(up)
     sub.add_parser("down", help="stop the HPC SuperLink and its runs")
     sub.add_parser("status", help="show the SuperLink, its sites and runs")
@@ -481,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("app", help="path to the Flower app (directory with pyproject.toml)")
     run.add_argument("-c", "--run-config", action="append", default=[],
                      help="run config override KEY=VALUE (as `flwr run -c`)")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="log Flower's per-round lines and every task")
     add_config(run)
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -572,6 +576,10 @@ def main(argv: list[str] | None = None) -> int:
     # everything flwr-hpc writes (run directories, FAB installs, payload stores, the
     # service's state) is private to its owner on a shared login node
     os.umask(0o077)
+    if getattr(args, "verbose", False):
+        from flwr_hpc.server.runner import ENV_VERBOSE
+
+        os.environ[ENV_VERBOSE] = "1"  # the runners (and the service's) read it
     handlers = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "run": cmd_run,
                 "sites": cmd_sites, "resume": cmd_resume, "bench": cmd_bench}
     try:

@@ -8,7 +8,8 @@ install the FAB (checked and installed atomically by :mod:`flwr_hpc.fab`), fuse 
     run.json      what to run (FAB hash, overrides, federation)     -- written at start
     app.fab       the FAB bytes (sha256-verified before use)
     status.json   pending / starting / running / finished:{completed,failed,stopped}
-    log.txt       the run's log (what ``flwr log`` / ``--stream`` show)
+    log.txt       the run's log (what ``flwr log`` / ``--stream`` show), timestamped
+    debug.txt     the same with every DEBUG line (Flower's round loop, each task)
     tasks.jsonl   one record per task (see ``flwr_hpc.server.telemetry``)
     checkpoint/   the last completed rounds (``flwr_hpc.strategy.checkpoint``), for resume
 
@@ -36,6 +37,7 @@ from typing import Any
 
 from flwr_hpc._proc import keep_caches_under, large_buffer_env, return_large_buffers
 from flwr_hpc.config import SUPERLINK_NODE_ID, read_federation
+from flwr_hpc.errors import ConfigError
 from flwr_hpc.payload.objects import sha256_hex
 from flwr_hpc.protocol import ENV_RUN_DIR
 from flwr_hpc.server.runs import (
@@ -52,6 +54,9 @@ from flwr_hpc.server.telemetry import Progress
 log = logging.getLogger("flwr_hpc")
 
 LOG_FORMAT = "%(levelname)-8s %(message)s"
+# set (e.g. by `flwr-hpc up -v` / `flwr-hpc run -v`): log.txt (the stream) at DEBUG, with
+# Flower's per-round lines and every task's end; debug.txt always has them
+ENV_VERBOSE = "FLWR_HPC_VERBOSE"
 # log.txt (what `flwr log` and `--stream` show): every line timestamped, UTC
 FILE_LOG_FORMAT = "%(asctime)s %(levelname)-8s %(message)s"
 # Set for the ServerApp while it runs: where it may write outputs (adapters, metrics).
@@ -122,23 +127,35 @@ def no_task_succeeded(records: list[dict[str, Any]]) -> str:
             + (f"); first error: {first[:500]}" if first else ")"))
 
 
-def _setup_logging(run_dir: Path, console: bool) -> logging.Handler:
-    handler = logging.FileHandler(run_dir / "log.txt")
+def _setup_logging(run_dir: Path, console: bool) -> list[logging.Handler]:
+    """``log.txt`` (the stream: INFO, or DEBUG with ``$FLWR_HPC_VERBOSE``) and
+    ``debug.txt`` (everything, for after the fact) for the ``flwr`` and ``flwr_hpc``
+    loggers; with ``console``, flwr-hpc's lines also on stderr.
+    """
+    verbose = os.environ.get(ENV_VERBOSE, "") not in ("", "0")
     formatter = logging.Formatter(FILE_LOG_FORMAT, datefmt="%Y-%m-%dT%H:%M:%SZ")
     formatter.converter = time.gmtime
-    handler.setFormatter(formatter)
+    handlers: list[logging.Handler] = []
+    for name, level in (("log.txt", logging.DEBUG if verbose else logging.INFO),
+                        ("debug.txt", logging.DEBUG)):
+        handler = logging.FileHandler(run_dir / name)
+        handler.setFormatter(formatter)
+        handler.setLevel(level)
+        handlers.append(handler)
     for name in ("flwr", "flwr_hpc"):
         lg = logging.getLogger(name)
-        lg.addHandler(handler)
-        lg.setLevel(logging.INFO)
+        for handler in handlers:
+            lg.addHandler(handler)
+        lg.setLevel(logging.DEBUG)
     hpc = logging.getLogger("flwr_hpc")
     if console and not any(getattr(h, "_flwr_hpc_console", False) for h in hpc.handlers):
         ch = logging.StreamHandler(sys.stderr)
         ch.setFormatter(logging.Formatter(LOG_FORMAT))
+        ch.setLevel(logging.DEBUG if verbose else logging.INFO)
         ch._flwr_hpc_console = True  # type: ignore[attr-defined]
         hpc.addHandler(ch)
         hpc.propagate = False
-    return handler
+    return handlers
 
 
 class _AppOutput(io.TextIOBase):
@@ -147,8 +164,8 @@ class _AppOutput(io.TextIOBase):
     its run log) and on to the original stream.
     """
 
-    def __init__(self, handler: logging.FileHandler, passthrough: Any) -> None:
-        self._handler = handler
+    def __init__(self, handlers: list[logging.Handler], passthrough: Any) -> None:
+        self._handlers = [h for h in handlers if isinstance(h, logging.FileHandler)]
         self._passthrough = passthrough
         self._partial = ""
         self._lock = threading.Lock()
@@ -182,14 +199,15 @@ class _AppOutput(io.TextIOBase):
                 self._partial = ""
 
     def _emit(self, text: str) -> None:
-        self._handler.acquire()
-        try:
-            stream = self._handler.stream
-            if stream is not None:
-                stream.write(text)
-                stream.flush()
-        finally:
-            self._handler.release()
+        for handler in self._handlers:
+            handler.acquire()
+            try:
+                stream = handler.stream
+                if stream is not None:
+                    stream.write(text)
+                    stream.flush()
+            finally:
+                handler.release()
 
 
 def execute_run(run_dir: Path, *, progress: Progress | None = None, console: bool = False,
@@ -221,7 +239,7 @@ def _execute_locked(run_dir: Path, *, progress: Progress | None, console: bool) 
     from flwr_hpc.server.grid import HPCGrid
     from flwr_hpc.server.wiring import make_grid
 
-    handler = _setup_logging(run_dir, console)
+    handlers = _setup_logging(run_dir, console)
     if "glibc.malloc.mmap_max" not in os.environ.get("GLIBC_TUNABLES", ""):
         return_large_buffers()  # started without large_buffer_env: keep RSS = live memory
     os.environ.update(large_buffer_env())  # for the local site workers this run starts
@@ -264,7 +282,7 @@ def _execute_locked(run_dir: Path, *, progress: Progress | None, console: bool) 
         update_status(run_dir, status="running", running_at=now_iso())
         os.environ[ENV_RUN_DIR] = str(run_dir)
         # the ServerApp's own print()s belong to the run's log, as under Flower
-        out, err = _AppOutput(handler, sys.stdout), _AppOutput(handler, sys.stderr)
+        out, err = _AppOutput(handlers, sys.stdout), _AppOutput(handlers, sys.stderr)
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 run_serverapp(grid=grid, context=context, server_app_dir=str(app_dir),
@@ -279,7 +297,7 @@ def _execute_locked(run_dir: Path, *, progress: Progress | None, console: bool) 
     except (RunStopped, KeyboardInterrupt):
         sub_status, details = "stopped", "stopped by request"
         log.warning("run %s stopped by request", run_id)
-    except RunFailed as err:
+    except (RunFailed, ConfigError) as err:  # the reason says it all: no traceback
         sub_status, details = "failed", str(err)
         log.error("run %s failed: %s", run_id, details)
     except BaseException as err:  # noqa: BLE001 - any failure ends the run as failed
@@ -298,9 +316,10 @@ def _execute_locked(run_dir: Path, *, progress: Progress | None, console: bool) 
             del os.environ[ENV_RUN_DIR]
         update_status(run_dir, status="finished", sub_status=sub_status, details=details,
                       finished_at=now_iso())
-        handler.close()
-        for name in ("flwr", "flwr_hpc"):
-            logging.getLogger(name).removeHandler(handler)
+        for handler in handlers:
+            handler.close()
+            for name in ("flwr", "flwr_hpc"):
+                logging.getLogger(name).removeHandler(handler)
     return f"finished:{sub_status}"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,28 +42,82 @@ class TaskLog:
                     fh.write(json.dumps(record, sort_keys=True) + "\n")
 
 
+def human_bytes(n: float) -> str:
+    """``712704`` -> ``'696.0 KiB'`` (binary units, one decimal; bytes as an integer)."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_seconds(s: float) -> str:
+    """``75.2`` -> ``'1 min 15 s'``; under a minute with one decimal."""
+    if s < 60:
+        return f"{s:.1f} s"
+    minutes, sec = divmod(int(round(s)), 60)
+    if minutes < 60:
+        return f"{minutes} min {sec} s"
+    return f"{minutes // 60} h {minutes % 60} min"
+
+
 class Progress:
-    """Receives phase/task events from the grid. The default logs when a phase starts and
-    when it ends at INFO, and the per-task events at DEBUG (``tasks.jsonl`` has them all).
+    """Receives phase/task events from the grid. The default logs one line per phase at
+    INFO (when it ends), a heartbeat line every ``heartbeat_s`` while a phase waits (a
+    batch queue can hold a round for hours), and the rest at DEBUG: the submission and
+    each task's end (``tasks.jsonl`` has them all).
     """
+
+    def __init__(self, heartbeat_s: float = 300.0) -> None:
+        self.heartbeat_s = heartbeat_s
+        self._lock = threading.Lock()
+        self._open: dict[tuple[str, str], list[Any]] = {}  # -> [done, total, stop event, errors]
 
     def phase_started(self, round_: str, phase: str, total: int) -> None:
         """The ``total`` tasks of a round's phase were submitted."""
-        log.info("[round %s] %s: submitted %d task(s)", round_, phase, total)
+        log.debug("[round %s] %s: submitted %d task(s)", round_, phase, total)
+        stop = threading.Event()
+        with self._lock:
+            self._open[(round_, phase)] = [0, total, stop, 0]
+        if self.heartbeat_s > 0:
+            threading.Thread(target=self._heartbeat, args=(round_, phase, stop),
+                             name=f"flwr-hpc-progress-{round_}-{phase}", daemon=True).start()
+
+    def _heartbeat(self, round_: str, phase: str, stop: threading.Event) -> None:
+        began = time.monotonic()
+        while not stop.wait(self.heartbeat_s):
+            with self._lock:
+                state = self._open.get((round_, phase))
+            if state is None:
+                return
+            log.info("[round %s] %s: %d/%d replies so far, waiting %s", round_, phase,
+                     state[0], state[1], human_seconds(time.monotonic() - began))
 
     def task_finished(self, round_: str, phase: str, done: int, total: int,
                       site: str, outcome: str) -> None:
         """A task of the phase ended with ``outcome``; ``done`` of ``total`` are done."""
+        with self._lock:
+            if (round_, phase) in self._open:
+                self._open[(round_, phase)][0] = done
+                self._open[(round_, phase)][3] += outcome != "ok"
         log.debug("[round %s] %s: %d/%d tasks done (site %s: %s)",
-                 round_, phase, done, total, site, outcome)
+                  round_, phase, done, total, site, outcome)
 
     def phase_finished(self, round_: str, phase: str, done: int, total: int,
                        elapsed_s: float) -> None:
         """The phase ended after ``elapsed_s`` with ``done`` of ``total`` replies (the
         rest were dropped at the deadline).
         """
+        with self._lock:
+            state = self._open.pop((round_, phase), None)
+        if state is not None:
+            state[2].set()
         missing = total - done
         extra = f", {missing} dropped at the deadline" if missing else ""
+        errors = state[3] if state is not None else 0
+        if errors:
+            extra += f", {errors} of them error(s) (see tasks.jsonl)"
         log.info("[round %s] %s: %d/%d replies in %.2f s%s",
                  round_, phase, done, total, elapsed_s, extra)
 
@@ -71,6 +126,7 @@ class RichProgress(Progress):
     """A live progress bar for the foreground ``flwr-hpc run``; also logs like ``Progress``."""
 
     def __init__(self) -> None:
+        super().__init__()
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
         from rich.progress import Progress as RP
 

@@ -30,7 +30,6 @@ hold the simulated durations.
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import time
@@ -197,18 +196,12 @@ def site_of(grid: Any, node_id: int) -> str:
 
 
 def local_steps_of(message: Any) -> int | None:
-    """The local steps a train message asks for: its ``local-steps`` config value, else the
-    ``train.local_steps`` of the ``job-config`` the flwr-hpc ServerApp sends, else None.
+    """The local steps a train message asks for: its ``local-steps`` config value (the
+    flwr-hpc ServerApp sends one in every train message), else None.
     """
     if message.has_error() or not message.metadata.message_type.startswith("train"):
         return None
-    job_steps = None
     for record in message.content.config_records.values():
         if LOCAL_STEPS_KEY in record:
             return int(record[LOCAL_STEPS_KEY])
-        if "job-config" in record and job_steps is None:
-            try:
-                job_steps = int(json.loads(str(record["job-config"]))["train"]["local_steps"])
-            except (ValueError, KeyError, TypeError):
-                job_steps = None
-    return job_steps
+    return None

@@ -108,7 +108,7 @@ def _configuration(value: Any) -> bool:
     return callable(value) or isinstance(value, type | types.ModuleType | logging.Logger)
 
 
-def _through(obj: Any) -> Any:
+def through(obj: Any) -> Any:
     """A transparent wrapper (``checkpoint_through = "strategy"``) is checkpointed as the
     strategy it wraps, so wrapping does not change the checkpoint's layout.
     """
@@ -126,7 +126,7 @@ def capture_state(obj: Any, arrays: dict[str, np.ndarray], prefix: str = "s") ->
     from flwr.app import ArrayRecord
     from flwr.serverapp.strategy import Strategy
 
-    obj = _through(obj)
+    obj = through(obj)
     transient = set(getattr(type(obj), "checkpoint_transient", ()))
     meta: dict[str, Any] = {}
     for name, value in vars(obj).items():
@@ -173,7 +173,7 @@ def restore_state(obj: Any, meta: dict, arrays: dict[str, np.ndarray], prefix: s
     """
     from flwr.app import Array, ArrayRecord
 
-    obj = _through(obj)
+    obj = through(obj)
     for name, item in meta.items():
         key = f"{prefix}.{name}"
         kind = item["kind"]

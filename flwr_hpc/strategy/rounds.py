@@ -17,6 +17,7 @@ set by the flwr-hpc runner):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import Counter
@@ -32,6 +33,57 @@ import flwr_hpc.strategy.checkpoint as checkpoint
 from flwr_hpc.protocol import ENV_RUN_DIR
 
 log = logging.getLogger("flwr_hpc")
+
+
+# ----------------------------------------------------------------------------- the log
+
+_FLOWER_LOOP = os.sep + os.path.join("flwr", "serverapp", "strategy") + os.sep
+
+
+class QuietFlowerLoop(logging.Filter):
+    """Flower's round loop at DEBUG, its banner kept: on the ``flwr`` logger, the INFO
+    records that ``Strategy.start`` and Flower's strategies emit after the banner (per-round
+    sampling and aggregation lines, the MetricRecords, the 127-line "Final results" block)
+    become DEBUG records -- in the run's ``debug.txt`` and in a verbose log, not in the
+    stream. The banner names the strategy the user chose, not flwr-hpc's wrappers.
+    """
+
+    def __init__(self, strategy_name: str) -> None:
+        super().__init__()
+        self.strategy_name = strategy_name
+        self.banner = True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Demote (never drop) a loop record."""
+        if _FLOWER_LOOP not in record.pathname or record.levelno != logging.INFO:
+            return True
+        if self.banner:
+            if record.msg == "Starting %s strategy:":
+                record.args = (self.strategy_name,)
+            elif record.msg == "" and record.pathname.endswith("strategy.py"):
+                self.banner = False  # the blank line that ends Flower's banner
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+def strategy_name(strategy: Any) -> str:
+    """The class name of the strategy inside flwr-hpc's transparent wrappers (Flower's DP
+    wrappers keep theirs).
+    """
+    return type(checkpoint.through(strategy)).__name__
+
+
+@contextlib.contextmanager
+def quiet_flower_loop(strategy: Any) -> Iterator[None]:
+    """While the loop runs, :class:`QuietFlowerLoop` on the ``flwr`` logger."""
+    flt = QuietFlowerLoop(strategy_name(strategy))
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.addFilter(flt)
+    try:
+        yield
+    finally:
+        flwr_logger.removeFilter(flt)
 
 
 # ----------------------------------------------------------------------------- screening
@@ -320,7 +372,7 @@ def start(strategy: Any, grid: Any, initial_arrays: Any, num_rounds: int = 3,
                 contexts=transport.export_contexts() if transport is not None else {})
             ckpt.rng = checkpoint.capture_rng(state_arrays)
             path = checkpoint.write_checkpoint(root, ckpt)
-            log.info("[round %d] checkpoint written: %s", rnd, path)
+            log.debug("[round %d] checkpoint written: %s", rnd, path)
         last.update(round=rnd, arrays=round_arrays, metrics=res)
         elapsed = clock.now() - began
         if time_budget_s is not None and elapsed >= time_budget_s and rnd < num_rounds:
@@ -334,10 +386,11 @@ def start(strategy: Any, grid: Any, initial_arrays: Any, num_rounds: int = 3,
     # every other strategy gets Flower's list
     loop_grid = StreamingGrid(grid) if getattr(strategy, "streaming", False) else grid
     try:
-        result = ScreenedStrategy(strategy, offset, max_failed_rounds).start(
-            grid=loop_grid, initial_arrays=arrays, num_rounds=num_rounds - offset,
-            timeout=timeout, train_config=train_config, evaluate_config=evaluate_config,
-            evaluate_fn=round_done)
+        with quiet_flower_loop(strategy):
+            result = ScreenedStrategy(strategy, offset, max_failed_rounds).start(
+                grid=loop_grid, initial_arrays=arrays, num_rounds=num_rounds - offset,
+                timeout=timeout, train_config=train_config,
+                evaluate_config=evaluate_config, evaluate_fn=round_done)
     except _BudgetSpent:
         from flwr.serverapp.strategy import Result
 

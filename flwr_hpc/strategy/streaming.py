@@ -139,7 +139,9 @@ class StreamingFedAvg(FedAvg):
             # that young cycle is collected, the reply's arrays stay in memory. A young-
             # generation collection frees it (a full one would scan the whole heap).
             gc.collect(1)
-        log.info("aggregate_train: Received %s results and %s failures",
+        # as Flower's line, which flwr-hpc's loop shows at DEBUG (the grid's phase line
+        # counts replies and errors at INFO)
+        log.debug("aggregate_train: Received %s results and %s failures",
                  len(metric_only), failures)
         if not metric_only:
             return None, None

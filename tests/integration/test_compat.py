@@ -176,7 +176,7 @@ def _descendants(pid: int) -> list[psutil.Process]:
 def _wait_for_task_in_flight(proc: subprocess.Popen, home: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        logs = list((home / "hpc" / "runs").glob("*/log.txt"))
+        logs = list((home / "hpc" / "runs").glob("*/debug.txt"))  # has the DEBUG lines
         if logs and "submitted" in logs[0].read_text():
             time.sleep(2)  # the hanging client is now inside fit
             return

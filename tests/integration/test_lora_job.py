@@ -12,7 +12,9 @@ from helpers import read_tasks
 from client_apps import causal_lm, classification, models
 from client_apps.recipe import load_recipe
 
-SMALL = "strategy.num_rounds=2 train.local_steps=15 evaluate.max_generate=4"
+# the rounds as a Flower-template run-config key (-c num-server-rounds=2), the rest as
+# Hydra overrides
+SMALL = {"num-server-rounds": 2, "overrides": "train.local_steps=15 evaluate.max_generate=4"}
 
 
 def _reload_and_evaluate(job: dict, adapter_dir) -> dict:
@@ -67,15 +69,24 @@ def test_main_job_learns_and_saves_reloadable_adapters(run_lora_job):
     assert again["exact_match"] == rows[-1]["exact_match"]
     log = (run_dir / "log.txt").read_text()
     assert "train_loss" in log and "global/round-2" in log
+    assert job["strategy"]["num_rounds"] == 2  # from -c num-server-rounds
 
 
 @pytest.mark.slow(80)
 @pytest.mark.parametrize("model", ["tiny_bert", "minilm"])
-def test_encoder_job_two_rounds(run_lora_job, model):
+def test_encoder_job_two_rounds(run_lora_job, model, monkeypatch):
     steps = 25 if model == "minilm" else 40
+    if model == "tiny_bert":  # `flwr-hpc up -v` / `run -v`: the detail is back in log.txt
+        monkeypatch.setenv("FLWR_HPC_VERBOSE", "1")
     status, run_dir, rows = run_lora_job(
         f"model={model} strategy.num_rounds=2 train.local_steps={steps}")
-    assert status == "finished:completed", (run_dir / "log.txt").read_text()[-3000:]
+    log = (run_dir / "log.txt").read_text()
+    assert status == "finished:completed", log[-3000:]
+    # Flower's round loop and each task's end: in debug.txt always, in log.txt when verbose
+    detail = ("[ROUND 2/2]", "aggregate_evaluate: Received 4 results", "tasks done (site")
+    debug = (run_dir / "debug.txt").read_text()
+    assert all(d in debug for d in detail)
+    assert all((d in log) == (model == "tiny_bert") for d in detail), log
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows[2]["train_loss"] < rows[1]["train_loss"], rows
     if model == "minilm":  # pretrained features: the held-out loss moves within 2 rounds
