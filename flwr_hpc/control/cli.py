@@ -12,7 +12,8 @@
 
 OVERRIDES are Hydra overrides, e.g. ``federation=local federation.sites.beta.clients=3``.
 
-One cohesive thing (over 400 lines): the argument parser and one small handler per
+One cohesive thing (over 400 lines): the typer commands (help on every argument, shell
+completion via --install-completion / --show-completion) and one small handler per
 sub-command.
 """
 
@@ -28,8 +29,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+import typer
 
 from flwr_hpc._proc import pid_alive
 from flwr_hpc.errors import ConfigError, FlwrHpcError
@@ -460,93 +464,171 @@ def version_text() -> str:
             f"Python {sys.version.split()[0]})")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``flwr-hpc`` argument parser and its subcommands."""
-    parser = argparse.ArgumentParser(prog="flwr-hpc", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--version", action="version", version=version_text())
-    sub = parser.add_subparsers(dest="command", required=True)
+# ----------------------------------------------------------------------------- typer
 
-    def add_config(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config-dir", action="append", default=[],
-                       help="extra directory searched for federation/<name>.yaml (repeatable)")
-        p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. federation=local")
+app = typer.Typer(
+    name="flwr-hpc",
+    help="Run Flower apps across HPC facilities: the HPC SuperLink, its runs and sites.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+bench_app = typer.Typer(help="Benchmarks that print their figures.", no_args_is_help=True)
+sites_app = typer.Typer(help="A federation's sites.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+app.add_typer(sites_app, name="sites")
 
-    up = sub.add_parser("up", help="start the HPC SuperLink in the background")
-    up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=DEFAULT_PORT)
-    up.add_argument("-v", "--verbose", action="store_true",
-                    help="runs log Flower's per-round lines and every task (log.txt)")
-    add_config(up)
-    sub.add_parser("down", help="stop the HPC SuperLink and its runs")
-    sub.add_parser("status", help="show the SuperLink, its sites and runs")
-    run = sub.add_parser("run", help="run a Flower app in the foreground")
-    run.add_argument("app", help="path to the Flower app (directory with pyproject.toml)")
-    run.add_argument("-c", "--run-config", action="append", default=[],
-                     help="run config override KEY=VALUE (as `flwr run -c`)")
-    run.add_argument("-v", "--verbose", action="store_true",
-                     help="log Flower's per-round lines and every task")
-    add_config(run)
-    bench = sub.add_parser("bench", help="benchmarks")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    transport = bench_sub.add_parser(
-        "transport", help="per-round time of flwr-hpc vs Flower's deployment vs the floor")
-    transport.add_argument("--clients", type=int, required=True)
-    transport.add_argument("--size-mb", type=float, required=True,
-                           help="MB of float32 arrays each client receives and returns")
-    transport.add_argument("--rounds", type=int, default=3,
-                           help="rounds per transport; the first is a warm-up (default 3)")
-    transport.add_argument("--sites", type=int, default=4,
-                           help="flwr-hpc sites the clients are spread over (default 4)")
-    transport.add_argument("--no-flower", action="store_true",
-                           help="skip Flower's deployment (flwr-hpc and the floor only)")
-    transport.add_argument("--json", action="store_true", help="print one JSON object")
-    transport.add_argument("--out", help="also write the JSON result to this file")
-    transport.add_argument("--workdir", help="keep the runs' files here (default: a temp "
-                           "dir, removed)")
-    sched = bench_sub.add_parser(
-        "schedulers", help="FedAvg vs scheduler-aware strategies on simulated facilities "
-        "(virtual time)")
-    sched.add_argument("--strategies", default=",".join(
-        ("fedavg", "deadline", "fedbuff", "queue_aware")),
-        help="comma-separated; the first is the baseline (default: %(default)s)")
-    sched.add_argument("--federation", default="sim_4facilities",
-                       help="a simulated federation (default: %(default)s)")
-    sched.add_argument("--hours", type=float, default=48.0,
-                       help="virtual hours per strategy (default: %(default)s)")
-    sched.add_argument("--local-steps", type=int, default=10,
-                       help="default local steps per train task (default: %(default)s)")
-    sched.add_argument("--seed", type=int, default=0)
-    sched.add_argument("--target-loss", type=float, default=None,
-                       help="eval loss to reach (default: the baseline's final eval loss)")
-    sched.add_argument("--json", action="store_true", help="print one JSON object")
-    sched.add_argument("--out", help="write schedulers.json/.md/.svg into this directory")
-    sched.add_argument("--workdir", help="keep the runs here (default: a temp dir, removed)")
-    resume = sub.add_parser("resume", help="continue an interrupted run from its last "
-                            "checkpointed round")
-    resume.add_argument("run_id", type=int)
-    resume.add_argument("--foreground", action="store_true",
-                        help="run here even when the HPC SuperLink is up")
-    sites = sub.add_parser("sites", help="check a federation's sites")
-    sites_sub = sites.add_subparsers(dest="sites_command", required=True)
-    check = sites_sub.add_parser("check", help="credentials, endpoint status and a round-trip "
-                                 "probe (task + payload) per site")
-    check.add_argument("--timeout", type=float, default=120.0,
-                       help="seconds to wait for each site's probe")
-    add_config(check)
-    return parser
+Overrides = Annotated[list[str] | None, typer.Argument(
+    help="Hydra overrides of the federation, e.g. federation=local "
+         "federation.sites.beta.clients=3", show_default=False)]
+ConfigDir = Annotated[list[str] | None, typer.Option(
+    "--config-dir", help="extra directory searched for federation/<name>.yaml "
+                         "(repeatable)", show_default=False)]
+Verbose = Annotated[bool, typer.Option(
+    "-v", "--verbose", help="log Flower's per-round lines and every task's end in "
+                            "log.txt (debug.txt always has them)")]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """argparse, with Hydra overrides accepted anywhere after the command (``flwr-hpc run
-    APP -c k=v federation=x``): argparse alone takes positionals only before options.
+def _dispatch(handler: Callable[[argparse.Namespace], int], **kwargs: Any) -> None:
+    """Run a command handler with its arguments; its return value is the exit status:
+    2 for a configuration error, 1 for another flwr-hpc error, 130 on Ctrl-C.
     """
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides = [*args.overrides, *extra]
-    return args
+    for key in ("overrides", "config_dir", "run_config"):
+        if key in kwargs and kwargs[key] is None:
+            kwargs[key] = []
+    args = argparse.Namespace(**kwargs)
+    # everything flwr-hpc writes (run directories, FAB installs, payload stores, the
+    # service's state) is private to its owner on a shared login node
+    os.umask(0o077)
+    if getattr(args, "verbose", False):
+        from flwr_hpc.server.runner import ENV_VERBOSE
+
+        os.environ[ENV_VERBOSE] = "1"  # the runners (and the service's) read it
+    try:
+        rc = handler(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        rc = 2
+    except FlwrHpcError as err:
+        print(f"error: {err}", file=sys.stderr)
+        rc = 1
+    except KeyboardInterrupt:
+        rc = 130
+    raise typer.Exit(rc)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(version_text())
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option(
+        "--version", "-V", callback=_version, is_eager=True,
+        help="print flwr-hpc's, Flower's and Python's versions and exit")] = False) -> None:
+    """Run Flower apps across HPC facilities: the HPC SuperLink, its runs and sites."""
+
+
+@app.command("up")
+def _up(overrides: Overrides = None, config_dir: ConfigDir = None,
+        host: Annotated[str, typer.Option(help="loopback address to serve on")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(help="port to serve on")] = DEFAULT_PORT,
+        verbose: Verbose = False) -> None:
+    """Start the HPC SuperLink in the background for a federation (default: local)."""
+    _dispatch(cmd_up, overrides=overrides, config_dir=config_dir, host=host, port=port,
+              verbose=verbose)
+
+
+@app.command("down")
+def _down() -> None:
+    """Stop the HPC SuperLink and its runs."""
+    _dispatch(cmd_down)
+
+
+@app.command("status")
+def _status() -> None:
+    """Show the HPC SuperLink, its sites and runs (whole run ids)."""
+    _dispatch(cmd_status)
+
+
+@app.command("run")
+def _run(app_dir: Annotated[str, typer.Argument(
+             metavar="APP", help="the Flower app: a directory with pyproject.toml")],
+         overrides: Overrides = None, config_dir: ConfigDir = None,
+         run_config: Annotated[list[str] | None, typer.Option(
+             "-c", "--run-config", help="run config override KEY=VALUE, as `flwr run -c` "
+             "(e.g. -c num-server-rounds=2 -c 'overrides=\"dp=opacus\"')",
+             show_default=False)] = None,
+         verbose: Verbose = False) -> None:
+    """Run a Flower app in the foreground on a federation (no service needed)."""
+    _dispatch(cmd_run, app=app_dir, overrides=overrides, config_dir=config_dir,
+              run_config=run_config, verbose=verbose)
+
+
+@app.command("resume")
+def _resume(run_id: Annotated[int, typer.Argument(help="the run to continue")],
+            foreground: Annotated[bool, typer.Option(
+                help="run here even when the HPC SuperLink is up")] = False) -> None:
+    """Continue an interrupted run after its last checkpointed round."""
+    _dispatch(cmd_resume, run_id=run_id, foreground=foreground)
+
+
+@sites_app.command("check")
+def _sites_check(overrides: Overrides = None, config_dir: ConfigDir = None,
+                 timeout: Annotated[float, typer.Option(
+                     help="seconds to wait for each site's probe")] = 120.0) -> None:
+    """Credentials, endpoint status and a round-trip probe (task + payload) per site."""
+    _dispatch(cmd_sites, overrides=overrides, config_dir=config_dir, timeout=timeout)
+
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="print one JSON object")]
+Workdir = Annotated[str | None, typer.Option(
+    help="keep the runs' files here (default: a temporary directory, removed)")]
+
+
+@bench_app.command("transport")
+def _bench_transport(
+        clients: Annotated[int, typer.Option(help="Flower nodes (client slots)")],
+        size_mb: Annotated[float, typer.Option(
+            help="MB of float32 arrays each client receives and returns")],
+        rounds: Annotated[int, typer.Option(
+            help="rounds per transport; the first is a warm-up")] = 3,
+        sites: Annotated[int, typer.Option(
+            help="flwr-hpc sites the clients are spread over")] = 4,
+        no_flower: Annotated[bool, typer.Option(
+            "--no-flower", help="skip Flower's deployment (flwr-hpc and the floor only)")] = False,
+        json_out: JsonFlag = False,
+        out: Annotated[str | None, typer.Option(
+            help="also write the JSON result to this file")] = None,
+        workdir: Workdir = None) -> None:
+    """Per-round time of flwr-hpc vs Flower's deployment vs the floor."""
+    _dispatch(cmd_bench, bench_command="transport", clients=clients, size_mb=size_mb,
+              rounds=rounds, sites=sites, no_flower=no_flower, json=json_out, out=out,
+              workdir=workdir)
+
+
+@bench_app.command("schedulers")
+def _bench_schedulers(
+        strategies: Annotated[str, typer.Option(
+            help="comma-separated; the first is the baseline")] = "fedavg,deadline,fedbuff,"
+                                                                  "queue_aware",
+        federation: Annotated[str, typer.Option(help="a simulated federation")] = (
+            "sim_4facilities"),
+        hours: Annotated[float, typer.Option(help="virtual hours per strategy")] = 48.0,
+        local_steps: Annotated[int, typer.Option(
+            help="default local steps per train task")] = 10,
+        seed: Annotated[int, typer.Option(help="seed of the simulated facilities")] = 0,
+        target_loss: Annotated[float | None, typer.Option(
+            help="eval loss to reach (default: the baseline's final eval loss)")] = None,
+        json_out: JsonFlag = False,
+        out: Annotated[str | None, typer.Option(
+            help="write schedulers.json/.md/.svg into this directory")] = None,
+        workdir: Workdir = None) -> None:
+    """FedAvg vs scheduler-aware strategies on simulated facilities, in virtual time."""
+    _dispatch(cmd_bench, bench_command="schedulers", strategies=strategies,
+              federation=federation, hours=hours, local_steps=local_steps, seed=seed,
+              target_loss=target_loss, json=json_out, out=out, workdir=workdir)
 
 
 def run_config_of(pairs: list[str]) -> dict[str, Any]:
@@ -569,29 +651,15 @@ def run_config_of(pairs: list[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``flwr-hpc`` entry point: run the command; exit status 2 for a configuration
-    error, 1 for another flwr-hpc error, 130 on Ctrl-C.
+    """The ``flwr-hpc`` entry point: the exit status of the command (2 for a usage or
+    configuration error, 1 for another flwr-hpc error, 130 on Ctrl-C).
     """
-    args = parse_args(argv)
-    # everything flwr-hpc writes (run directories, FAB installs, payload stores, the
-    # service's state) is private to its owner on a shared login node
-    os.umask(0o077)
-    if getattr(args, "verbose", False):
-        from flwr_hpc.server.runner import ENV_VERBOSE
-
-        os.environ[ENV_VERBOSE] = "1"  # the runners (and the service's) read it
-    handlers = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "run": cmd_run,
-                "sites": cmd_sites, "resume": cmd_resume, "bench": cmd_bench}
     try:
-        return handlers[args.command](args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except FlwrHpcError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+        app(args=argv, prog_name="flwr-hpc")
+    except SystemExit as done:
+        code = done.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    return 0
 
 
 if __name__ == "__main__":
