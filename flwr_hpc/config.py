@@ -520,7 +520,8 @@ def compose(overrides: Sequence[str] = (), config_dirs: Sequence[str | Path] = (
     except (HydraException, OmegaConfBaseException) as err:
         text = hydra_message(str(err))
         hint = ""
-        if "federation" in text and "Available options" not in text:
+        if "federation" in text:  # our list: the user's config dirs and the package's
+            text = re.sub(r" Available options in 'federation':[^.]*\.", "", text)
             names = ", ".join(_group_options("federation", config_dirs))
             hint = f" (available federations: {names})"
         culprit = next((o for o in overrides if f"'{_override_key(o)}'" in text

