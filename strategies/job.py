@@ -32,6 +32,7 @@ from typing import Any
 
 from flwr_hpc.config import Field, check_section, compose
 from flwr_hpc.errors import ConfigError
+from flwr_hpc.strategy.tracking import TRACKERS
 
 APP_CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
@@ -145,7 +146,8 @@ OUTPUT = {
     "dir": Field("str|null"),
     "save_client_updates": Field("bool", default=False),  # updates/round-<r>/<node>.safetensors
     # each round's metrics and per-site timings (flwr_hpc.strategy.tracking)
-    "tracker": Field("str", default="none", choices=("none", "tensorboard", "mlflow", "wandb")),
+    # none | tensorboard | mlflow | wandb, or a list of them ([tensorboard, mlflow])
+    "tracker": Field("str-list", default=[]),
     "tracking_uri": Field("str|null"),  # mlflow: null = a file store in the run directory
 }
 # Each strategy's own parameters, beyond the ones every strategy has (STRATEGY_COMMON):
@@ -203,12 +205,18 @@ def validate(raw: Mapping[str, Any], choices: Mapping[str, str] | None = None,
     if unknown:
         raise ConfigError(_origin(unknown[0], choices, given), unknown[0],
                           f"unknown section; a job has {', '.join(SECTIONS)}")
+    raw = _trackers_as_list(raw)
     job: dict[str, Any] = {}
     for name, schema in SECTIONS.items():
         try:
             job[name] = check_section(schema, raw.get(name), name, _source(name, choices))
         except ConfigError as err:
             raise ConfigError(_origin(err.key, choices, given), err.key, err.problem) from None
+    for kind in job["output"]["tracker"]:
+        if kind not in TRACKERS[1:]:
+            raise ConfigError(_origin("output.tracker", choices, given), "output.tracker",
+                              f"{kind!r} is not a tracker; choose from "
+                              f"{', '.join(TRACKERS)} (or a list of them)")
     job["strategy"] = _own_strategy_keys(job["strategy"], raw.get("strategy") or {},
                                          choices, given)
     if job["train"]["lr"] is None:
@@ -222,6 +230,16 @@ def validate(raw: Mapping[str, Any], choices: Mapping[str, str] | None = None,
     _check_dp(job["dp"], _source("dp", choices))
     _check_scheduled(job, choices)
     return job
+
+
+def _trackers_as_list(raw: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``output.tracker: mlflow`` is ``[mlflow]``; ``none`` (or null) is ``[]``."""
+    output = raw.get("output")
+    if not isinstance(output, Mapping) or not isinstance(output.get("tracker"), str | None):
+        return raw
+    tracker = output.get("tracker")
+    return {**raw, "output": {**output, "tracker": [] if tracker in (None, "none")
+                              else [tracker]}}
 
 
 def _own_strategy_keys(strategy: dict, raw: Mapping[str, Any], choices: Mapping[str, str],

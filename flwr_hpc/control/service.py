@@ -473,6 +473,13 @@ def make_handler(link: HPCSuperLink) -> type[BaseHTTPRequestHandler]:
                         self._fail(400, "flwr-hpc runs only local apps: the request has no FAB",
                                    FAILED_TO_CREATE_RUN)
                         return
+                    if req.HasField("override_federation_config"):
+                        self._fail(400, "flwr-hpc: run not started: --federation-config "
+                                   "sets a simulation (num-supernodes, backend); an HPC "
+                                   "federation's nodes are its sites' client slots from the "
+                                   "federation config (conf/federation/*.yaml) chosen by "
+                                   "`flwr-hpc up federation=<name>`", FAILED_TO_CREATE_RUN)
+                        return
                     fab = fab_from_proto(req.fab)
                     try:
                         run_id = link.start_run(fab.content, fab.hash_str,

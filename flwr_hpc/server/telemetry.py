@@ -137,11 +137,13 @@ class RichProgress(Progress):
 
     @override
     def phase_started(self, round_: str, phase: str, total: int) -> None:
+        super().phase_started(round_, phase, total)
         self._task = self._rp.add_task(f"round {round_} · {phase}", total=total)
 
     @override
     def task_finished(self, round_: str, phase: str, done: int, total: int,
                       site: str, outcome: str) -> None:
+        super().task_finished(round_, phase, done, total, site, outcome)
         if self._task is not None:
             self._rp.update(self._task, completed=done)
 

@@ -151,9 +151,44 @@ class WandbTracker:
         wandb.teardown()
 
 
-def open_tracker(kind: str, out_dir: Path, *, run_name: str,
+class _Trackers:
+    """Several trackers as one (``output.tracker: [tensorboard, mlflow]``)."""
+
+    def __init__(self, trackers: list[Tracker]) -> None:
+        self.trackers = trackers
+
+    def log(self, step: int, values: Mapping[str, float]) -> None:
+        """Log to each."""
+        for tracker in self.trackers:
+            tracker.log(step, values)
+
+    def close(self) -> None:
+        """Close each (all of them, even if one fails)."""
+        errors = []
+        for tracker in self.trackers:
+            try:
+                tracker.close()
+            except Exception as err:  # noqa: BLE001 - close the others, then report
+                errors.append(err)
+        if errors:
+            raise errors[0]
+
+
+def open_tracker(kind: str | list[str], out_dir: Path, *, run_name: str,
                  params: Mapping[str, Any] | None = None, uri: str | None = None) -> Tracker:
-    """The tracker ``kind`` (one of :data:`TRACKERS`) writing under ``out_dir``."""
+    """The tracker ``kind`` (one of :data:`TRACKERS`, or a list of them) writing under
+    ``out_dir``.
+    """
+    if not isinstance(kind, str):
+        opened: list[Tracker] = []
+        try:
+            for one in kind:
+                opened.append(open_tracker(one, out_dir, run_name=run_name, params=params,
+                                           uri=uri))
+        except BaseException:
+            _Trackers(opened).close()
+            raise
+        return _Trackers(opened)
     if kind not in TRACKERS:
         raise ConfigError("job", "output.tracker",
                           f"{kind!r} is not a tracker; choose one of {', '.join(TRACKERS)}")

@@ -104,5 +104,8 @@ def test_verbs_that_do_not_apply_say_why(superlink, node_ids, tmp_path):
         assert rc == 1 and text in out, (args, out)
         assert any(why in out for why in ("client slots of its sites", "exactly one federation",
                                           "is a federation config")), out
+    rc, out = _flwr("run", ".", "hpc", "--federation-config", "num-supernodes=2")
+    assert rc == 1 and "--federation-config sets a simulation" in out, out
+    assert "Successfully started run" not in out
     rc, out = _flwr("login", "hpc")  # refused by the CLI itself, in its own words
     assert rc == 1 and "requires TLS" in out, out
