@@ -28,9 +28,15 @@ def test_one_line_per_phase_a_heartbeat_while_waiting_and_errors_counted(caplog)
     debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
     assert debug[0] == "[round 3] train: submitted 4 task(s)"
     assert "[round 3] train: 2/4 tasks done (site beta: error:CLIENT_APP_CRASHED)" in debug
-    # the heartbeat stops with its phase
+    # the heartbeat stops with its phase (its thread ends soon after, however loaded the
+    # machine: it only wakes up and returns)
+    deadline = time.monotonic() + 10
+    while [t for t in threading.enumerate() if t.name.startswith("flwr-hpc-progress-3")]:
+        assert time.monotonic() < deadline, "the heartbeat outlived its phase"
+        time.sleep(0.02)
+    beats_then = len([r for r in caplog.records if "replies so far" in r.getMessage()])
     time.sleep(0.2)
-    assert not [t for t in threading.enumerate() if t.name.startswith("flwr-hpc-progress-3")]
+    assert len([r for r in caplog.records if "replies so far" in r.getMessage()]) == beats_then
 
 
 def test_human_units():
