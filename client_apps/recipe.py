@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import random
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -66,7 +67,8 @@ class Recipe:
     def encode(self, rows) -> list[dict]:
         max_length = int(self.job["data"]["max_length"])
         if self.task == "causal_lm":
-            return causal_lm.encode(self.tokenizer, rows, max_length)
+            return causal_lm.encode(self.tokenizer, rows, max_length,
+                                    prompt=self.job["model"]["prompt"])
         pairs = classification.label_rows(rows, label_task=self.job["data"]["label_task"],
                                           threshold=float(self.job["data"]["threshold"]))
         return classification.encode(self.tokenizer, pairs, max_length)
@@ -85,6 +87,9 @@ class Recipe:
             rows = data.load_partition(partition_id, num_partitions, path=d["path"], kind=kind,
                                        alpha=float(d["alpha"]), seed=int(d["seed"]),
                                        split=split, tasks=self._tasks())
+            cap = self.job["evaluate"]["max_samples"]
+            if split == "test" and cap is not None:  # this node's share of the cap
+                rows = _subsample(rows, max(1, -(-int(cap) // num_partitions)), int(d["seed"]))
             self._shards[key] = self.encode(rows)
         return self._shards[key]
 
@@ -92,8 +97,11 @@ class Recipe:
         """The whole held-out split (central evaluation)."""
         if "central" not in self._shards:
             d = self.job["data"]
-            self._shards["central"] = self.encode(
-                data.load_instructions(d["path"], split="test", tasks=self._tasks()))
+            rows = data.load_instructions(d["path"], split="test", tasks=self._tasks())
+            cap = self.job["evaluate"]["max_samples"]
+            if cap is not None:
+                rows = _subsample(rows, int(cap), int(d["seed"]))
+            self._shards["central"] = self.encode(rows)
         return self._shards["central"]
 
     # -- training pieces
@@ -119,6 +127,14 @@ class Recipe:
                          samples: list[dict]) -> dict[str, float]:
         lora.load_adapter_state(self.model, state)
         return self.evaluate(samples)
+
+
+def _subsample(rows: list, n: int, seed: int) -> list:
+    """``n`` of ``rows`` (all if fewer), chosen by ``seed``, in their original order."""
+    if len(rows) <= n:
+        return rows
+    keep = sorted(random.Random(seed).sample(range(len(rows)), n))
+    return [rows[i] for i in keep]
 
 
 def _fingerprint(job: Mapping[str, Any]) -> str:

