@@ -5,6 +5,7 @@
     flwr-hpc status                                             sites and runs
     flwr-hpc run APP [-c KEY=VALUE ...] [OVERRIDES...]          one run, in the foreground
     flwr-hpc resume RUN_ID [--foreground]                       continue an interrupted run
+    flwr-hpc report RUN_ID... [--out DIR]                       plots and a summary
     flwr-hpc bench transport --clients N --size-mb S [--rounds R] [--json]
                                                                 flwr-hpc vs Flower vs floor
     flwr-hpc bench schedulers [--hours H] [--seed S] [--json] [--out DIR]
@@ -417,6 +418,21 @@ def cmd_bench_schedulers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """``flwr-hpc report RUN...``: figures and ``summary.md`` from run directories."""
+    from flwr_hpc.control.report import write_report
+    from flwr_hpc.server.runs import runs_dir
+
+    dirs = []
+    for item in args.runs:
+        path = Path(item)
+        dirs.append(path if path.is_dir() else runs_dir(_home()) / item)
+    written = write_report(dirs, Path(args.out or "report"))
+    for path in written:
+        print(path)
+    return 0
+
+
 def cmd_sites(args: argparse.Namespace) -> int:
     """``flwr-hpc sites check``: check every site of the federation; exit status 1 if
     any is not ready.
@@ -572,6 +588,16 @@ def _resume(run_id: Annotated[int, typer.Argument(help="the run to continue")],
                 help="run here even when the HPC SuperLink is up")] = False) -> None:
     """Continue an interrupted run after its last checkpointed round."""
     _dispatch(cmd_resume, run_id=run_id, foreground=foreground)
+
+
+@app.command("report")
+def _report(runs: Annotated[list[str], typer.Argument(
+                help="run ids (under $FLWR_HOME/hpc/runs) or run directories")],
+            out: Annotated[str | None, typer.Option(
+                help="where to write the figures and summary.md (default: ./report)")] = None
+            ) -> None:
+    """Plots (eval vs round and clock, per-site time, bytes, failures) and a summary."""
+    _dispatch(cmd_report, runs=runs, out=out)
 
 
 @sites_app.command("check")

@@ -1,6 +1,7 @@
 """Tracking where users already look (#18): each tracker's files, read back with that
 library's own reader, hold every round's metrics and the per-site timing breakdown of
-``metrics.jsonl``; every saved adapter has a filled-in model card."""
+``metrics.jsonl``; every saved adapter has a filled-in model card; `flwr-hpc report` (#19)
+draws the run and summarizes it with the numbers of its records."""
 
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ READERS = {"tensorboard": _read_tensorboard, "mlflow": _read_mlflow, "wandb": _r
 
 
 @pytest.mark.slow(45)
-def test_trackers_hold_every_round_and_adapters_have_model_cards(run_lora_job, monkeypatch):
+def test_trackers_model_cards_and_report_of_one_run(run_lora_job, monkeypatch, tmp_path):
     """One DP run with all three trackers (a list is allowed): each library's reader finds
     every number of metrics.jsonl; every saved adapter has a filled-in model card."""
     monkeypatch.delenv("WANDB_MODE", raising=False)  # offline: nothing leaves the machine
@@ -121,3 +122,35 @@ def test_trackers_hold_every_round_and_adapters_have_model_cards(run_lora_job, m
         if r["round"] > 0:
             assert f"opacus: epsilon {r['epsilon']:.4f}, delta 1e-05" in card, card
     assert "privacy     opacus: epsilon" in (run_dir / "log.txt").read_text()
+
+    # flwr-hpc report: figures (PNG + SVG, byte-identical when drawn again) and a summary
+    from helpers import cli
+
+    res = cli("flwr-hpc", "report", str(run_dir), "--out", str(tmp_path / "report"))
+    assert res.returncode == 0, res.stderr
+    _check_report(run_dir, tmp_path / "report", rows)
+    again = cli("flwr-hpc", "report", str(run_dir), "--out", str(tmp_path / "again"))
+    assert again.returncode == 0, again.stderr
+    for path in sorted((tmp_path / "report").iterdir()):
+        assert (tmp_path / "again" / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def _check_report(run_dir, out, rows) -> None:
+    import matplotlib.image
+
+    run = run_dir.name
+    names = {p.name for p in out.iterdir()}
+    for fig in ("eval_vs_round", "eval_vs_clock", f"sites-{run}", "bytes", "failures"):
+        assert {f"{fig}.png", f"{fig}.svg"} <= names, (fig, names)
+        height, width, _ = matplotlib.image.imread(out / f"{fig}.png").shape
+        assert width >= 400 and height >= 300, (fig, width, height)
+    summary = (out / "summary.md").read_text()
+    tasks = [json.loads(x) for x in (run_dir / "tasks.jsonl").read_text().splitlines()]
+    first, last = rows[0]["eval_loss"], rows[-1]["eval_loss"]
+    best = min(r["eval_loss"] for r in rows)
+    line = next(ln for ln in summary.splitlines() if ln.startswith(f"| {run} |"))
+    assert f"| finished/completed | 2 | {first:.4f} → {last:.4f} ({best:.4f}) |" in line
+    assert f"| {sum(r['bytes_sent'] for r in rows)} B |" in line
+    assert f"| {sum(r['bytes_received'] for r in rows)} B |" in line
+    bad = sum(t["outcome"] != "ok" for t in tasks)
+    assert line.endswith(f"| a {bad} |"), line
