@@ -118,6 +118,13 @@ _LAUNCHER = {
     "command": Field("str|null", default=None),  # full prefix override, "{ranks}" substituted
     "env": Field("scalar-map", default={}),    # extra environment for the ranks
 }
+# fault injection (any compute type): each task sent to the site is lost with probability
+# `dropout` before it runs, as a node lost to the scheduler would be (NODE_UNAVAILABLE);
+# seeded per site, so a run's losses repeat
+_FAULTS = {
+    "dropout": Field("float", default=0.0, minimum=0.0, maximum=1.0),
+    "seed": Field("int", default=0),
+}
 _SITE = {
     # every client is a Flower node with its own Context and store entries; thousands per
     # site are a typo, not an HPC federation (the exascale study ran 96 in all)
@@ -126,6 +133,7 @@ _SITE = {
     "payload": Field("section", section=_PAYLOAD),
     "launcher": Field("section", section=_LAUNCHER),
     "node_config": Field("scalar-map", default={}),
+    "faults": Field("section", section=_FAULTS),
 }
 _FEDERATION = {
     "name": Field("str", required=True),
@@ -275,6 +283,7 @@ class SiteConfig:
     payload: dict[str, Any]
     launcher: dict[str, Any]
     node_config: dict[str, Any] = field(default_factory=dict)
+    faults: dict[str, Any] = field(default_factory=lambda: {"dropout": 0.0, "seed": 0})
 
 
 @dataclass(frozen=True)
@@ -513,22 +522,30 @@ def compose(overrides: Sequence[str] = (), config_dirs: Sequence[str | Path] = (
     extra = [f"file://{d}" for d in _search_dirs(config_dirs) if d != primary]
     if extra:
         overrides.append(f"hydra.searchpath=[{','.join(extra)}]")
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(primary), version_base=None):
-            cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException) as err:
-        text = hydra_message(str(err))
-        hint = ""
-        if "federation" in text:  # our list: the user's config dirs and the package's
-            text = re.sub(r" Available options in 'federation':[^.]*\.", "", text)
-            names = ", ".join(_group_options("federation", config_dirs))
-            hint = f" (available federations: {names})"
-        culprit = next((o for o in overrides if f"'{_override_key(o)}'" in text
-                        or f"'{_override_key(o)}/" in text), given)
-        raise ConfigError("command line", culprit, f"{text}{hint}") from None
-    finally:
+    for _ in range(len(overrides) + 1):
         GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=str(primary), version_base=None):
+                cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
+            break
+        except (HydraException, OmegaConfBaseException) as err:
+            text = hydra_message(str(err))
+            culprit = next((o for o in overrides if f"'{_override_key(o)}'" in text
+                            or f"'{_override_key(o)}/" in text), None)
+            if (culprit is not None and text.startswith("Could not override")
+                    and culprit[0] not in "+~"):
+                # a key the YAML files leave to the schema's default: set it (the schema
+                # check after composition refuses it if there is no such key)
+                overrides[overrides.index(culprit)] = "+" + culprit
+                continue
+            hint = ""
+            if "Could not find 'federation/" in text:  # ours: the user's dirs and the package's
+                text = re.sub(r" Available options in 'federation':[^.]*\.", "", text)
+                names = ", ".join(_group_options("federation", config_dirs))
+                hint = f" (available federations: {names})"
+            raise ConfigError("command line", culprit or given, f"{text}{hint}") from None
+        finally:
+            GlobalHydra.instance().clear()
     choices = dict(cfg.hydra.runtime.choices)
     with open_dict(cfg):
         del cfg["hydra"]

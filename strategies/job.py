@@ -386,21 +386,10 @@ def compose_job(overrides: Sequence[str] | Mapping[str, str] = ()) -> dict:
                               "the federation is not part of a job: it is chosen when the "
                               "service starts (flwr-hpc up federation=<name>), or with "
                               "flwr-hpc run APP federation=<name>")
-    items = list(given)
-    for _ in range(len(items) + 1):
-        try:
-            data = compose(items, config_dirs=dirs)
-            break
-        except ConfigError as err:
-            culprit = next((o for o in items if o == err.key), None)
-            if culprit and err.problem.startswith("Could not override") and culprit[0] != "+":
-                # a key the YAML files leave to the schema's default: set it (validation
-                # below refuses it if the job has no such key)
-                items[items.index(culprit)] = "+" + culprit
-                given["+" + culprit] = given[culprit]
-                continue
-            raise ConfigError(given[culprit] if culprit else err.file, err.key,
-                              err.problem) from None
+    try:  # a key the YAML leaves to the schema's default is set without '+' (compose)
+        data = compose(list(given), config_dirs=dirs)
+    except ConfigError as err:
+        raise ConfigError(given.get(err.key, err.file), err.key, err.problem) from None
     return validate(data, data.get("_choices"), given)
 
 

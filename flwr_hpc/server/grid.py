@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -123,6 +124,7 @@ class HPCGrid(Grid):
         self._waiters: dict[str, queue.Queue[str]] = {}
         # node id -> message id of the task it runs now; later messages wait in its backlog
         self._busy: dict[int, str] = {}
+        self._fault_rngs: dict[str, random.Random] = {}  # faults.dropout, one per site
         self._backlog: dict[int, deque[Task]] = defaultdict(deque)
         self._lock = threading.RLock()
         self._closed = False
@@ -563,8 +565,8 @@ class HPCGrid(Grid):
         rt = self.sites[task.node.site]
         job = self.staging.job(task.node.site, node_id=task.node.node_id,
                                message_id=task.message_id, context_id=task.context_id)
-        planned = self.delivery.submitting(self, task)
-        if planned is not None:  # ends here without running (a simulated failure)
+        planned = self.delivery.submitting(self, task) or self._injected_fault(task)
+        if planned is not None:  # ends here without running (a simulated or injected loss)
             self._end_early(task, planned)
             return
         try:
@@ -579,6 +581,23 @@ class HPCGrid(Grid):
             return
         task.future.add_done_callback(
             lambda _f, mid=task.message_id: self._on_done(mid))  # type: ignore[misc]
+
+    def _injected_fault(self, task: Task) -> Error | None:
+        """The site's ``faults.dropout``: this task lost before it runs, or None. One seeded
+        draw per task submitted to the site, in submission order.
+        """
+        faults = self.federation.site(task.node.site).faults
+        if not faults["dropout"]:
+            return None
+        with self._lock:
+            rng = self._fault_rngs.setdefault(
+                task.node.site, random.Random(f"{faults['seed']}:{task.node.site}"))
+            lost = rng.random() < faults["dropout"]
+        if not lost:
+            return None
+        return Error(ErrorCode.NODE_UNAVAILABLE,
+                     f"fault injection: site '{task.node.site}' lost node {task.node.node_id} "
+                     f"(faults.dropout={faults['dropout']})")
 
     def _on_done(self, message_id: str) -> None:
         with self._lock:

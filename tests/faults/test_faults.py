@@ -223,3 +223,25 @@ def test_the_lora_job_fails_when_rounds_train_nothing(run_lora_job, monkeypatch)
     assert not re.search(r"run \d+: \d+ round\(s\) in ", log) and "  adapter  " not in log
     assert "[round 1] trained nothing" in log
     assert [r["round"] for r in rows] == [0, 1, 2]  # round 3 failed the run before its row
+
+
+def test_injected_dropout_loses_seeded_tasks_as_node_unavailable(run_quickstart):
+    """faults.dropout (the exascale study's client dropout) on one site: its tasks are lost
+    before they run, as NODE_UNAVAILABLE, in a seeded pattern; the run goes on."""
+    import random
+
+    status, run_dir, summary = run_quickstart(
+        {"num-server-rounds": 3}, overrides=["federation.sites.beta.faults.dropout=0.5",
+                                             "federation.sites.beta.faults.seed=3"])
+    assert status == "finished:completed"
+    tasks = read_tasks(run_dir)
+    beta = [t for t in tasks if t["site"] == "beta"]
+    assert len(beta) == 2 * 2 * 3  # 2 clients x (train + evaluate) x 3 rounds
+    rng = random.Random("3:beta")  # one draw per task submitted to beta
+    expected = sum(rng.random() < 0.5 for _ in beta)
+    lost = [t for t in tasks if t["outcome"] != "ok"]
+    assert 0 < expected < len(beta) and len(lost) == expected
+    assert all(t["site"] == "beta" and t["outcome"] == "error:NODE_UNAVAILABLE"
+               and "fault injection: site 'beta' lost node" in t["error"] for t in lost)
+    assert all(t["run_s"] is None for t in lost)  # lost before running
+    assert summary is not None and len(summary["train_metrics"]) == 3

@@ -51,7 +51,7 @@ def test_each_strategy_takes_its_own_parameters_only():
 def test_hydra_messages_are_kept_whole():
     text = _refused({"overrides": "model=nope"})
     assert "Could not find 'model/nope'" in text
-    assert ("Available options in 'model': local_path, minilm, tiny_albert, tiny_bert, "
+    assert ("Available options in 'model': local_path, minilm, smollm2, tiny_albert, tiny_bert, "
             "tiny_deberta, tiny_llama") in text
     assert "search path" not in text
     text = _refused({"overrides": "train.foo=1"})
