@@ -460,6 +460,7 @@ class HPCGrid(Grid):
             return
         first = self._tasks.get(ids[0])
         round_, phase = (first.round, first.phase) if first else ("?", "?")
+        self.progress.waiting(round_, phase)
         pending = set(ids)
         deadline = None if timeout is None else started + timeout
         received = 0
@@ -676,6 +677,7 @@ class HPCGrid(Grid):
             inflight = [mid for mid, t in self._tasks.items() if not t.abandoned]
         for mid in inflight:
             self._abandon(mid, None)
+        self.progress.close()
         with ThreadPoolExecutor(max_workers=max(1, len(self.sites))) as pool:
             list(pool.map(lambda rt: rt.backend.close(), self.sites.values()))
         self._stage_pool.shutdown(wait=False)

@@ -64,33 +64,39 @@ def human_seconds(s: float) -> str:
 
 class Progress:
     """Receives phase/task events from the grid. The default logs one line per phase at
-    INFO (when it ends), a heartbeat line every ``heartbeat_s`` while a phase waits (a
-    batch queue can hold a round for hours), and the rest at DEBUG: the submission and
-    each task's end (``tasks.jsonl`` has them all).
+    INFO (when it ends), a heartbeat every ``heartbeat_s`` while the ServerApp waits for a
+    phase's replies (a batch queue can hold a round for hours), and the rest at DEBUG: the
+    submission and each task's end (``tasks.jsonl`` has them all).
     """
 
     def __init__(self, heartbeat_s: float = 300.0) -> None:
         self.heartbeat_s = heartbeat_s
         self._lock = threading.Lock()
-        self._open: dict[tuple[str, str], list[Any]] = {}  # -> [done, total, stop event, errors]
+        # (round, phase) -> [done, total, errors, stop event, heartbeat thread or None]
+        self._open: dict[tuple[str, str], list[Any]] = {}
 
     def phase_started(self, round_: str, phase: str, total: int) -> None:
         """The ``total`` tasks of a round's phase were submitted."""
         log.debug("[round %s] %s: submitted %d task(s)", round_, phase, total)
-        stop = threading.Event()
         with self._lock:
-            self._open[(round_, phase)] = [0, total, stop, 0]
-        if self.heartbeat_s > 0:
-            threading.Thread(target=self._heartbeat, args=(round_, phase, stop),
-                             name=f"flwr-hpc-progress-{round_}-{phase}", daemon=True).start()
+            self._open[(round_, phase)] = [0, total, 0, threading.Event(), None]
 
-    def _heartbeat(self, round_: str, phase: str, stop: threading.Event) -> None:
-        began = time.monotonic()
-        while not stop.wait(self.heartbeat_s):
-            with self._lock:
-                state = self._open.get((round_, phase))
-            if state is None:
+    def waiting(self, round_: str, phase: str) -> None:
+        """The ServerApp waits for the phase's replies: the heartbeat starts (it stops at
+        :meth:`phase_finished` or :meth:`close`).
+        """
+        with self._lock:
+            state = self._open.get((round_, phase))
+            if state is None or state[4] is not None or self.heartbeat_s <= 0:
                 return
+            state[4] = threading.Thread(target=self._heartbeat, args=(round_, phase, state),
+                                        name=f"flwr-hpc-progress-{round_}-{phase}",
+                                        daemon=True)
+            state[4].start()
+
+    def _heartbeat(self, round_: str, phase: str, state: list[Any]) -> None:
+        began = time.monotonic()
+        while not state[3].wait(self.heartbeat_s):
             log.info("[round %s] %s: %d/%d replies so far, waiting %s", round_, phase,
                      state[0], state[1], human_seconds(time.monotonic() - began))
 
@@ -98,11 +104,19 @@ class Progress:
                       site: str, outcome: str) -> None:
         """A task of the phase ended with ``outcome``; ``done`` of ``total`` are done."""
         with self._lock:
-            if (round_, phase) in self._open:
-                self._open[(round_, phase)][0] = done
-                self._open[(round_, phase)][3] += outcome != "ok"
+            state = self._open.get((round_, phase))
+            if state is not None:
+                state[0] = done
+                state[2] += outcome != "ok"
         log.debug("[round %s] %s: %d/%d tasks done (site %s: %s)",
                   round_, phase, done, total, site, outcome)
+
+    def _stop(self, state: list[Any] | None) -> None:
+        if state is None:
+            return
+        state[3].set()
+        if state[4] is not None and state[4] is not threading.current_thread():
+            state[4].join(timeout=5)
 
     def phase_finished(self, round_: str, phase: str, done: int, total: int,
                        elapsed_s: float) -> None:
@@ -111,15 +125,22 @@ class Progress:
         """
         with self._lock:
             state = self._open.pop((round_, phase), None)
-        if state is not None:
-            state[2].set()
+        self._stop(state)
         missing = total - done
         extra = f", {missing} dropped at the deadline" if missing else ""
-        errors = state[3] if state is not None else 0
+        errors = state[2] if state is not None else 0
         if errors:
             extra += f", {errors} of them error(s) (see tasks.jsonl)"
         log.info("[round %s] %s: %d/%d replies in %.2f s%s",
                  round_, phase, done, total, elapsed_s, extra)
+
+    def close(self) -> None:
+        """Stop every heartbeat (the grid closes; phases pulled without waiting end)."""
+        with self._lock:
+            states = list(self._open.values())
+            self._open.clear()
+        for state in states:
+            self._stop(state)
 
 
 class RichProgress(Progress):

@@ -15,6 +15,9 @@ def test_one_line_per_phase_a_heartbeat_while_waiting_and_errors_counted(caplog)
     progress = Progress(heartbeat_s=0.05)
     progress.phase_started("3", "train", 4)
     progress.task_finished("3", "train", 1, 4, "alpha", "ok")
+    time.sleep(0.2)  # submitted, but nobody waits yet: no heartbeat
+    assert "replies so far" not in caplog.text
+    progress.waiting("3", "train")
     deadline = time.monotonic() + 5
     while "replies so far" not in caplog.text and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -28,12 +31,8 @@ def test_one_line_per_phase_a_heartbeat_while_waiting_and_errors_counted(caplog)
     debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
     assert debug[0] == "[round 3] train: submitted 4 task(s)"
     assert "[round 3] train: 2/4 tasks done (site beta: error:CLIENT_APP_CRASHED)" in debug
-    # the heartbeat stops with its phase (its thread ends soon after, however loaded the
-    # machine: it only wakes up and returns)
-    deadline = time.monotonic() + 10
-    while [t for t in threading.enumerate() if t.name.startswith("flwr-hpc-progress-3")]:
-        assert time.monotonic() < deadline, "the heartbeat outlived its phase"
-        time.sleep(0.02)
+    # the heartbeat stopped with its phase (phase_finished joins it)
+    assert not [t for t in threading.enumerate() if t.name == "flwr-hpc-progress-3-train"]
     beats_then = len([r for r in caplog.records if "replies so far" in r.getMessage()])
     time.sleep(0.2)
     assert len([r for r in caplog.records if "replies so far" in r.getMessage()]) == beats_then
@@ -45,3 +44,14 @@ def test_human_units():
     assert human_bytes(5 * 2**40) == "5.0 TiB"
     assert human_seconds(40.94) == "40.9 s" and human_seconds(75.2) == "1 min 15 s"
     assert human_seconds(2 * 3600 + 61) == "2 h 1 min"
+
+
+def test_close_stops_heartbeats_of_phases_that_never_finished():
+    """A pull-based app (push_messages, then pull_messages) never finishes a phase in the
+    grid's eyes: closing the grid stops what it started."""
+    progress = Progress(heartbeat_s=0.05)
+    progress.phase_started("7", "evaluate", 2)
+    progress.waiting("7", "evaluate")
+    assert [t for t in threading.enumerate() if t.name == "flwr-hpc-progress-7-evaluate"]
+    progress.close()
+    assert not [t for t in threading.enumerate() if t.name == "flwr-hpc-progress-7-evaluate"]
