@@ -89,10 +89,10 @@ class Progress:
             state = self._open.get((round_, phase))
             if state is None or state[4] is not None or self.heartbeat_s <= 0:
                 return
-            state[4] = threading.Thread(target=self._heartbeat, args=(round_, phase, state),
-                                        name=f"flwr-hpc-progress-{round_}-{phase}",
-                                        daemon=True)
-            state[4].start()
+            beat = threading.Thread(target=self._heartbeat, args=(round_, phase, state),
+                                    name=f"flwr-hpc-progress-{round_}-{phase}", daemon=True)
+            state[4] = beat
+            beat.start()
 
     def _heartbeat(self, round_: str, phase: str, state: list[Any]) -> None:
         began = time.monotonic()
