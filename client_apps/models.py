@@ -164,12 +164,19 @@ def tiny_model_dir(cfg: Mapping[str, Any]) -> Path:
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"{cfg.get('name', 'tiny')}-{_tiny_fingerprint(cfg)}"
-    with open(root / ".build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # the clients of a site may start together
+    return _build_once(target, lambda tmp: build_tiny(cfg, tmp))
+
+
+def _build_once(target: Path, build) -> Path:
+    """``target`` built by ``build(tmp_dir)`` unless it exists: under the cache's file lock
+    (the clients of a site may start together), into a temporary directory renamed at
+    the end, so a reader never sees half a checkpoint."""
+    with open(target.parent / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / "config.json").exists():
             tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
-            build_tiny(cfg, tmp)
+            build(tmp)
             os.replace(tmp, target)
     return target
 
@@ -220,14 +227,8 @@ def gguf_model_dir(cfg: Mapping[str, Any]) -> Path:
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"{cfg.get('name', path.stem)}-{_gguf_fingerprint(cfg, path)}"
-    with open(root / ".build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # the clients of a site may start together
-        if not (target / "config.json").exists():
-            tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            convert_gguf(path, tmp, resolve_dtype(cfg.get("dtype", "float32")))
-            os.replace(tmp, target)
-    return target
+    dtype = resolve_dtype(cfg.get("dtype", "float32"))
+    return _build_once(target, lambda tmp: convert_gguf(path, tmp, dtype))
 
 
 # ----------------------------------------------------------------------------- loading
