@@ -2,7 +2,7 @@
 
 Runs `flwr-hpc bench transport` for every (clients, size) pair, writes each result to
 `benchmarks/results/transport-n<N>-s<S>.json`, then renders `benchmarks/results/table.md`
-and `benchmarks/results/round_time.svg` (round time vs clients: flwr-hpc, Flower, floor)
+and `benchmarks/results/round_time.{png,svg}` (round time vs clients: flwr-hpc, Flower, floor)
 from every result present. `--no-flower-above N` skips Flower's deployment for larger N
 (N supernode processes need about 150 MB each).
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -68,70 +67,32 @@ def _failed_part_way(r: dict) -> bool:
     return bool(r.get("flower_error") and r.get("flower_rounds_s"))
 
 
-def svg(rows: list[dict]) -> str:
-    """Round time vs clients, log-log, one panel per size: flwr-hpc, Flower, floor."""
+def figure(rows: list[dict]) -> list[Path]:
+    """Round time vs clients, log-log, one panel per size: flwr-hpc, Flower, floor
+    (``round_time.png`` and ``.svg`` through :mod:`flwr_hpc.plots`)."""
+    from flwr_hpc import plots
+
     sizes = sorted({r["size_mb"] for r in rows})
-    w, h, pad = 360, 260, 48
     series = (("flwr_hpc_round_s", "#1f77b4", "flwr-hpc"),
               ("flower_round_s", "#d62728", "Flower deployment"),
               ("floor_round_s", "#7f7f7f", "floor"))
-    values = [r[k] for r in rows for k, _, _ in series if r.get(k)]
-    values += [r["flower_rounds_s"][0] for r in rows if _failed_part_way(r)]
-    lo, hi = math.log10(min(values)) - 0.2, math.log10(max(values)) + 0.2
-    xs = sorted({r["clients"] for r in rows})
-    xlo, xhi = math.log10(min(xs)) - 0.1, math.log10(max(xs)) + 0.1
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{max(w * len(sizes), 720)}" '
-             f'height="{h + 30}" font-family="sans-serif" font-size="11">']
-    for i, size in enumerate(sizes):
-        ox = i * w
-
-        def px(n, ox=ox):
-            return ox + pad + (math.log10(n) - xlo) / (xhi - xlo) * (w - pad - 10)
-
-        def py(s):
-            return h - pad + 10 - (math.log10(s) - lo) / (hi - lo) * (h - pad - 10)
-
-        parts.append(f'<text x="{ox + w / 2}" y="14" text-anchor="middle">'
-                     f'{size:g} MB per client</text>')
-        parts.append(f'<line x1="{ox + pad}" y1="{h - pad + 10}" x2="{ox + w - 10}" '
-                     f'y2="{h - pad + 10}" stroke="black"/>')
-        parts.append(f'<line x1="{ox + pad}" y1="20" x2="{ox + pad}" y2="{h - pad + 10}" '
-                     'stroke="black"/>')
-        for n in xs:
-            parts.append(f'<text x="{px(n):.1f}" y="{h - pad + 24}" '
-                         f'text-anchor="middle">{n}</text>')
-        for e in range(math.ceil(lo), math.floor(hi) + 1):
-            parts.append(f'<text x="{ox + pad - 4}" y="{py(10 ** e) + 4:.1f}" '
-                         f'text-anchor="end">{10 ** e:g}</text>')
-        parts.append(f'<text x="{ox + w / 2}" y="{h - pad + 38}" text-anchor="middle">'
-                     'clients</text>')
-        parts.append(f'<text x="{ox + 12}" y="{h / 2}" transform="rotate(-90 {ox + 12} '
-                     f'{h / 2})" text-anchor="middle">s per round</text>')
-        for key, color, _ in series:
-            pts = [(r["clients"], r[key]) for r in rows
-                   if r["size_mb"] == size and r.get(key)]
-            if not pts:
-                continue
-            path = " ".join(f"{px(n):.1f},{py(s):.1f}" for n, s in pts)
-            parts.append(f'<polyline points="{path}" fill="none" stroke="{color}" '
-                         'stroke-width="2"/>')
-            parts += [f'<circle cx="{px(n):.1f}" cy="{py(s):.1f}" r="3" fill="{color}"/>'
-                      for n, s in pts]
-        for r in rows:  # Flower failed part-way: its first (warm-up) round, hollow
-            if r["size_mb"] == size and _failed_part_way(r):
-                parts.append(f'<circle cx="{px(r["clients"]):.1f}" '
-                             f'cy="{py(r["flower_rounds_s"][0]):.1f}" r="4" fill="none" '
-                             'stroke="#d62728" stroke-width="1.5"/>')
-    if any(_failed_part_way(r) for r in rows):
-        parts.append(f'<circle cx="{16 + 150 * len(series)}" cy="{h + 18}" r="4" '
-                     'fill="none" stroke="#d62728" stroke-width="1.5"/>'
-                     f'<text x="{26 + 150 * len(series)}" y="{h + 22}">Flower: warm-up '
-                     'round, then failed</text>')
-    for j, (_, color, label) in enumerate(series):
-        parts.append(f'<rect x="{10 + 150 * j}" y="{h + 16}" width="12" height="4" '
-                     f'fill="{color}"/><text x="{26 + 150 * j}" y="{h + 22}">{label}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts) + "\n"
+    fig, axes = plots.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
+    for ax, size in zip(axes[0], sizes, strict=True):
+        for key, color, label in series:
+            pts = [(r["clients"], r[key]) for r in rows if r["size_mb"] == size and r.get(key)]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), "o-", color=color, label=label)
+        failed = [r for r in rows if r["size_mb"] == size and _failed_part_way(r)]
+        if failed:  # Flower failed part-way: its first (warm-up) round, hollow
+            ax.plot([r["clients"] for r in failed], [r["flower_rounds_s"][0] for r in failed],
+                    "o", mfc="none", color="#d62728", label="Flower: warm-up round, then failed")
+        xs = sorted({r["clients"] for r in rows})
+        ax.set(xscale="log", yscale="log", xlabel="clients", ylabel="s per round",
+               title=f"{size:g} MB per client")
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    return plots.save(fig, RESULTS, "round_time")
 
 
 def main() -> int:
@@ -149,7 +110,7 @@ def main() -> int:
                 run(n, size, args.rounds, flower=n <= args.no_flower_above)
     rows = load()
     (RESULTS / "table.md").write_text(table(rows))
-    (RESULTS / "round_time.svg").write_text(svg(rows))
+    figure(rows)
     print(table(rows))
     return 0
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -258,63 +257,36 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def svg(result: dict[str, Any]) -> str:
-    """Eval loss vs virtual time, one line per strategy, the target dashed."""
-    w, h, pad_l, pad_b, top = 640, 360, 56, 44, 24
-    curves = {k: r["curve"] for k, r in result["strategies"].items() if r["curve"]}
-    tmax = max(t for c in curves.values() for t, _ in c) / 3600 or 1.0
-    losses = [v for c in curves.values() for _, v in c]
-    lo, hi = min(losses), max(losses)
-    lo, hi = lo - 0.03 * (hi - lo), hi + 0.03 * (hi - lo)
+def figure(result: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Eval loss vs virtual time, one line per strategy, the target dashed
+    (``schedulers.png`` and ``.svg`` through :mod:`flwr_hpc.plots`).
+    """
+    from flwr_hpc import plots
 
-    def px(hours: float) -> float:
-        return pad_l + hours / tmax * (w - pad_l - 12)
-
-    def py(loss: float) -> float:
-        return top + (hi - loss) / (hi - lo) * (h - pad_b - top)
-
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h + 28}" '
-             'font-family="sans-serif" font-size="11">',
-             f'<text x="{w / 2}" y="14" text-anchor="middle">central eval loss vs virtual '
-             f'time ({result["federation"]}, seed {result["seed"]})</text>',
-             f'<line x1="{pad_l}" y1="{h - pad_b}" x2="{w - 12}" y2="{h - pad_b}" '
-             'stroke="black"/>',
-             f'<line x1="{pad_l}" y1="{top}" x2="{pad_l}" y2="{h - pad_b}" stroke="black"/>']
-    step = max(1, math.ceil(tmax / 8 / 6) * 6)
-    for hours in range(0, int(tmax) + 1, step):
-        parts.append(f'<text x="{px(hours):.1f}" y="{h - pad_b + 14}" '
-                     f'text-anchor="middle">{hours}</text>')
-    parts.append(f'<text x="{w / 2}" y="{h - pad_b + 30}" text-anchor="middle">'
-                 'virtual hours</text>')
-    for i in range(6):
-        v = lo + (hi - lo) * i / 5
-        parts.append(f'<text x="{pad_l - 4}" y="{py(v) + 4:.1f}" text-anchor="end">'
-                     f'{v:.2f}</text>')
-    target = result["target_eval_loss"]
-    parts.append(f'<line x1="{pad_l}" y1="{py(target):.1f}" x2="{w - 12}" '
-                 f'y2="{py(target):.1f}" stroke="black" stroke-dasharray="4 3"/>')
-    for k, c in curves.items():
-        pts = " ".join(f"{px(t / 3600):.1f},{py(v):.1f}" for t, v in c)
-        parts.append(f'<polyline points="{pts}" fill="none" stroke="{COLORS.get(k, "#000")}" '
-                     'stroke-width="1.8"/>')
-    for j, k in enumerate(curves):
-        parts.append(f'<rect x="{12 + 150 * j}" y="{h + 10}" width="12" height="4" '
-                     f'fill="{COLORS.get(k, "#000")}"/><text x="{28 + 150 * j}" '
-                     f'y="{h + 16}">{LABELS.get(k, k)}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts) + "\n"
+    fig, ax = plots.subplots(figsize=(7, 4))
+    for k, r in result["strategies"].items():
+        if r["curve"]:
+            ax.plot([t / 3600 for t, _ in r["curve"]], [v for _, v in r["curve"]],
+                    color=COLORS.get(k, "#000000"), linewidth=1.8, label=LABELS.get(k, k))
+    ax.axhline(result["target_eval_loss"], color="black", linestyle="--", linewidth=1,
+               label="target")
+    ax.set(xlabel="virtual hours", ylabel="central eval loss",
+           title=f"central eval loss vs virtual time ({result['federation']}, "
+                 f"seed {result['seed']})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return plots.save(fig, out_dir, "schedulers")
 
 
 def write_outputs(result: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Write ``schedulers.json``, ``.md`` (the table) and ``.svg`` (the loss curves)
-    into ``out_dir``; return their paths.
+    """Write ``schedulers.json``, ``.md`` (the table) and ``.png``/``.svg`` (the loss
+    curves) into ``out_dir``; return their paths.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "schedulers.json", out_dir / "schedulers.md", out_dir / "schedulers.svg"]
+    paths = [out_dir / "schedulers.json", out_dir / "schedulers.md"]
     paths[0].write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     paths[1].write_text(format_table(result))
-    paths[2].write_text(svg(result))
-    return paths
+    return paths + figure(result, out_dir)
 
 
 def _quiet() -> None:

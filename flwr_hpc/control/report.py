@@ -99,23 +99,11 @@ def failures(tasks: Sequence[dict[str, Any]]) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def _save(fig: Any, out: Path, name: str) -> list[Path]:
-    paths = [out / f"{name}.png", out / f"{name}.svg"]
-    fig.savefig(paths[0], dpi=100, metadata={"Software": None})
-    fig.savefig(paths[1], metadata={"Date": None, "Creator": None})
-    return paths
-
-
 def write_report(run_dirs: Sequence[Path], out: Path) -> list[Path]:
     """The figures and ``summary.md`` for ``run_dirs``, written into ``out``."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise FlwrHpcError("flwr-hpc report needs matplotlib (pip install matplotlib)") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from flwr_hpc import plots
 
-    matplotlib.rcParams["svg.hashsalt"] = "flwr-hpc"
+    plt = plots.pyplot()
     runs = [load_run(Path(d)) for d in run_dirs]
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -138,9 +126,7 @@ def write_report(run_dirs: Sequence[Path], out: Path) -> list[Path]:
             ax.set_ylabel(key)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        written += _save(fig, out, name)
-        plt.close(fig)
+        written += plots.save(fig, out, name)
 
     for r in runs:
         breakdown = site_breakdown(r["tasks"])
@@ -159,9 +145,7 @@ def write_report(run_dirs: Sequence[Path], out: Path) -> list[Path]:
             ax.set_xlabel("round")
         axes[0][0].set_ylabel("seconds per train task (mean)")
         axes[0][-1].legend(fontsize=7)
-        fig.tight_layout()
-        written += _save(fig, out, f"sites-{r['id']}")
-        plt.close(fig)
+        written += plots.save(fig, out, f"sites-{r['id']}")
 
     if with_metrics:
         fig, ax = plt.subplots(figsize=(6, 3.8))
@@ -176,9 +160,7 @@ def write_report(run_dirs: Sequence[Path], out: Path) -> list[Path]:
         ax.set_xlabel("round")
         ax.set_ylabel("MiB")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        written += _save(fig, out, "bytes")
-        plt.close(fig)
+        written += plots.save(fig, out, "bytes")
 
     fail = {r["id"]: failures(r["tasks"]) for r in runs if r["tasks"]}
     if fail:
@@ -191,9 +173,7 @@ def write_report(run_dirs: Sequence[Path], out: Path) -> list[Path]:
         ax.set_xticks(range(len(sites)), sites)
         ax.set_ylabel("tasks not ok")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        written += _save(fig, out, "failures")
-        plt.close(fig)
+        written += plots.save(fig, out, "failures")
 
     summary = out / "summary.md"
     summary.write_text(summary_text(runs, [p.name for p in written if p.suffix == ".png"]))
