@@ -15,16 +15,16 @@ import torch
 import torch.nn.functional as F
 
 
+def row_label(row: Mapping[str, Any], threshold: float) -> int:
+    """A row's class: 1 when its numeric answer is at least ``threshold``."""
+    return int(float(row.get("raw_output") or row["output"]) >= threshold)
+
+
 def label_rows(rows: Iterable[Mapping[str, Any]], *, label_task: str,
                threshold: float) -> list[tuple[str, int]]:
     """(text, label) pairs from the rows of ``label_task``; other rows are ignored."""
-    out = []
-    for row in rows:
-        if row["task"] != label_task:
-            continue
-        text = row.get("raw_input") or row["input"]
-        out.append((text, int(float(row.get("raw_output") or row["output"]) >= threshold)))
-    return out
+    return [(row.get("raw_input") or row["input"], row_label(row, threshold))
+            for row in rows if row["task"] == label_task]
 
 
 def encode(tokenizer, pairs: Iterable[tuple[str, int]], max_length: int) -> list[dict]:

@@ -10,8 +10,9 @@ shared file and its node's ``partition-id`` / ``num-partitions``.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -46,14 +47,34 @@ def load_instructions(path: str | Path | None = DEMO_DATA, split: str | None = N
     return ds
 
 
-def make_partitioner(kind: str, num_partitions: int, *, alpha: float = 0.3, seed: int = 42):
-    """``iid`` or ``dirichlet`` (non-IID by ``task``) flwr-datasets partitioner."""
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+def make_partitioner(kind: str, num_partitions: int, *, alpha: float = 0.3, seed: int = 42,
+                     partition_by: str = "task", num_rows: int = 0):
+    """``iid`` or ``dirichlet`` flwr-datasets partitioner.
+
+    ``dirichlet`` skews the ``partition_by`` column. By ``task`` (instruction tuning, six
+    tasks): how each task is spread over the nodes is Dirichlet (``DirichletPartitioner``).
+    By ``label`` (classifiers, two classes): each node's class mix is Dirichlet over
+    equal-size shards of ``num_rows`` rows (``InnerDirichletPartitioner``, Hsu et al.
+    2019 / Acar et al. 2021) -- spreading two classes by Dirichlet(0.1) would leave most
+    of 8 or more nodes empty.
+    """
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        InnerDirichletPartitioner,
+    )
 
     if kind == "iid":
         return IidPartitioner(num_partitions=num_partitions)
+    if kind == "dirichlet" and partition_by == "label":
+        base, extra = divmod(num_rows, num_partitions)
+        if base == 0:
+            raise ValueError(f"{num_rows} rows cannot fill {num_partitions} partitions")
+        sizes = [base + (i < extra) for i in range(num_partitions)]
+        return InnerDirichletPartitioner(partition_sizes=sizes, partition_by="label",
+                                         alpha=alpha, seed=seed)
     if kind == "dirichlet":
-        return DirichletPartitioner(num_partitions=num_partitions, partition_by="task",
+        return DirichletPartitioner(num_partitions=num_partitions, partition_by=partition_by,
                                     alpha=alpha, min_partition_size=1, self_balancing=True,
                                     seed=seed)
     raise ValueError(f"unknown partitioner {kind!r}; choose iid or dirichlet")
@@ -61,12 +82,23 @@ def make_partitioner(kind: str, num_partitions: int, *, alpha: float = 0.3, seed
 
 def load_partition(partition_id: int, num_partitions: int, *,
                    path: str | Path | None = DEMO_DATA, kind: str = "iid", alpha: float = 0.3,
-                   seed: int = 42, split: str = "train", tasks: Sequence[str] = ()) -> Dataset:
-    """The ``split`` shard of node ``partition_id`` out of ``num_partitions``."""
+                   seed: int = 42, split: str = "train", tasks: Sequence[str] = (),
+                   label: Callable[[Mapping[str, Any]], int] | None = None) -> Dataset:
+    """The ``split`` shard of node ``partition_id`` out of ``num_partitions``.
+
+    With ``label`` (a classifier's row -> class), rows get a ``label`` column and the
+    Dirichlet partitioner skews the classes across nodes (the heterogeneity of the
+    exascale study); otherwise it skews the tasks.
+    """
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
-    partitioner = make_partitioner(kind, num_partitions, alpha=alpha, seed=seed)
+    ds = load_instructions(path, split=split, tasks=tasks)
+    by = "task"
+    if label is not None:
+        ds, by = ds.map(lambda row: {"label": int(label(row))}), "label"
+    partitioner = make_partitioner(kind, num_partitions, alpha=alpha, seed=seed,
+                                   partition_by=by, num_rows=len(ds))
     # Shuffle first: files are often ordered by task or source, and flwr-datasets'
     # IidPartitioner takes contiguous shards.
-    partitioner.dataset = load_instructions(path, split=split, tasks=tasks).shuffle(seed=seed)
+    partitioner.dataset = ds.shuffle(seed=seed)
     return partitioner.load_partition(partition_id)

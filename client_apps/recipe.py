@@ -19,6 +19,7 @@ so a worker that serves many rounds pays for model loading once.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import random
@@ -84,9 +85,13 @@ class Recipe:
         if key not in self._shards:
             d = self.job["data"]
             kind = d["partitioner"] if split == "train" else "iid"
+            label = None  # classifiers: Dirichlet skews the classes, not the (one) task
+            if self.task == "sequence_classification" and kind == "dirichlet":
+                label = functools.partial(classification.row_label,
+                                          threshold=float(d["threshold"]))
             rows = data.load_partition(partition_id, num_partitions, path=d["path"], kind=kind,
                                        alpha=float(d["alpha"]), seed=int(d["seed"]),
-                                       split=split, tasks=self._tasks())
+                                       split=split, tasks=self._tasks(), label=label)
             cap = self.job["evaluate"]["max_samples"]
             if split == "test" and cap is not None:  # this node's share of the cap
                 rows = _subsample(rows, max(1, -(-int(cap) // num_partitions)), int(d["seed"]))

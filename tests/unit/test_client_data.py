@@ -82,6 +82,27 @@ def test_dirichlet_by_task_is_skewed_and_iid_is_not():
     assert max_share("dirichlet") > 0.6     # one task dominates some partition
 
 
+def test_classifier_dirichlet_skews_the_labels_and_covers_the_task():
+    """A classifier's data is one task: its heterogeneity is label skew (Dirichlet over
+    the class), as in the exascale study -- skewing the one task would change nothing."""
+    from client_apps.classification import row_label
+
+    def label(row):
+        return row_label(row, 200.0)
+
+    task = ["property_prediction-mw"]
+    every = load_instructions(split="train", tasks=task)
+    overall = sum(label(r) for r in every) / len(every)
+    assert 0.3 < overall < 0.7  # the threshold splits the molecules roughly in half
+    parts = [load_partition(i, 8, kind="dirichlet", alpha=0.1, tasks=task, label=label)
+             for i in range(8)]
+    assert sorted(s for p in parts for s in p["sample_id"]) == sorted(every["sample_id"])
+    shares = [sum(p["label"]) / len(p) for p in parts]
+    assert max(abs(s - overall) for s in shares) > 0.35  # some node holds mostly one class
+    iid = [load_partition(i, 8, kind="iid", tasks=task) for i in range(8)]
+    assert "label" not in iid[0].column_names
+
+
 def test_bad_inputs_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         load_instructions(tmp_path / "nope.jsonl")
