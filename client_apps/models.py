@@ -24,7 +24,6 @@ Only LoRA adapters (plus a classifier head) are trained and exchanged; see
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -38,6 +37,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+
+from flwr_hpc.locks import ExclusiveLock  # noqa: E402
 
 TASKS = ("causal_lm", "sequence_classification")
 TINY_ARCHS = {
@@ -171,8 +172,7 @@ def _build_once(target: Path, build) -> Path:
     """``target`` built by ``build(tmp_dir)`` unless it exists: under the cache's file lock
     (the clients of a site may start together), into a temporary directory renamed at
     the end, so a reader never sees half a checkpoint."""
-    with open(target.parent / ".build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with ExclusiveLock(target.parent / ".build.lock"):  # shared filesystems: flwr_hpc.locks
         if not (target / "config.json").exists():
             tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)

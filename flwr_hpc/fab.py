@@ -19,7 +19,6 @@ marker holding the FAB's hash. An install without the marker is half-written and
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
 import os
@@ -34,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from flwr_hpc.errors import FlwrHpcError
+from flwr_hpc.locks import ExclusiveLock
 
 MAX_FAB_BYTES = int(float(os.environ.get("FLWR_HPC_MAX_FAB_MB", "64")) * (1 << 20))
 MAX_FAB_EXPANDED_BYTES = int(float(os.environ.get("FLWR_HPC_MAX_FAB_EXPANDED_MB", "512"))
@@ -165,8 +165,7 @@ def install_fab(fab_bytes: bytes, fab_hash: str, install_dir: Path) -> Path:
     apps = install_dir / "apps"
     apps.mkdir(parents=True, exist_ok=True, mode=0o700)
     final = apps / f"{info.publisher}.{info.name}.{info.version}.{fab_hash[:8]}"
-    with open(apps / ".install.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with ExclusiveLock(apps / ".install.lock"):  # shared filesystems: see flwr_hpc.locks
         marker = final / INSTALLED_MARKER
         if marker.is_file() and marker.read_text().strip() == fab_hash:
             return final

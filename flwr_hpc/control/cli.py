@@ -34,10 +34,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
+import psutil
 import typer
 
 from flwr_hpc._proc import pid_alive
 from flwr_hpc.errors import ConfigError, FlwrHpcError
+from flwr_hpc.locks import Holder, holder_state, node_name
 
 DEFAULT_PORT = 39300
 CONNECTION_NAME = "hpc"
@@ -58,6 +60,23 @@ def _read_state(home: Path) -> dict[str, Any] | None:
         return json.loads(_state_path(home).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def _service_state(state: dict[str, Any] | None) -> str:
+    """The recorded service's process: ``none`` (no record), ``alive``, ``dead`` or
+    ``elsewhere`` (recorded by another login node sharing ``$HOME``: its pid means
+    nothing here, so nothing here signals, replaces or talks to it).
+    """
+    if not state:
+        return "none"
+    return holder_state(Holder.of(state))
+
+
+def _elsewhere(state: dict[str, Any], verb: str) -> str:
+    return (f"the HPC SuperLink of this FLWR_HOME runs on login node {state.get('node')} "
+            f"(pid {state['pid']}); {verb} from that node (`ssh {state.get('node')}`), or, "
+            "if that node is gone for good, `flwr-hpc down --forget` drops its record "
+            "(it signals nothing)")
 
 
 # The service is on loopback: never through HTTP(S)_PROXY (a proxy would time out, or
@@ -138,7 +157,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 2
     federation = _load_federation(args.overrides, args.config_dir)
     state = _read_state(home)
-    if state and pid_alive(int(state["pid"])) and _healthy(state["host"], state["port"]):
+    if _service_state(state) == "elsewhere":
+        print(f"error: {_elsewhere(state, 'use it or stop it')}", file=sys.stderr)
+        return 1
+    if (_service_state(state) == "alive" and state
+            and _healthy(state["host"], state["port"])):
         print(f"HPC SuperLink already running at {state['host']}:{state['port']} "
               f"(federation '{state['federation']}', pid {state['pid']}).")
         if state["federation"] != federation.name:
@@ -182,8 +205,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"error: the HPC SuperLink did not answer on {host}:{args.port} within 30 s; "
               f"see {log_path}", file=sys.stderr)
         return 1
+    me = Holder(node_name(), proc.pid, psutil.Process(proc.pid).create_time())
     _state_path(home).write_text(json.dumps({
         "pid": proc.pid, "host": host, "port": args.port, "federation": federation.name,
+        "node": me.node, "started": me.started,
     }))
     cfg = home / "config.toml"
     try:
@@ -206,7 +231,16 @@ def cmd_down(args: argparse.Namespace) -> int:
     """
     home = _home()
     state = _read_state(home)
-    if not state or not pid_alive(int(state["pid"])):
+    where = _service_state(state)
+    if where == "elsewhere" and state:
+        if getattr(args, "forget", False):
+            _state_path(home).unlink(missing_ok=True)
+            print(f"Forgot the HPC SuperLink record of node {state.get('node')} (pid "
+                  f"{state['pid']}); nothing was signalled.")
+            return 0
+        print(f"error: {_elsewhere(state, 'stop it')}", file=sys.stderr)
+        return 1
+    if where != "alive" or not state:
         print("HPC SuperLink is not running.")
         _state_path(home).unlink(missing_ok=True)
         return 0
@@ -242,8 +276,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     home = _home()
     console = Console()
     state = _read_state(home)
-    up = bool(state and pid_alive(int(state["pid"])) and _healthy(state["host"], state["port"]))
-    if up:
+    where = _service_state(state)
+    up = bool(state and where == "alive" and _healthy(state["host"], state["port"]))
+    if where == "elsewhere" and state:
+        console.print(f"HPC SuperLink: on login node {state.get('node')} (pid "
+                      f"{state['pid']}); this node ({node_name()}) cannot see it")
+    elif up and state:
         console.print(f"HPC SuperLink: [green]up[/green] at {state['host']}:{state['port']} "
                       f"(pid {state['pid']}, federation '{state['federation']}')")
     else:
@@ -336,7 +374,11 @@ def cmd_resume(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     state = _read_state(home)
-    if (not args.foreground and state and pid_alive(int(state["pid"]))
+    if not args.foreground and state and _service_state(state) == "elsewhere":
+        print(f"error: {_elsewhere(state, 'resume the run')} (or resume it here with "
+              "--foreground)", file=sys.stderr)
+        return 1
+    if (not args.foreground and state and _service_state(state) == "alive"
             and _healthy(state["host"], state["port"])):
         req = urllib.request.Request(
             f"http://{state['host']}:{state['port']}/hpc/resume-run",
@@ -557,9 +599,13 @@ def _up(overrides: Overrides = None, config_dir: ConfigDir = None,
 
 
 @app.command("down")
-def _down() -> None:
+def _down(
+    forget: Annotated[bool, typer.Option(
+        "--forget", help="Drop the record of a SuperLink on another login node that is "
+        "gone for good (signals nothing).")] = False,
+) -> None:
     """Stop the HPC SuperLink and its runs."""
-    _dispatch(cmd_down)
+    _dispatch(cmd_down, forget=forget)
 
 
 @app.command("status")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -57,12 +56,14 @@ from flwr_hpc.config import FederationConfig, read_federation
 from flwr_hpc.control import fleet
 from flwr_hpc.control.access import FAILED_TO_CREATE_RUN, RUN_ID_NOT_FOUND, check_request
 from flwr_hpc.errors import FlwrHpcError
+from flwr_hpc.locks import ExclusiveLock, holder_state
 from flwr_hpc.payload.objects import sha256_hex
 from flwr_hpc.server.runs import (
     check_resumable,
     now_iso,
     prepare_run,
     read_status,
+    runner_holder,
     runner_holding,
     runs_dir,
     update_status,
@@ -154,12 +155,18 @@ class HPCSuperLink:
             if not status or status.get("status") == "finished":
                 continue
             run_id = int(run_dir.name)
-            holder = runner_holding(run_dir)
+            holder = runner_holder(run_dir)
+            if holder is not None and holder_state(holder) == "elsewhere":
+                # $HOME is shared by the login nodes: that runner is someone's on another
+                # node; neither adopted (its pid means nothing here) nor resumed
+                log.warning("run %s is executed by its runner %s: left alone (stop or "
+                            "resume it from that node)", run_id, holder.describe())
+                continue
             if holder is not None:
                 with self._lock:
-                    self._adopted[run_id] = holder
+                    self._adopted[run_id] = holder.pid
                 log.info("adopted run %s (its runner, pid %s, is still running)",
-                         run_id, holder or "?")
+                         run_id, holder.pid or "?")
                 continue
             self._recover(run_dir, "the HPC SuperLink stopped while this run was active")
 
@@ -281,10 +288,15 @@ class HPCSuperLink:
             proc = self._procs.get(run_id)
         if proc is not None:
             _terminate_group(proc, STOP_GRACE_S)
-        holder = runner_holding(run_dir)
+        holder = runner_holder(run_dir)
+        if holder is not None and holder_state(holder) == "elsewhere":
+            log.error("run %s: its runner is %s; stop it from that node", run_id,
+                      holder.describe())
+            return False
         if holder is not None:  # an adopted runner (or one started around this service)
-            if not holder or not _terminate_runner(holder, run_dir, STOP_GRACE_S):
-                log.error("run %s: its runner (pid %s) did not stop", run_id, holder or "?")
+            if not holder.pid or not _terminate_runner(holder.pid, run_dir, STOP_GRACE_S):
+                log.error("run %s: its runner (pid %s) did not stop", run_id,
+                          holder.pid or "?")
                 return False
         if read_status(run_dir).get("status") != "finished":
             update_status(run_dir, status="finished", sub_status="stopped",
@@ -635,18 +647,12 @@ def serve(federation: FederationConfig, home: Path, host: str, port: int) -> Non
     server = BoundedHTTPServer((host, port), None)  # bind first: a taken port ends here
     hpc = home / "hpc"
     hpc.mkdir(parents=True, exist_ok=True)
-    lock = open(hpc / SERVICE_LOCK, "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    lock = ExclusiveLock(hpc / SERVICE_LOCK)  # held until this process ends
+    if not lock.acquire(timeout=0):
         server.server_close()
-        lock.seek(0)
-        raise SystemExit(f"another HPC SuperLink (pid {lock.read().strip() or '?'}) serves "
-                         f"FLWR_HOME {home}; not starting a second one") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(str(os.getpid()))
-    lock.flush()
+        holder = lock.holder()
+        raise SystemExit(f"another HPC SuperLink ({holder.describe() if holder else '?'}) "
+                         f"serves FLWR_HOME {home}; not starting a second one")
     link = HPCSuperLink(federation, home)
     server.RequestHandlerClass = make_handler(link)
 
@@ -660,6 +666,7 @@ def serve(federation: FederationConfig, home: Path, host: str, port: int) -> Non
         server.serve_forever(poll_interval=0.2)
     finally:
         server.server_close()
+        lock.release()
         log.info("HPC SuperLink stopped")
 
 

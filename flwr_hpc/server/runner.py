@@ -46,7 +46,7 @@ from flwr_hpc.server.runs import (
     checkpoint_round,
     flwr_home,
     now_iso,
-    runner_holding,
+    runner_holder,
     update_status,
 )
 from flwr_hpc.server.telemetry import Progress
@@ -219,8 +219,9 @@ def execute_run(run_dir: Path, *, progress: Progress | None = None, console: boo
     """
     lock = RunnerLock(run_dir)
     if not lock.acquire():
-        raise RunnerBusy(f"run {run_dir.name} already has a runner (pid "
-                         f"{runner_holding(run_dir) or '?'}); not starting a second one")
+        holder = runner_holder(run_dir)
+        raise RunnerBusy(f"run {run_dir.name} already has a runner ("
+                         f"{holder.describe() if holder else '?'}); not starting a second one")
     try:
         update_status(run_dir, origin=origin, pid=os.getpid())
         return _execute_locked(run_dir, progress=progress, console=console)

@@ -6,7 +6,8 @@ Everything about a run lives in its run directory (``$FLWR_HOME/hpc/runs/<run id
     run.json      what to run (FAB hash, overrides, federation)     -- written at start
     app.fab       the FAB bytes (sha256-verified before use)
     status.json   pending / starting / running / finished:{completed,failed,stopped}
-    runner.lock   flock held by the runner executing the run (its pid inside)
+    runner.lock   held by the runner executing the run (+ runner.lock.owner: its node,
+                  pid and start time; see flwr_hpc.locks)
     log.txt       the run's log (what ``flwr log`` / ``--stream`` show)
     tasks.jsonl   one record per task (see ``flwr_hpc.server.telemetry``)
     checkpoint/   the last completed rounds (``flwr_hpc.strategy.checkpoint``), for resume
@@ -19,7 +20,6 @@ that owns them, so the runner never imports control.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import random
@@ -29,6 +29,7 @@ from typing import Any
 
 from flwr_hpc.config import FederationConfig, dump_federation
 from flwr_hpc.errors import FlwrHpcError
+from flwr_hpc.locks import ExclusiveLock, Holder
 from flwr_hpc.payload.objects import sha256_hex
 
 
@@ -147,10 +148,10 @@ def check_resumable(run_dir: Path) -> int:
         raise FlwrHpcError(f"{run_dir} is not a flwr-hpc run directory")
     if status.get("status") == "finished" and status.get("sub_status") == "completed":
         raise FlwrHpcError(f"run {run_dir.name} already completed; nothing to resume")
-    holder = runner_holding(run_dir)
+    holder = runner_holder(run_dir)
     if holder is not None:
-        raise RunnerBusy(f"run {run_dir.name} is still running (runner pid {holder or '?'}); "
-                         "stop it first (flwr stop) or let it finish")
+        raise RunnerBusy(f"run {run_dir.name} is still running (runner {holder.describe()}); "
+                         "stop it first (flwr stop, on that node) or let it finish")
     return checkpoint_round(run_dir)
 
 
@@ -162,58 +163,40 @@ class RunnerBusy(FlwrHpcError):
 
 
 class RunnerLock:
-    """What makes a runner *the* runner of a run: an exclusive ``flock`` on
-    ``<run dir>/runner.lock``, held for as long as the run executes, with the runner's pid
-    written inside. The kernel releases it when the process (and any child that inherited
-    the descriptor) is gone, whatever killed it: no stale pid files, no "is this pid alive
-    on this host" guesses, and a second runner — a resume, a second service, a restart —
-    cannot start on the same run.
+    """What makes a runner *the* runner of a run: an exclusive lock on
+    ``<run dir>/runner.lock`` (:class:`flwr_hpc.locks.ExclusiveLock`: an ``flock`` where
+    the filesystem has one, and an ``O_EXCL`` owner file naming the runner's node, pid and
+    start time), held for as long as the run executes. A second runner -- a resume, a
+    second service, a restart, on this login node or another sharing ``$HOME`` -- cannot
+    start on the same run; a dead runner's lock on this node is taken over, one on
+    another node is never guessed at.
     """
 
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / RUNNER_LOCK
-        self._fh: Any = None
+        self._lock = ExclusiveLock(self.path)
 
     def acquire(self) -> bool:
-        """Take the lock without waiting and write this process's pid into the file;
-        False if another process holds it.
-        """
-        fh = open(self.path, "a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
-            return False
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
-        self._fh = fh
-        return True
+        """Take the lock without waiting; False if another process holds it."""
+        return self._lock.acquire(timeout=0)
 
     def release(self) -> None:
-        """Unlock and close the file, if this object holds the lock."""
-        if self._fh is not None:
-            fcntl.flock(self._fh, fcntl.LOCK_UN)
-            self._fh.close()
-            self._fh = None
+        """Give the lock back, if this object holds it."""
+        self._lock.release()
+
+
+def runner_holder(run_dir: Path) -> Holder | None:
+    """The runner that holds the run's lock (node, pid, start time), or None when no
+    runner executes the run.
+    """
+    return ExclusiveLock(run_dir / RUNNER_LOCK).holder()
 
 
 def runner_holding(run_dir: Path) -> int | None:
-    """The pid of the runner that holds the run's lock (0: pid unreadable), or None when
-    no runner executes the run.
+    """The pid of the runner that holds the run's lock (0: unreadable), or None when no
+    runner executes the run. Its node may be another: see :func:`runner_holder`.
     """
-    try:
-        fh = open(run_dir / RUNNER_LOCK)
-    except OSError:
-        return None
-    with fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = fh.read().strip()
-            return int(text) if text.isdigit() else 0
-        fcntl.flock(fh, fcntl.LOCK_UN)
-    return None
+    holder = runner_holder(run_dir)
+    return None if holder is None else holder.pid
 
 
