@@ -117,6 +117,9 @@ _LAUNCHER = {
     "args": Field("str-list", default=[]),     # extra launcher arguments
     "command": Field("str|null", default=None),  # full prefix override, "{ranks}" substituted
     "env": Field("scalar-map", default={}),    # extra environment for the ranks
+    # keep the group alive between tasks (flwr_hpc/worker/launch.py); ends after idle_s
+    "persistent": Field("bool", default=True),
+    "idle_s": Field("float", default=600.0, minimum=1.0),
 }
 # fault injection (any compute type): each task sent to the site is lost with probability
 # `dropout` before it runs, as a node lost to the scheduler would be (NODE_UNAVAILABLE);

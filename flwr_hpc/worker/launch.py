@@ -22,14 +22,33 @@ Launcher commands (``launcher.args`` are inserted before the Python command):
 
 ``launcher.command`` replaces the whole prefix (``{ranks}`` is substituted), for sites
 whose MPI launch line needs more, e.g. ``mpiexec -n {ranks} --ppn 4 --cpu-bind depth``.
+
+**Persistent rank groups** (``launcher.persistent``, the default). Relaunching the group
+for every message re-imports torch on every rank, reloads the base model and re-forms
+the process group each round (~17 s per task here for a model that loads in
+milliseconds; minutes for a 7B model on a shared filesystem). So the first task a site
+worker process runs for a FAB and launcher launches a :class:`RankGroup` in serve mode
+(``python -m flwr_hpc.worker.launch --serve <group dir>``) and later tasks are fed to the
+live group through its directory on the site's filesystem (nothing inbound from outside
+the site): the worker writes ``task-<n>.json`` (atomically), every rank runs it (the
+ranks keep the model, the tokenized shards and the process group in memory between
+tasks), rank 0 marks ``claimed-<n>`` when it starts and writes ``result-<n>.json``. The
+group ends when its worker tells it to (another FAB or launcher, the worker's exit),
+after ``launcher.idle_s`` without a task, or when the worker process is gone (every
+rank watches its pid, so a killed worker leaves no ranks behind). A group found dead is
+relaunched transparently: a task it never claimed is retried once on the new group; a
+task it died running gets a CLIENT_APP_CRASHED reply with the launch log's tail -- never
+a hang. ``launcher.persistent: false`` launches a group per task as before.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -41,6 +60,7 @@ from typing import Any
 from flwr.common.constant import ErrorCode
 
 import flwr_hpc.dist as dist
+from flwr_hpc._proc import pid_alive
 from flwr_hpc.dist import ENV_MASTER_PORT
 from flwr_hpc.worker.execute import execute, failure_result, limit_threads
 
@@ -73,13 +93,15 @@ def launch_prefix(launcher: dict[str, Any]) -> list[str]:
     return [exe, flag, str(ranks), *args]
 
 
-def launch_command(launcher: dict[str, Any], job_file: Path) -> list[str]:
-    """The whole command that runs this module's :func:`rank_main` on ``job_file`` as a
-    rank group (torchrun without ``launcher.command`` starts Python itself).
+def launch_command(launcher: dict[str, Any], job_file: Path, *, serve: bool = False
+                   ) -> list[str]:
+    """The whole command that runs this module's :func:`rank_main` on ``job_file`` (or,
+    ``serve``, :func:`serve_main` on the group directory ``job_file``) as a rank group
+    (torchrun without ``launcher.command`` starts Python itself).
     """
     python = [] if launcher["type"] == "torchrun" and not launcher.get("command") else [
         sys.executable]
-    module = ["-m", "flwr_hpc.worker.launch", str(job_file)]
+    module = ["-m", "flwr_hpc.worker.launch", *(["--serve"] if serve else []), str(job_file)]
     return launch_prefix(launcher) + python + module
 
 
@@ -102,6 +124,13 @@ def _launch_env(launcher: dict[str, Any]) -> dict[str, str]:
 
 def run_launched(job: dict[str, Any], started_at: float) -> dict[str, Any]:
     """Run ``job`` on a rank group; return rank 0's result (or a crash report)."""
+    if job["launcher"].get("persistent", True):
+        return run_on_group(job, started_at)
+    return run_once(job, started_at)
+
+
+def run_once(job: dict[str, Any], started_at: float) -> dict[str, Any]:
+    """Launch a rank group for ``job`` alone (``launcher.persistent: false``)."""
     launcher = job["launcher"]
     launch_dir = Path(job["apps_dir"]).parent / "launch" / uuid.uuid4().hex
     launch_dir.mkdir(parents=True)
@@ -132,6 +161,189 @@ def run_launched(job: dict[str, Any], started_at: float) -> dict[str, Any]:
             shutil.rmtree(launch_dir, ignore_errors=True)
 
 
+# ----------------------------------------------------------------------------- groups
+
+POLL_S = (0.002, 0.05)  # result polling: starts fast, backs off to this
+_GROUPS: dict[str, RankGroup] = {}  # this worker process's live groups, by key
+
+
+def _group_key(job: dict[str, Any]) -> str:
+    return json.dumps({"fab": job.get("fab_hash"), "launcher": job["launcher"]},
+                      sort_keys=True)
+
+
+class RankGroup:
+    """A rank group launched in serve mode, fed one task at a time (module docstring)."""
+
+    def __init__(self, launcher: dict[str, Any], base: Path) -> None:
+        self.launcher = launcher
+        self.dir = base / "groups" / uuid.uuid4().hex
+        self.cmd = launch_command(launcher, self.dir, serve=True)  # LaunchError: no dir left
+        self.dir.mkdir(parents=True)
+        self.seq = 0
+        (self.dir / "group.json").write_text(json.dumps({
+            "owner_pid": os.getpid(), "idle_s": float(launcher.get("idle_s", 600.0))}))
+        self.log_file = self.dir / "launch.log"
+        with open(self.log_file, "wb") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=_launch_env(launcher),
+                                         start_new_session=True)
+
+    def alive(self) -> bool:
+        """Whether the launcher (and so the group) still runs."""
+        return self.proc.poll() is None
+
+    def submit(self, job: dict[str, Any]) -> tuple[dict[str, Any] | None, bool]:
+        """Run ``job`` on the group: ``(result, claimed)``; ``result`` None when the group
+        died first (``claimed``: whether rank 0 had started the task).
+        """
+        self.seq += 1
+        n = self.seq
+        tmp = self.dir / f".task-{n}.json"
+        tmp.write_text(json.dumps(job))
+        os.replace(tmp, self.dir / f"task-{n}.json")
+        result_file, claimed = self.dir / f"result-{n}.json", self.dir / f"claimed-{n}"
+        delay = POLL_S[0]
+        while True:
+            if result_file.exists():
+                result = json.loads(result_file.read_text())
+                for name in (f"task-{n}.json", f"result-{n}.json", f"claimed-{n}"):
+                    (self.dir / name).unlink(missing_ok=True)
+                return result, True
+            if not self.alive():
+                if result_file.exists():  # written just before the exit
+                    continue
+                return None, claimed.exists()
+            time.sleep(delay)
+            delay = min(delay * 1.5, POLL_S[1])
+
+    def log_tail(self) -> str:
+        """The end of the group's launch log (for a crash report)."""
+        try:
+            return self.log_file.read_text(errors="replace")[-LOG_TAIL_CHARS:]
+        except OSError:
+            return ""
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Ask the ranks to end, then end the launcher's whole session."""
+        if self.alive():
+            (self.dir / "stop").touch()
+            try:
+                self.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.proc.wait()
+        if not os.environ.get("FLWR_HPC_KEEP_LAUNCH_DIRS"):
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def stop_groups() -> None:
+    """End every group this worker process launched (at exit, and on a new run)."""
+    while _GROUPS:
+        _, group = _GROUPS.popitem()
+        group.stop()
+
+
+atexit.register(stop_groups)
+
+
+def run_on_group(job: dict[str, Any], started_at: float) -> dict[str, Any]:
+    """Run ``job`` on this worker's live group for its FAB and launcher, launching one
+    first if there is none (or it died); see the module docstring.
+    """
+    launcher = job["launcher"]
+    key = _group_key(job)
+    for other in [k for k in _GROUPS if k != key]:  # another run's or launcher's group
+        _GROUPS.pop(other).stop()
+    for attempt in (1, 2):
+        group = _GROUPS.get(key)
+        warm = group is not None and group.alive()
+        if not warm:
+            if group is not None:
+                _GROUPS.pop(key).stop()
+            try:
+                group = _GROUPS[key] = RankGroup(launcher,
+                                                 Path(job["apps_dir"]).parent / "launch")
+            except (LaunchError, OSError) as err:
+                return failure_result(job, ErrorCode.CLIENT_APP_CRASHED,
+                                      f"{type(err).__name__}: {err}", started_at)
+        assert group is not None
+        result, claimed = group.submit(job)
+        if result is not None:
+            result["ranks"] = int(launcher["ranks"])
+            result["launch_s"] = time.time() - started_at
+            result["group_task"] = group.seq  # 1: this task launched the group
+            return result
+        tail, cmd, code = group.log_tail(), group.cmd, group.proc.returncode
+        _GROUPS.pop(key).stop()
+        if claimed or attempt == 2:
+            return failure_result(
+                job, ErrorCode.CLIENT_APP_CRASHED,
+                f"{launcher['type']} rank group of {launcher['ranks']} ranks exited {code} "
+                f"{'while running' if claimed else 'before starting'} this task; command: "
+                f"{shlex.join(cmd)}\nlog tail:\n{tail}", started_at)
+    raise AssertionError("unreachable")
+
+
+def serve_main(group_dir: Path) -> int:
+    """One rank of a persistent group: run ``task-<n>.json`` files in order until told
+    to stop, idle for ``idle_s``, or the worker that launched the group is gone.
+    """
+    spec = json.loads((group_dir / "group.json").read_text())
+    owner, idle_s = int(spec["owner_pid"]), float(spec["idle_s"])
+    me = dist.info()
+    n, last = 0, time.monotonic()
+    delay = POLL_S[0]
+    try:
+        while True:
+            task = group_dir / f"task-{n + 1}.json"
+            if task.exists():
+                n += 1
+                started_at = time.time()
+                if me.is_primary:
+                    (group_dir / f"claimed-{n}").touch()
+                job = json.loads(task.read_text())
+                limit_threads(job.get("threads"))
+                result = execute(job, started_at, primary=me.is_primary)
+                _barrier()
+                if me.is_primary:
+                    result.update(rank=me.rank, world_size=me.world_size,
+                                  launcher=me.launcher)
+                    tmp = group_dir / f".result-{n}.json"
+                    tmp.write_text(json.dumps(result))
+                    os.replace(tmp, group_dir / f"result-{n}.json")
+                last, delay = time.monotonic(), POLL_S[0]
+                continue
+            if ((group_dir / "stop").exists() or not pid_alive(owner)
+                    or time.monotonic() - last > idle_s):
+                return 0
+            time.sleep(delay)
+            delay = min(delay * 1.5, POLL_S[1])
+    finally:
+        _end_process_group()
+
+
+def _barrier() -> None:
+    if "torch" in sys.modules:
+        import torch.distributed as tdist
+
+        if tdist.is_available() and tdist.is_initialized():
+            tdist.barrier()
+
+
+def _end_process_group() -> None:
+    if "torch" in sys.modules:
+        import torch.distributed as tdist
+
+        if tdist.is_available() and tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
 def rank_main(job_file: Path) -> int:
     """One rank: run the job; rank 0 writes ``result.json`` next to the job file."""
     started_at = time.time()
@@ -156,4 +368,6 @@ def rank_main(job_file: Path) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "--serve":
+        sys.exit(serve_main(Path(sys.argv[2])))
     sys.exit(rank_main(Path(sys.argv[1])))

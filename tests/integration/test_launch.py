@@ -52,15 +52,18 @@ def test_launch_commands(monkeypatch, tmp_path):
         launch_prefix({"type": "parsl", "ranks": 4})
 
 
-def test_missing_launcher_is_a_crashed_client_app_reply(tmp_path, monkeypatch):
+@pytest.mark.parametrize("persistent", [True, False])
+def test_missing_launcher_is_a_crashed_client_app_reply(tmp_path, monkeypatch, persistent):
     monkeypatch.setenv("PATH", str(tmp_path))  # no srun here
     job = {"message_id": "ab" * 32, "apps_dir": str(tmp_path / "apps"),
-           "launcher": {"type": "srun", "ranks": 2}}
+           "launcher": {"type": "srun", "ranks": 2, "persistent": persistent}}
     result = run_launched(job, time.time())
     assert result["ok"] is False
     assert result["error_code"] == ErrorCode.CLIENT_APP_CRASHED
     assert "'srun' is not on PATH" in result["reason"]
-    assert not list((tmp_path / "launch").iterdir())  # launch dir cleaned up
+    # nothing left behind: no launch or group directory, no file in one
+    assert [p for p in (tmp_path / "launch").rglob("*") if p.is_file()] == []
+    assert not list((tmp_path / "launch").glob("*/*"))
 
 
 def test_launcher_config_is_validated():
