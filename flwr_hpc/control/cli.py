@@ -460,6 +460,16 @@ def cmd_bench_schedulers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    """``flwr-hpc gc``: see :mod:`flwr_hpc.control.gc`."""
+    from flwr_hpc.control.gc import collect, report_json
+
+    report = collect(_home(), keep_runs=args.keep_runs, dry_run=args.dry_run,
+                     min_age_s=args.min_age_s)
+    print(report_json(report) if args.json else "\n".join(report.lines()))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """``flwr-hpc report RUN...``: figures and ``summary.md`` from run directories."""
     from flwr_hpc.control.report import write_report
@@ -644,6 +654,21 @@ def _report(runs: Annotated[list[str], typer.Argument(
             ) -> None:
     """Plots (eval vs round and clock, per-site time, bytes, failures) and a summary."""
     _dispatch(cmd_report, runs=runs, out=out)
+
+
+@app.command("gc")
+def _gc(keep_runs: Annotated[int | None, typer.Option(
+            help="also remove run directories beyond the N most recently finished "
+                 "(unfinished runs are always kept)")] = None,
+        dry_run: Annotated[bool, typer.Option(
+            "--dry-run", help="report what would be removed; remove nothing")] = False,
+        min_age_s: Annotated[float, typer.Option(
+            help="never remove a store object used in the last this many seconds")] = 3600.0,
+        json_out: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+        ) -> None:
+    """Free store objects no live run needs (and old run directories)."""
+    _dispatch(cmd_gc, keep_runs=keep_runs, dry_run=dry_run, min_age_s=min_age_s,
+              json=json_out)
 
 
 @sites_app.command("check")

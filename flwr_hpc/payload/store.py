@@ -136,15 +136,17 @@ class FilesystemStore(StoreDefaults):
         return self.objects_dir / oid[:2] / oid
 
     def has(self, object_id: str) -> bool:
-        """Whether the object's file exists (its bytes are not read)."""
-        return self._path(object_id).is_file()
+        """Whether the object's file exists (its bytes are not read). An object found is
+        about to be used: its mtime is refreshed, which is what ``flwr-hpc gc`` reads.
+        """
+        return _touch(self._path(object_id))
 
     def put(self, object_id: str, data: ObjectData, *, trusted: bool = False) -> int:
         """Write ``data`` to the object's file atomically (temp file, rename), verified
         first unless ``trusted``; return bytes written, 0 if the file already exists.
         """
         path = self._path(object_id)
-        if path.is_file():
+        if _touch(path):  # already here (the same bytes): now used again
             return 0
         if not trusted:
             verify_object(object_id, data, f"data staged for {self}")
@@ -191,6 +193,17 @@ class FilesystemStore(StoreDefaults):
             os.replace(path, dest / f"{path.name}.{uuid.uuid4().hex[:8]}")
         except FileNotFoundError:
             pass
+
+
+def _touch(path: Path) -> bool:
+    """Refresh ``path``'s mtime; False if there is no such file."""
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        return False
+    except OSError:  # not ours to touch (a read-only or shared store): still there
+        pass
+    return path.is_file()
 
 
 def open_store(spec: dict[str, Any]) -> PayloadStore:
