@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -135,7 +136,7 @@ def bench_federation(clients: int, sites: int, workdir: Path):
 
 
 def run_flwr_hpc(clients: int, size_mb: float, rounds: int, sites: int,
-                 workdir: Path, timeout_s: float) -> dict[str, Any]:
+                 workdir: Path, timeout_s: float, tensors: str = "") -> dict[str, Any]:
     """Run the bench app through flwr-hpc (the runner in its own process); return its
     round times, the server's peak RSS, and the bytes staged per site per round.
     """
@@ -149,7 +150,8 @@ def run_flwr_hpc(clients: int, size_mb: float, rounds: int, sites: int,
     result_file = workdir / "hpc-result.json"
     fab = build_fab_from_disk(APP_DIR)
     run_dir = prepare_run(fab, {"rounds": rounds, "size-mb": size_mb, "streaming": True,
-                                "result-file": str(result_file)}, fed, home=home)
+                                "result-file": str(result_file), "tensors": tensors},
+                          fed, home=home)
     env = large_buffer_env({**os.environ, "FLWR_HOME": str(home)})  # as the service does
     with open(workdir / "hpc-runner.out", "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "flwr_hpc.server.runner", str(run_dir)],
@@ -408,18 +410,26 @@ def run_flower(clients: int, size_mb: float, rounds: int, workdir: Path,
 
 def bench_transport(clients: int, size_mb: float, rounds: int = 3, *, sites: int = 4,
                     flower: bool = True, workdir: Path | None = None,
-                    timeout_s: float = 1800.0) -> dict[str, Any]:
+                    timeout_s: float = 1800.0,
+                    tensors: Sequence[int] = ()) -> dict[str, Any]:
     """The whole benchmark (see the module docstring): flwr-hpc, then Flower's deployment
     (unless ``flower`` is False), then the floor; ``workdir`` (default: a temporary
-    directory, removed) keeps the runs' files.
+    directory, removed) keeps the runs' files. ``tensors``: the model's layout as float32
+    element counts per tensor (``size_mb`` is then their total); default 8 equal tensors.
     """
+    layout = ",".join(str(int(n)) for n in tensors)
+    if tensors:
+        if flower:
+            raise ValueError("a tensor layout is benchmarked through flwr-hpc only "
+                             "(flower=False)")
+        size_mb = sum(int(n) for n in tensors) * 4 / MiB
     own = workdir is None
     workdir = Path(workdir or tempfile.mkdtemp(prefix="flwr-hpc-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         _say(f"flwr-hpc: {clients} clients, {size_mb:g} MB, {rounds} rounds")
         t0 = time.monotonic()
-        hpc = run_flwr_hpc(clients, size_mb, rounds, sites, workdir, timeout_s)
+        hpc = run_flwr_hpc(clients, size_mb, rounds, sites, workdir, timeout_s, layout)
         _say(f"flwr-hpc: done in {time.monotonic() - t0:.0f} s; rounds {hpc['round_s']}")
         fl, flower_error, flower_partial = None, None, []
         if flower:
@@ -440,6 +450,7 @@ def bench_transport(clients: int, size_mb: float, rounds: int = 3, *, sites: int
         floor_s = (nbytes / floor["memcpy_bytes_per_s"]) + (nbytes / floor["disk_bytes_per_s"])
         out: dict[str, Any] = {
             "clients": clients, "size_mb": size_mb, "rounds": rounds,
+            "tensors": len(tensors) or 8,
             "sites": len(hpc["clients_per_site"]),
             "bytes_per_round": int(nbytes),
             "floor_round_s": floor_s,

@@ -13,12 +13,17 @@ from flwr.serverapp.strategy import FedAvg
 app = ServerApp()
 
 
-def model(size_mb: float) -> ArrayRecord:
-    """``size_mb`` MB of float32 in 8 tensors (LoRA adapters are many small-ish tensors)."""
-    n = max(8, int(size_mb * 2**20 / 4))
+def model(size_mb: float, tensors: str = "") -> ArrayRecord:
+    """``size_mb`` MB of float32 in 8 tensors, or, given ``tensors`` (comma-separated
+    element counts), one float32 tensor per count: a real model's layout."""
     rng = np.random.default_rng(0)
-    return ArrayRecord({f"layer{i}": Array(rng.standard_normal(n // 8, dtype=np.float32))
-                        for i in range(8)})
+    if tensors:
+        sizes = [int(n) for n in tensors.split(",")]
+    else:
+        n = max(8, int(size_mb * 2**20 / 4))
+        sizes = [n // 8] * 8
+    return ArrayRecord({f"layer{i}": Array(rng.standard_normal(k, dtype=np.float32))
+                        for i, k in enumerate(sizes)})
 
 
 @app.main()
@@ -47,7 +52,8 @@ def main(grid: Grid, context: Context) -> None:
         from flwr_hpc.strategy.streaming_grid import StreamingGrid
 
         grid = StreamingGrid(grid)
-    strategy.start(grid=grid, initial_arrays=model(size_mb), num_rounds=rounds,
+    initial = model(size_mb, str(cfg.get("tensors", "")))
+    strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds,
                    timeout=float(cfg["timeout-s"]), evaluate_fn=tick)
     round_s = [b - a for a, b in zip(marks[1:], marks[2:], strict=False)]  # [1]: round 0
     result = {"round_s": round_s, "nodes": nodes,
