@@ -28,6 +28,8 @@ import copy
 import functools
 import json
 import logging
+import tempfile
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -37,10 +39,17 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client_apps import lora
 from client_apps.privacy import STATE_KEY, check_adapter_moved
-from client_apps.recipe import load_recipe, with_node_overrides
+from client_apps.recipe import initial_adapter, load_recipe, with_node_overrides
 from client_apps.training import make_loader, train_steps
 from flwr_hpc import dist
 from strategies.job import JOB_DIGEST_KEY, job_digest, job_from_run_config
+from strategies.site_model import (
+    ADAPTER_CONFIG_KEY,
+    BASE_BYTES_KEY,
+    CENTRAL_EVAL_KEY,
+    INITIAL_ADAPTER,
+    REQUEST_KEY,
+)
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +164,31 @@ def _dp_state(context: Context) -> str | None:
 def evaluate(msg: Message, context: Context) -> Message:
     job = _job(msg, context)
     recipe = load_recipe(job)
-    partition_id, num_partitions = _partition(context)
-    metrics = recipe.evaluate_adapter(msg.content["arrays"].to_torch_state_dict(),
-                                      recipe.shard("test", partition_id, num_partitions))
+    if msg.content["config"].get(CENTRAL_EVAL_KEY):  # for a server without the base model
+        samples = recipe.test_set()
+    else:
+        partition_id, num_partitions = _partition(context)
+        samples = recipe.shard("test", partition_id, num_partitions)
+    metrics = recipe.evaluate_adapter(msg.content["arrays"].to_torch_state_dict(), samples)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """``request: initial-adapter``: the adapter every client starts from, and the
+    ``adapter_config.json`` peft writes for it (for a server without the base model)."""
+    config = msg.content["config"]
+    if config.get(REQUEST_KEY) != INITIAL_ADAPTER:
+        raise ValueError(f"unknown query {config.get(REQUEST_KEY)!r}; this ClientApp answers "
+                         f"{REQUEST_KEY}={INITIAL_ADAPTER!r}")
+    job = _job(msg, context)
+    recipe = load_recipe(job)
+    state = initial_adapter(job)
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter_config = (lora.save_adapter(recipe.model, state, Path(tmp))
+                          / "adapter_config.json").read_text()
+    base_bytes = sum(p.numel() * p.element_size()
+                     for p in recipe.model.base_model.parameters() if not p.requires_grad)
+    meta = ConfigRecord({ADAPTER_CONFIG_KEY: adapter_config, BASE_BYTES_KEY: base_bytes})
+    return Message(content=RecordDict({"arrays": ArrayRecord(torch_state_dict=state),
+                                       "config": meta}), reply_to=msg)

@@ -174,8 +174,15 @@ STRATEGY_KEYS: dict[str, tuple[str, ...]] = {
     "queue_aware": ("quorum", "target_round_s", "min_steps", "max_steps", "lr_exponent",
                     "lr_scale_max", "ewma_alpha", *_SCHEDULED),
 }
+# Where the model lives for the server (strategies/site_model.py): null = the ServerApp
+# loads the base model (initial adapter, central evaluation, saved adapters); a site name =
+# it never does -- that site's first client creates the initial adapter and runs the
+# central evaluation, and adapters are saved without the base.
+SERVER = {
+    "site": Field("str|null"),
+}
 SECTIONS = {"model": MODEL, "data": DATA, "train": TRAIN, "evaluate": EVALUATE,
-            "strategy": STRATEGY, "dp": DP, "output": OUTPUT}
+            "strategy": STRATEGY, "dp": DP, "output": OUTPUT, "server": SERVER}
 
 
 def _source(group: str, choices: Mapping[str, str]) -> str:

@@ -11,6 +11,10 @@
    ``peft.PeftModel.from_pretrained``), evaluate it centrally on the held-out split when
    ``evaluate.central`` is set, and append a line to ``metrics.jsonl``.
 
+With ``server.site`` set, this process never loads the base model: the initial adapter and
+the central evaluation come from that site, and adapters are saved without the base
+(``strategies.site_model``).
+
 Outputs go to the run directory (``$FLWR_HPC_RUN_DIR``, set by the flwr-hpc runner), else
 to ``output.dir``, else to ``./outputs/run-<run_id>``.
 """
@@ -42,6 +46,7 @@ from strategies.job import (
 from strategies.metered_grid import MeteredGrid
 from strategies.model_card import write_model_card
 from strategies.recorder import RoundRecorder
+from strategies.site_model import SiteModel
 
 log = logging.getLogger("flwr")
 
@@ -104,10 +109,6 @@ def tracked_values(row: dict, score_key: str) -> dict[str, float]:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    # The model stack is imported here, not at module load, so `flwr run` stays fast.
-    from client_apps import lora
-    from client_apps.recipe import initial_adapter, load_recipe
-
     began = time.monotonic()
     job = job_from_run_config(context.run_config)
     out_dir = output_dir(job, context)
@@ -117,18 +118,37 @@ def main(grid: Grid, context: Context) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "job.json").write_text(json.dumps(job, indent=2, sort_keys=True))
 
-    recipe = load_recipe(job)
-    initial = initial_adapter(job)
-    base_bytes = sum(p.numel() * p.element_size() for p in recipe.model.base_model.parameters()
-                     if not p.requires_grad)
+    # what every message carries: the job's digest (the ClientApp composes the job itself
+    # and checks it) and the local steps (a scheduler-aware strategy may change them)
+    digest = job_digest(job)
+    job_config = ConfigRecord({JOB_DIGEST_KEY: digest,
+                               LOCAL_STEPS_KEY: int(job["train"]["local_steps"])})
+    if job["server"]["site"] is None:  # the base model is loaded here
+        from client_apps import lora
+        from client_apps.recipe import initial_adapter, load_recipe
+
+        recipe = load_recipe(job)
+        initial = ArrayRecord(torch_state_dict=initial_adapter(job))
+        base_bytes = sum(p.numel() * p.element_size()
+                         for p in recipe.model.base_model.parameters() if not p.requires_grad)
+
+        def save(arrays: ArrayRecord, where: Path) -> None:
+            lora.save_adapter(recipe.model, arrays.to_torch_state_dict(), where)
+
+        def central(arrays: ArrayRecord) -> dict[str, float]:
+            return recipe.evaluate_adapter(arrays.to_torch_state_dict(), recipe.test_set())
+    else:  # never here: the model lives at server.site (strategies/site_model.py)
+        site_model = SiteModel(grid, job["server"]["site"], job_config,
+                               timeout=job["strategy"]["round_timeout_s"])
+        initial = site_model.initial_adapter()
+        base_bytes = site_model.base_bytes
+        save, central = site_model.save, site_model.central
+        log.info("base model at site '%s' (node %d): initial adapter and central "
+                 "evaluation there; this process never loads it", site_model.site,
+                 site_model.node_id)
     log.info("adapter: %d tensors, %.1f KiB (frozen base %.1f MiB never leaves a site)",
-             len(initial), lora.adapter_nbytes(initial) / 1024, base_bytes / 2**20)
-
-    def save(arrays: ArrayRecord, where: Path) -> None:
-        lora.save_adapter(recipe.model, arrays.to_torch_state_dict(), where)
-
-    def central(arrays: ArrayRecord) -> dict[str, float]:
-        return recipe.evaluate_adapter(arrays.to_torch_state_dict(), recipe.test_set())
+             len(initial), sum(len(a.data) for a in initial.values()) / 1024,
+             base_bytes / 2**20)
 
     # Node sampling is reproducible from train.seed; central DP noise only if asked for.
     random.seed(int(job["train"]["seed"]))
@@ -149,7 +169,6 @@ def main(grid: Grid, context: Context) -> None:
                              score_key=score_key,
                              save_client_updates=job["output"]["save_client_updates"],
                              clock_fn=clock_fn)
-    digest = job_digest(job)
     tracker = open_tracker(job["output"]["tracker"], out_dir,
                            run_name=f"run-{context.run_id}", params=flat_params(job),
                            uri=job["output"]["tracking_uri"])
@@ -162,17 +181,13 @@ def main(grid: Grid, context: Context) -> None:
 
     recorder.on_row = on_row
     strategy = recorder.attach(strategy)
-    # what every message carries: the job's digest (the ClientApp composes the job itself
-    # and checks it) and the local steps (a scheduler-aware strategy may change them)
-    job_config = ConfigRecord({JOB_DIGEST_KEY: digest,
-                               LOCAL_STEPS_KEY: int(job["train"]["local_steps"])})
     # flwr-hpc's start = Flower's loop + a checkpoint after every round + resume from one
     # (on any grid; checkpoints where a run directory is known) + the time budget
     try:
         start(
             strategy,
             grid=metered,
-            initial_arrays=ArrayRecord(torch_state_dict=initial),
+            initial_arrays=initial,
             num_rounds=job["strategy"]["num_rounds"],
             timeout=job["strategy"]["round_timeout_s"],
             train_config=job_config,
