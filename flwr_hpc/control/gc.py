@@ -46,6 +46,7 @@ class GcReport:
     skipped: list[str] = field(default_factory=list)
     live_runs: list[str] = field(default_factory=list)
     cutoff: float = 0.0
+    files: list[Path] = field(default_factory=list)  # store objects removed (if asked)
 
     @property
     def bytes(self) -> int:
@@ -112,8 +113,11 @@ def _started(run_dir: Path) -> float:
 
 
 def collect(home: Path, *, keep_runs: int | None = None, dry_run: bool = False,
-            min_age_s: float = 3600.0, now: float | None = None) -> GcReport:
-    """Remove what no live run needs (see the module docstring); return the report."""
+            min_age_s: float = 3600.0, now: float | None = None,
+            list_files: bool = False) -> GcReport:
+    """Remove what no live run needs (see the module docstring); return the report
+    (with ``list_files``, also every store object removed).
+    """
     now = time.time() if now is None else now
     report = GcReport(dry_run=dry_run)
     runs = [d for d in sorted(runs_dir(home).glob("*")) if d.is_dir()] \
@@ -123,7 +127,8 @@ def collect(home: Path, *, keep_runs: int | None = None, dry_run: bool = False,
     report.cutoff = min([now - min_age_s] + [_started(d) for d in live])
     dirs, report.skipped = store_dirs(home)
     for label, root in dirs.items():
-        n, nbytes = _collect_store(root, report.cutoff, dry_run)
+        n, nbytes = _collect_store(root, report.cutoff, dry_run,
+                                   report.files if list_files else None)
         if n:
             report.removed[label] = (n, nbytes)
     if keep_runs is not None:
@@ -140,7 +145,8 @@ def collect(home: Path, *, keep_runs: int | None = None, dry_run: bool = False,
     return report
 
 
-def _collect_store(root: Path, cutoff: float, dry_run: bool) -> tuple[int, int]:
+def _collect_store(root: Path, cutoff: float, dry_run: bool,
+                   files: list[Path] | None) -> tuple[int, int]:
     n = nbytes = 0
     for sub in ("objects", "quarantine"):
         base = root / sub
@@ -161,6 +167,8 @@ def _collect_store(root: Path, cutoff: float, dry_run: bool) -> tuple[int, int]:
                 except FileNotFoundError:
                     continue
             n, nbytes = n + 1, nbytes + st.st_size
+            if files is not None:
+                files.append(path)
     return n, nbytes
 
 

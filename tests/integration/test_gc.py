@@ -91,13 +91,14 @@ def test_gc_during_a_run_keeps_what_it_uses(run_quickstart, flwr_home):
         time.sleep(0.05)
     new_dir = next(p for p in (flwr_home / "hpc" / "runs").iterdir() if p != old_run)
     _wait_for_round(new_dir, 4)  # round 1 of 3 done; rounds 2 and 3 to come
-    report = collect(flwr_home, min_age_s=0)
+    report = collect(flwr_home, min_age_s=0, list_files=True)
     thread.join(timeout=120)
     assert report.live_runs == [new_dir.name]
     assert results["status"] == "finished:completed"
-    # only objects the live run never used went (those it reused were refreshed)
-    removed = set(old) - set(_store_objects(flwr_home))
-    assert removed and report.bytes == sum(old[p] for p in removed)
+    # only the old run's objects went, none the live run had used (it refreshed those);
+    # one it needs again later it simply stages again
+    assert report.files and set(report.files) <= set(old)
+    assert report.bytes == sum(old[p] for p in report.files)
 
 
 @pytest.mark.slow(50)
