@@ -103,7 +103,9 @@ def slow(job: dict) -> dict:
 def test_result_watcher_death_fails_open_tasks_and_the_site_recovers(cloud):
     backend = _backend(cloud, cloud.add_endpoint(workers=2))
     try:
-        pending = backend.submit(slow, {"s": 3.0})
+        # the task outlives the watcher's 3 reopen attempts in 3 s by a margin: with a
+        # 3 s task a loaded machine could finish it first (seen once in CI)
+        pending = backend.submit(slow, {"s": 10.0})
         deadline = time.monotonic() + 10
         while not cloud._queues and time.monotonic() < deadline:
             time.sleep(0.05)  # the watcher is consuming
