@@ -34,9 +34,11 @@ def _port() -> int:
 
 
 def _runners_of(run_dir: Path) -> list[psutil.Process]:
-    """Live runner processes executing ``run_dir`` (foreground or service-started)."""
+    """Live runner processes executing ``run_dir`` (foreground or service-started). A
+    runner's own child caught between fork and exec still shows the runner's command line:
+    it is not a second runner (those are started by services, never by a runner)."""
     found = []
-    for p in psutil.process_iter(["cmdline", "status"]):
+    for p in psutil.process_iter(["cmdline", "status", "ppid"]):
         try:
             cmd = " ".join(p.info["cmdline"] or [])
             if p.info["status"] == psutil.STATUS_ZOMBIE:
@@ -45,7 +47,18 @@ def _runners_of(run_dir: Path) -> list[psutil.Process]:
                 found.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
-    return found
+    pids = {p.pid for p in found}
+    return [p for p in found if p.info["ppid"] not in pids]
+
+
+def _describe(procs: list[psutil.Process]) -> str:
+    out = []
+    for p in procs:
+        try:
+            out.append(f"pid {p.pid} ppid {p.ppid()} started {p.create_time():.2f}")
+        except psutil.NoSuchProcess:
+            out.append(f"pid {p.pid} (gone)")
+    return "; ".join(out)
 
 
 def _service_pid(home: Path) -> int:
@@ -137,12 +150,14 @@ def test_two_ups_at_once_never_put_two_runners_on_a_run(flwr_home):
             for t in threads:
                 t.join(120)
             assert any(r.returncode == 0 for r in results), [r.stderr for r in results]
-            most = 0
+            most, seen = 0, ""
             deadline = time.monotonic() + 8
             while time.monotonic() < deadline:  # watch for a second runner for a while
-                most = max(most, len(_runners_of(run_dir)))
+                now = _runners_of(run_dir)
+                if len(now) > most:
+                    most, seen = len(now), _describe(now)
                 time.sleep(0.2)
-            assert most == 1, f"attempt {attempt}: {most} runners on one run"
+            assert most == 1, f"attempt {attempt}: {most} runners on one run ({seen})"
             assert read_status(run_dir)["status"] in ("pending", "starting", "running")
         from flwr_hpc.server.runs import runner_holding
 
