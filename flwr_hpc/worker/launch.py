@@ -312,11 +312,7 @@ def serve_main(group_dir: Path) -> int:
                 result = execute(job, started_at, primary=me.is_primary)
                 _barrier()
                 if me.is_primary:
-                    result.update(rank=me.rank, world_size=me.world_size,
-                                  launcher=me.launcher)
-                    tmp = group_dir / f".result-{n}.json"
-                    tmp.write_text(json.dumps(result))
-                    os.replace(tmp, group_dir / f"result-{n}.json")
+                    _write_result(result, me, group_dir / f"result-{n}.json")
                 last, delay = time.monotonic(), POLL_S[0]
                 continue
             if ((group_dir / "stop").exists() or not pid_alive(owner)
@@ -326,6 +322,14 @@ def serve_main(group_dir: Path) -> int:
             delay = min(delay * 1.5, POLL_S[1])
     finally:
         _end_process_group()
+
+
+def _write_result(result: dict[str, Any], me: dist.DistInfo, path: Path) -> None:
+    """Rank 0's result, with its place in the group, written atomically to ``path``."""
+    result.update(rank=me.rank, world_size=me.world_size, launcher=me.launcher)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, path)
 
 
 def _barrier() -> None:
@@ -351,19 +355,10 @@ def rank_main(job_file: Path) -> int:
     limit_threads(job.get("threads"))
     me = dist.info()  # the ClientApp joins the group with dist.init()
     result = execute(job, started_at, primary=me.is_primary)
-    if "torch" in sys.modules:
-        import torch.distributed as tdist
-
-        if tdist.is_available() and tdist.is_initialized():
-            tdist.barrier()
-            tdist.destroy_process_group()
+    _barrier()
+    _end_process_group()
     if me.is_primary:
-        result["rank"] = me.rank
-        result["world_size"] = me.world_size
-        result["launcher"] = me.launcher
-        tmp = job_file.with_name("result.json.tmp")
-        tmp.write_text(json.dumps(result))
-        os.replace(tmp, job_file.with_name("result.json"))
+        _write_result(result, me, job_file.with_name("result.json"))
     return 0 if result.get("ok") else 1
 
 
