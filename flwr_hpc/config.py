@@ -72,6 +72,15 @@ _SIM = {
     "latency_s": Field("float", default=1.0, minimum=0.0),        # per transfer
     "failure_prob": Field("float", default=0.0, minimum=0.0),     # the job dies mid-run
     "seed": Field("int", default=0),
+    # trace: replay a real batch-queue trace (flwr_hpc/compute/queue_trace.py) instead
+    "queue_model": Field("str", default="lognormal", choices=("lognormal", "trace")),
+    "trace": Field("str|null", default=None),       # a shipped trace, e.g. Mira-2018
+    "replay": Field("str", default="sequential", choices=("sequential", "clock")),
+    "start_hour": Field("float", default=9.0, minimum=0.0, maximum=24.0),  # of virtual t=0
+    # facility limits and accounting
+    "nodes": Field("int", default=1, minimum=1),          # per job: charged node-hours
+    "walltime_s": Field("float", default=0.0, minimum=0.0),  # killed beyond it; 0: none
+    "max_jobs": Field("int", default=0, minimum=0),       # queued+running per user; 0: any
 }
 _COMPUTE = {
     "type": Field("str", default="local", choices=COMPUTE_TYPES),
@@ -288,6 +297,16 @@ class SiteConfig:
     node_config: dict[str, Any] = field(default_factory=dict)
     faults: dict[str, Any] = field(default_factory=lambda: {"dropout": 0.0, "seed": 0})
 
+    def nodes_per_job(self) -> int:
+        """Compute nodes one task's job holds (what the allocation is charged for): the
+        simulator's ``sim.nodes``, a Globus Compute site's
+        ``resource_specification.num_nodes``, else 1.
+        """
+        if self.compute["type"] == "sim":
+            return int(self.compute["sim"].get("nodes") or 1)
+        spec = self.compute.get("resource_specification") or {}
+        return int(spec.get("num_nodes") or 1)
+
 
 @dataclass(frozen=True)
 class FederationConfig:
@@ -412,6 +431,10 @@ def _check_sim(sites: tuple[SiteConfig, ...], source: str) -> None:
         if p["failure_prob"] > 1:
             raise ConfigError(source, f"sites.{s.name}.compute.sim.failure_prob",
                               f"a probability must be in [0, 1], got {p['failure_prob']}")
+        if p["queue_model"] == "trace" and not p["trace"]:
+            raise ConfigError(source, f"sites.{s.name}.compute.sim.trace",
+                              "queue_model 'trace' needs the name of a shipped trace "
+                              "(e.g. Mira-2018)")
         if s.launcher["type"] != "none":
             raise ConfigError(source, f"sites.{s.name}.launcher.type",
                               "simulated sites run each ClientApp as one process; "

@@ -663,10 +663,11 @@ class HPCGrid(Grid):
                 bytes_from_site: int = 0, fetch_s: float = 0.0, error: str | None = None) -> None:
         timing = self.delivery.timing(task, outcome, result, fetch_s)
         self.timings.add(timing)
+        rt = self.sites.get(task.node.site)
         self.task_log.write(task_record(
             task, outcome, timing, run_id=self._run.run_id if self._run else None,
             virtual=self.clock.virtual, result=result, bytes_from_site=bytes_from_site,
-            fetch_s=fetch_s, error=error))
+            fetch_s=fetch_s, error=error, nodes=rt.nodes if rt else 1))
 
     def close(self) -> None:
         """Drop in-flight tasks and shut every site backend down (kills local workers)."""

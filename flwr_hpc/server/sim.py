@@ -71,19 +71,23 @@ class VirtualDelivery:
         """
         backend = grid.sites[task.node.site].backend
         assert isinstance(backend, SimSiteBackend)
-        plan = backend.plan(task.phase, task.steps, array_bytes(task.message))
         now = self.clock.now()
+        plan = backend.plan(task.phase, task.steps, array_bytes(task.message), now)
         self._plans[task.message_id] = plan
         self._due[task.message_id] = now + plan.total_s
         task.submitted_at = now
         if not plan.fails:
             return None
-        return Message(
-            Error(ErrorCode.NODE_UNAVAILABLE,
-                  f"simulated failure: the job at site '{task.node.site}' died after "
-                  f"{plan.queue_wait_s + plan.run_s:.0f} s (failure_prob="
-                  f"{backend.params['failure_prob']})"),
-            reply_to=task.message)
+        if plan.killed:
+            why = (f"simulated walltime: the job at site '{task.node.site}' was killed at its "
+                   f"walltime of {plan.run_s:.0f} s (sim.walltime_s; it needed "
+                   f"{backend.params['startup_s']:g} s + {task.steps or 0} steps x "
+                   f"{backend.params['step_s']:g} s)")
+        else:
+            why = (f"simulated failure: the job at site '{task.node.site}' died after "
+                   f"{plan.queue_wait_s + plan.run_s:.0f} s (failure_prob="
+                   f"{backend.params['failure_prob']})")
+        return Message(Error(ErrorCode.NODE_UNAVAILABLE, why), reply_to=task.message)
 
     def finished_at(self, task: Task) -> float:
         """The planned end of ``task`` (now, if it has no plan)."""

@@ -27,6 +27,7 @@ class SiteRuntime:
     store: PayloadStore
     apps_dir: Path
     job_extras: dict[str, Any] = field(default_factory=dict)  # launcher, thread share
+    nodes: int = 1  # compute nodes per job (node-hour accounting)
 
 
 def local_thread_share(federation: FederationConfig) -> int:
@@ -94,7 +95,7 @@ def build_sites(federation: FederationConfig, *, run_dir: Path, flwr_home: Path,
             if s.compute["type"] in ("local", "sim"):
                 extras["threads"] = threads
             sites[s.name] = SiteRuntime(backend=backend, store=store, apps_dir=root / "apps",
-                                        job_extras=extras)
+                                        job_extras=extras, nodes=s.nodes_per_job())
     except BaseException:
         for rt in sites.values():
             rt.backend.close()

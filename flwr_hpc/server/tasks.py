@@ -105,8 +105,14 @@ def wall_timing(task: Task, outcome: str, result: dict | None, fetch_s: float) -
 
 def task_record(task: Task, outcome: str, timing: TaskTiming, *, run_id: int | None,
                 virtual: bool, result: dict | None = None, bytes_from_site: int = 0,
-                fetch_s: float = 0.0, error: str | None = None) -> dict[str, Any]:
-    """The task's ``tasks.jsonl`` row (fields: :data:`~flwr_hpc.server.telemetry.TASK_FIELDS`)."""
+                fetch_s: float = 0.0, error: str | None = None, nodes: int = 1
+                ) -> dict[str, Any]:
+    """The task's ``tasks.jsonl`` row (fields: :data:`~flwr_hpc.server.telemetry.TASK_FIELDS`).
+
+    ``node_hours`` is what the allocation is charged: the run time times the ``nodes`` the
+    job holds (queue time is free; a job that failed or was killed is charged for the time
+    it ran, when that is known).
+    """
     result = result or {}
     return {
         "run_id": run_id,
@@ -125,6 +131,9 @@ def task_record(task: Task, outcome: str, timing: TaskTiming, *, run_id: int | N
         "transfer_s": _r6(timing.transfer_s),
         "turnaround_s": _r6(timing.turnaround_s),
         "steps": task.steps,
+        "nodes": nodes,
+        "node_hours": (None if timing.run_s is None
+                       else round(timing.run_s * nodes / 3600.0, 9)),
         "clock": "virtual" if virtual else "server",
         "ranks": result.get("ranks", 1),
         "launcher": result.get("launcher", "none"),

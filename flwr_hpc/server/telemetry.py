@@ -20,7 +20,7 @@ TASK_FIELDS = (
     "run_id", "message_id", "node_id", "site", "phase", "round", "outcome",
     "bytes_to_site", "bytes_from_site", "stage_s", "queue_wait_s", "run_s", "fetch_s",
     "transfer_s", "turnaround_s", "steps", "clock", "submitted_at", "error",
-    "ranks", "launcher", "worker_pid", "load_s",
+    "ranks", "launcher", "worker_pid", "load_s", "nodes", "node_hours",
 )
 
 

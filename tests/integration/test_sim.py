@@ -53,8 +53,12 @@ def test_virtual_time_orders_replies_and_applies_the_deadline_virtually(grid_fac
     assert fast.turnaround_s == pytest.approx(expected_turnaround(100.0, 3), abs=1e-3)
     assert fast.steps == 3 and fast.submitted_at == 0.0
     records = [json.loads(x) for x in grid.task_log.path.read_text().splitlines()]
-    assert {(r["site"], r["outcome"], r["clock"]) for r in records} == {
-        ("fast", "ok", "virtual"), ("slow", "timeout", "virtual")}
+    # the slow task's real run goes on after its virtual deadline: when its result comes
+    # in before this line it is recorded once more, as late-discarded (a CI run under load
+    # caught that race; the timeout record comes first either way)
+    outcomes = [(r["site"], r["outcome"], r["clock"]) for r in records]
+    assert outcomes[:2] == [("fast", "ok", "virtual"), ("slow", "timeout", "virtual")]
+    assert outcomes[2:] in ([], [("slow", "late-discarded", "virtual")])
 
 
 def test_wait_any_advances_to_the_next_completion(grid_factory):
