@@ -2,9 +2,10 @@
 
 Contract
 --------
-* Every idle node is asked to train on the current global model at every aggregation
-  step (a Flower "round" here is one aggregation): no site ever waits for another one's
-  batch queue.
+* Every node is always training: a node whose reply arrives is asked again at once with
+  the current global model (Nguyen et al., "Federated Learning with Buffered Asynchronous
+  Aggregation", AISTATS 2022; a Flower "round" here is one aggregation), so no site ever
+  waits for another one's batch queue or for the buffer to fill.
 * An aggregation happens as soon as ``buffer_size`` (K) usable updates have arrived, from
   whichever rounds they were dispatched in (or at ``deadline_s`` on the grid's clock with
   what has arrived, if a deadline is set).
@@ -49,6 +50,7 @@ class BufferedAsyncFedAvg(ScheduledFedAvg):
     """
 
     normalize_by_staleness = False
+    redispatch_on_arrival = True
 
     def __init__(self, *, buffer_size: int = 2, **kwargs: Any) -> None:
         if buffer_size < 1:

@@ -19,6 +19,11 @@ keys onto their constructor arguments, so ``strategy=fedadam strategy.eta=0.01``
                           ``server_learning_rate``, ``staleness_exponent``, ...)
 ``queue_aware``           ``strategies.queue_aware.QueueAwareFedAvg`` (``target_round_s``,
                           ``min_steps``, ``max_steps``, ``lr_exponent``, ``ewma_alpha``, ...)
+``fedasync``              ``strategies.fedasync.FedAsync`` (``alpha``, ``staleness_exponent``)
+``fedqueue``              ``strategies.fedqueue.FedQueue`` (``t_sync``, ``theta``,
+                          ``alpha_admission``, ``admission_tolerance``, ``warm_up_steps``, ...)
+``fedcompass``            ``strategies.fedcompass.FedCompass`` (``min_steps``, ``max_steps``,
+                          ``latest_time_factor``, ``speed_momentum``, ``alpha``)
 ========================  ==================================================================
 
 ``dp.type: central-server`` / ``central-client`` wraps the strategy in Flower's
@@ -88,7 +93,9 @@ def _base_strategy(job: Mapping[str, Any]) -> Strategy:
 
         return STREAMING[flower_class]
 
-    if name in ("deadline", "fedbuff", "queue_aware"):
+    from strategies.job import SCHEDULED
+
+    if name in SCHEDULED:
         return _scheduled(job, common)
     if name == "fedavg":
         return cls(FedAvg)(**common)
@@ -121,6 +128,27 @@ def _scheduled(job: Mapping[str, Any], common: dict[str, Any]) -> Strategy:
 
         return BufferedAsyncFedAvg(buffer_size=s["buffer_size"],
                                    server_lr=s["server_learning_rate"], **kwargs)
+    if s["name"] == "fedasync":
+        from strategies.fedasync import FedAsync
+
+        return FedAsync(alpha=s["alpha"], **kwargs)
+    if s["name"] == "fedqueue":
+        from strategies.fedqueue import FedQueue
+
+        return FedQueue(t_sync=s["t_sync"], theta=s["theta"],
+                        alpha_admission=s["alpha_admission"],
+                        admission_tolerance=s["admission_tolerance"],
+                        beta_queue=s["beta_queue"], alpha_compute=s["alpha_compute"],
+                        q_init=s["q_init"],
+                        warm_up_steps=s["warm_up_steps"] or job["train"]["local_steps"],
+                        max_steps=s["max_steps"], **kwargs)
+    if s["name"] == "fedcompass":
+        from strategies.fedcompass import FedCompass
+
+        return FedCompass(min_steps=s["min_steps"],
+                          max_steps=s["max_steps"] or 4 * job["train"]["local_steps"],
+                          latest_time_factor=s["latest_time_factor"],
+                          speed_momentum=s["speed_momentum"], alpha=s["alpha"], **kwargs)
     from strategies.queue_aware import QueueAwareFedAvg
 
     return QueueAwareFedAvg(default_steps=job["train"]["local_steps"], min_steps=s["min_steps"],

@@ -36,9 +36,9 @@ from flwr_hpc.strategy.tracking import TRACKERS
 
 APP_CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
-              "deadline", "fedbuff", "queue_aware")
+              "deadline", "fedbuff", "queue_aware", "fedasync", "fedqueue", "fedcompass")
 # scheduler-aware: train tasks span rounds (strategies/scheduled.py)
-SCHEDULED = ("deadline", "fedbuff", "queue_aware")
+SCHEDULED = ("deadline", "fedbuff", "queue_aware", "fedasync", "fedqueue", "fedcompass")
 DP_TYPES = ("none", "opacus", "central-server", "central-client")
 
 _LORA = {
@@ -120,7 +120,8 @@ STRATEGY = {
     # stop after the round that ends past this many seconds on the grid's clock (virtual
     # under the simulator): an allocation's time budget. null = run num_rounds.
     "time_budget_s": Field("float", default=None, minimum=0.0),
-    # scheduler-aware strategies (deadline, fedbuff, queue_aware)
+    # scheduler-aware strategies (deadline, fedbuff, queue_aware, fedasync, fedqueue,
+    # fedcompass)
     "quorum": Field("float", default=0.5, minimum=0.0),        # deadline: share of asked nodes
     "deadline_s": Field("float", default=None, minimum=0.0),    # round deadline, grid clock
     "staleness_exponent": Field("float", default=0.5, minimum=0.0),  # s = (1+tau)^-a
@@ -132,6 +133,21 @@ STRATEGY = {
     "lr_exponent": Field("float", default=0.5, minimum=0.0),    # lr x (default/steps)^e
     "lr_scale_max": Field("float", default=4.0, minimum=1.0),
     "ewma_alpha": Field("float", default=0.3, minimum=0.0),     # queue-wait prediction
+    # fedasync / fedcompass: mixing weight of an update (fedcompass divides it by N)
+    "alpha": Field("float", default=0.9, minimum=0.0, maximum=1.0),
+    # fedqueue (APPFL's defaults): target seconds between aggregations, safety margin,
+    # admission slack (share of t_sync), timer tolerance, EWMA weights, initial queue estimate
+    "t_sync": Field("float", default=3600.0, minimum=1.0),
+    "theta": Field("float", default=60.0, minimum=0.0),
+    "alpha_admission": Field("float", default=0.2, minimum=0.0),
+    "admission_tolerance": Field("float", default=0.15, minimum=0.0),
+    "beta_queue": Field("float", default=0.5, minimum=0.0, maximum=1.0),
+    "alpha_compute": Field("float", default=0.5, minimum=0.0, maximum=1.0),
+    "q_init": Field("float", default=2.0, minimum=0.0),
+    "warm_up_steps": Field("int", default=None, minimum=1),    # null = train.local_steps
+    # fedcompass: a group's latest arrival / expected one; weight of the newest speed
+    "latest_time_factor": Field("float", default=1.5, minimum=1.0),
+    "speed_momentum": Field("float", default=0.9, minimum=0.0, maximum=1.0),
 }
 DP = {
     "type": Field("str", default="none", choices=DP_TYPES),
@@ -173,6 +189,11 @@ STRATEGY_KEYS: dict[str, tuple[str, ...]] = {
     "fedbuff": ("buffer_size", "server_learning_rate", *_SCHEDULED),
     "queue_aware": ("quorum", "target_round_s", "min_steps", "max_steps", "lr_exponent",
                     "lr_scale_max", "ewma_alpha", *_SCHEDULED),
+    "fedasync": ("alpha", *_SCHEDULED),
+    "fedqueue": ("t_sync", "theta", "alpha_admission", "admission_tolerance", "beta_queue",
+                 "alpha_compute", "q_init", "warm_up_steps", "max_steps", *_SCHEDULED),
+    "fedcompass": ("min_steps", "max_steps", "latest_time_factor", "speed_momentum", "alpha",
+                   *_SCHEDULED),
 }
 # Where the model lives for the server (strategies/site_model.py): null = the ServerApp
 # loads the base model (initial adapter, central evaluation, saved adapters); a site name =

@@ -81,8 +81,11 @@ class ScheduledFedAvg(FedAvg):
     streaming = False  # rounds.start hands over a list (this strategy pulls its own replies)
     # tasks in flight, the base models they started from, this round's ids, the grid: the
     # submitting process's state; a resumed run starts with none in flight
-    checkpoint_transient = ("_inflight", "_models", "_dispatched", "_grid")
+    checkpoint_transient = ("_inflight", "_models", "_dispatched", "_grid", "_round_config")
     normalize_by_staleness = True
+    # a node whose reply arrives is asked again at once with the current global model
+    # (FedBuff: nobody waits for the buffer to fill), instead of at the next round
+    redispatch_on_arrival = False
 
     def __init__(self, *, staleness_exponent: float = 0.5, max_staleness: int = 8,
                  server_lr: float = 1.0, deadline_s: float | None = None,
@@ -106,6 +109,7 @@ class ScheduledFedAvg(FedAvg):
         self._round_started = 0.0
         self._dispatched: set[str] = set()  # this round's message ids
         self._failed_nodes = 0
+        self._round_config = ConfigRecord()
 
     # ------------------------------------------------------------------ hooks
 
@@ -132,26 +136,40 @@ class ScheduledFedAvg(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         self._grid = grid
         self._models[self.version] = arrays
+        self._round_config = config
         self._round_started = grid_now(grid)
         all_nodes = sorted(grid.get_node_ids())
         busy = {t.node_id for t in self._inflight.values()}
         idle = [n for n in all_nodes if n not in busy]
         nodes = sorted(self.select_train_nodes(server_round, idle, all_nodes))
+        self._dispatched = set(self._push(server_round, nodes))
+        log.info("configure_train: asked %d node(s) (%d busy from earlier rounds, %d idle)",
+                 len(nodes), len(busy), len(idle) - len(nodes))
+        return []  # pushed already: Flower's loop has nothing to send and wait for
+
+    def _push(self, server_round: int, nodes: list[int]) -> list[str]:
+        """Send ``nodes`` a train task on the current global model (this round's config,
+        through :meth:`node_train_config`); record them in flight; return the ids."""
+        arrays = self._models[self.version]
         messages = []
         for node in nodes:
-            cfg = ConfigRecord(dict(config))
+            cfg = ConfigRecord(dict(self._round_config))
             cfg["server-round"] = server_round
             cfg = self.node_train_config(server_round, node, cfg)
             content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
             messages.append(Message(content=content, dst_node_id=node,
                                     message_type=MessageType.TRAIN, group_id=str(server_round)))
-        ids = list(grid.push_messages(messages)) if messages else []
-        self._dispatched = set(ids)
+        ids = list(self._grid.push_messages(messages)) if messages else []
         for mid, node in zip(ids, nodes, strict=True):
             self._inflight[mid] = InFlight(node, server_round, self.version)
-        log.info("configure_train: asked %d node(s) (%d busy from earlier rounds, %d idle)",
-                 len(nodes), len(busy), len(idle) - len(nodes))
-        return []  # pushed already: Flower's loop has nothing to send and wait for
+        return ids
+
+    def on_arrival(self, server_round: int, task: InFlight, reply: Message) -> None:
+        """Called for a reply collected while its round stays open (the replies that close
+        a round are asked again by the next round, on the new model); asks the node again
+        at once, on the current model, when :attr:`redispatch_on_arrival` is set."""
+        if self.redispatch_on_arrival:
+            self._push(server_round, [task.node_id])
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -189,11 +207,16 @@ class ScheduledFedAvg(FedAvg):
             batch = self._next_replies(grid, until)
             if not batch:
                 break  # the deadline
+            closed = False
             for task, reply in batch:
                 got.append((task, reply))
                 if not reply.has_error():
                     arrived += 1
                     fresh += task.round == server_round
+                closed = closed or self.round_closed(server_round, fresh, arrived,
+                                                     len(self._dispatched), len(self._inflight))
+                if not closed:  # the arrivals that close the round wait for its model
+                    self.on_arrival(server_round, task, reply)
         # whatever else is already in is merged now rather than next round
         now = grid_now(grid)
         while self._inflight and (batch := self._next_replies(grid, now, block=False)):
@@ -235,8 +258,10 @@ class ScheduledFedAvg(FedAvg):
         return reply_problem(reply.content, train=True, weighted_by_key=self.weighted_by_key,
                              reference=self._models.get(task.version))
 
-    def _merge(self, current: ArrayRecord, updates: list[tuple[InFlight, Message]]
-               ) -> tuple[ArrayRecord | None, Any]:
+    def _screen(self, updates: list[tuple[InFlight, Message]]
+                ) -> tuple[list[tuple[float, float, InFlight, Message]], int, int]:
+        """``(used, failed, dropped_stale)``: the usable updates as ``(num-examples,
+        staleness weight, task, reply)``."""
         used: list[tuple[float, float, InFlight, Message]] = []
         dropped_stale = failed = 0
         for task, reply in updates:
@@ -256,10 +281,33 @@ class ScheduledFedAvg(FedAvg):
             n = float(metrics[self.weighted_by_key])
             used.append((n, staleness_weight(tau, self.staleness_exponent), task, reply))
         self._failed_nodes += failed
+        return used, failed, dropped_stale
+
+    def _merge(self, current: ArrayRecord, updates: list[tuple[InFlight, Message]]
+               ) -> tuple[ArrayRecord | None, Any]:
+        used, failed, dropped_stale = self._screen(updates)
         if not used:
             log.warning("no usable update this round (%d failed, %d too stale); the global "
                         "model is unchanged", failed, dropped_stale)
             return None, None
+        out = self.combine(current, used)
+        taus = [self.version - t.version for _, _, t, _ in used]
+        metrics = self.train_metrics_aggr_fn(
+            [reply.content for _, _, _, reply in used], self.weighted_by_key)
+        metrics["updates"] = len(used)
+        metrics["stale-updates"] = sum(t > 0 for t in taus)
+        metrics["staleness-mean"] = float(np.mean(taus))
+        metrics["staleness-max"] = int(max(taus))
+        metrics["failed-updates"] = failed
+        metrics["dropped-stale"] = dropped_stale
+        log.info("merged %d update(s) (%d stale, max staleness %d)", len(used),
+                 metrics["stale-updates"], metrics["staleness-max"])
+        return out, metrics
+
+    def combine(self, current: ArrayRecord,
+                used: list[tuple[float, float, InFlight, Message]]) -> ArrayRecord:
+        """The new global model from the usable updates (``(num-examples, staleness
+        weight, task, reply)``): FedAvg on deltas, see the module docstring."""
         coeffs = [n * s for n, s, _, _ in used]
         norm = sum(coeffs) if self.normalize_by_staleness else sum(n for n, _, _, _ in used)
         total: dict[str, np.ndarray] = {}
@@ -277,18 +325,7 @@ class ScheduledFedAvg(FedAvg):
             values = arr.numpy()
             out[key] = Array((values.astype(np.float64) + self.server_lr * total[key])
                              .astype(values.dtype))
-        taus = [self.version - t.version for _, _, t, _ in used]
-        metrics = self.train_metrics_aggr_fn(
-            [reply.content for _, _, _, reply in used], self.weighted_by_key)
-        metrics["updates"] = len(used)
-        metrics["stale-updates"] = sum(t > 0 for t in taus)
-        metrics["staleness-mean"] = float(np.mean(taus))
-        metrics["staleness-max"] = int(max(taus))
-        metrics["failed-updates"] = failed
-        metrics["dropped-stale"] = dropped_stale
-        log.info("merged %d update(s) (%d stale, max staleness %d)", len(used),
-                 metrics["stale-updates"], metrics["staleness-max"])
-        return ArrayRecord(out), metrics
+        return ArrayRecord(out)
 
     def _forget_models(self) -> None:
         keep = {t.version for t in self._inflight.values()} | {self.version}
@@ -302,6 +339,25 @@ class ScheduledFedAvg(FedAvg):
                  self.max_staleness, self.server_lr,
                  "none" if self.deadline_s is None else f"{self.deadline_s:.0f} s")
         super().summary()
+
+
+def mix_models(current: ArrayRecord, parts: list[tuple[float, ArrayRecord]]) -> ArrayRecord:
+    """``w + sum_i c_i (w_i - w)`` = ``(1 - sum c_i) w + sum_i c_i w_i`` for ``parts`` =
+    ``[(c_i, w_i)]``: the model-mixing update of FedAsync, FedCompass and FedQueue (which
+    mix *models*, not deltas against each update's base); in float64, cast back."""
+    out = {}
+    for key, arr in current.items():
+        w = arr.numpy().astype(np.float64)
+        acc = w.copy()
+        for c, record in parts:
+            acc += c * (record[key].numpy().astype(np.float64) - w)
+        out[key] = Array(acc.astype(arr.numpy().dtype))
+    return ArrayRecord(out)
+
+
+def model_of(reply: Message) -> ArrayRecord:
+    """The (one) ArrayRecord a train reply carries."""
+    return next(iter(reply.content.array_records.values()))
 
 
 def quorum_count(quorum: float, dispatched: int) -> int:
