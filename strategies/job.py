@@ -311,7 +311,7 @@ def _check_scheduled(job: dict, choices: Mapping[str, str]) -> None:
                           f"must be in (0, 1], got {s['ewma_alpha']}")
     if s.get("server_learning_rate", 1.0) <= 0:
         raise ConfigError(source, "strategy.server_learning_rate", "must be > 0")
-    if s.get("max_steps") is not None and s["max_steps"] < s["min_steps"]:
+    if s.get("max_steps") is not None and s["max_steps"] < s.get("min_steps", 1):
         raise ConfigError(source, "strategy.max_steps",
                           f"must be >= strategy.min_steps ({s['min_steps']})")
 

@@ -8,7 +8,7 @@
     flwr-hpc report RUN_ID... [--out DIR]                       plots and a summary
     flwr-hpc bench transport --clients N --size-mb S [--rounds R] [--json]
                                                                 flwr-hpc vs Flower vs floor
-    flwr-hpc bench schedulers [--hours H] [--seed S] [--json] [--out DIR]
+    flwr-hpc bench schedulers [--federation F] [--seeds 0,1,2] [--jobs 2] [--out DIR]
                                           FedAvg vs scheduler-aware strategies, virtual time
 
 OVERRIDES are Hydra overrides, e.g. ``federation=local federation.sites.beta.clients=3``.
@@ -438,6 +438,16 @@ def cmd_bench_schedulers(args: argparse.Namespace) -> int:
     if args.hours <= 0:
         print("error: --hours must be > 0", file=sys.stderr)
         return 2
+    try:
+        seeds = tuple(int(x) for x in str(args.seeds).split(",") if x.strip())
+    except ValueError:
+        print(f"error: --seeds: expected comma-separated integers, got {args.seeds!r}",
+              file=sys.stderr)
+        return 2
+    if not seeds or args.jobs < 1:
+        print("error: --seeds needs at least one seed and --jobs must be >= 1",
+              file=sys.stderr)
+        return 2
     bench._quiet()
 
     def say(text: str) -> None:
@@ -445,15 +455,16 @@ def cmd_bench_schedulers(args: argparse.Namespace) -> int:
 
     result = bench.bench_schedulers(
         strategies, federation=args.federation, hours=args.hours,
-        local_steps=args.local_steps, seed=args.seed, target_loss=args.target_loss,
+        local_steps=args.local_steps, seeds=seeds, jobs=args.jobs,
+        target_loss=args.target_loss,
         workdir=Path(args.workdir) if args.workdir else None, progress=say)
     if args.out:
-        for path in bench.write_outputs(result, Path(args.out)):
+        for path in bench.write_outputs(result, Path(args.out), args.name):
             say(f"[bench schedulers] wrote {path}")
     if args.json:
-        slim = {k: v for k, v in result.items() if k != "strategies"}
-        slim["strategies"] = {k: {kk: vv for kk, vv in r.items() if kk != "curve"}
-                              for k, r in result["strategies"].items()}
+        slim = {k: v for k, v in result.items() if k != "runs"}
+        slim["runs"] = {k: {s: {kk: vv for kk, vv in r.items() if kk != "curve"}
+                            for s, r in runs.items()} for k, runs in result["runs"].items()}
         print(json.dumps(slim, sort_keys=True))
     else:
         print(bench.format_table(result))
@@ -708,24 +719,32 @@ def _bench_transport(
 @bench_app.command("schedulers")
 def _bench_schedulers(
         strategies: Annotated[str, typer.Option(
-            help="comma-separated; the first is the baseline")] = "fedavg,deadline,fedbuff,"
-                                                                  "queue_aware",
-        federation: Annotated[str, typer.Option(help="a simulated federation")] = (
+            help="comma-separated; the first is the baseline that sets the target")] = (
+            "fedavg,fedqueue,fedcompass,fedasync,fedbuff,deadline,queue_aware"),
+        federation: Annotated[str, typer.Option(
+            help="a simulated federation (sim_4facilities, sim_doe_traces)")] = (
             "sim_4facilities"),
-        hours: Annotated[float, typer.Option(help="virtual hours per strategy")] = 48.0,
+        hours: Annotated[float, typer.Option(help="virtual hours per run")] = 48.0,
         local_steps: Annotated[int, typer.Option(
             help="default local steps per train task")] = 10,
-        seed: Annotated[int, typer.Option(help="seed of the simulated facilities")] = 0,
+        seeds: Annotated[str, typer.Option(
+            help="comma-separated seeds of the simulated facilities")] = "0",
+        jobs: Annotated[int, typer.Option(help="runs at a time (processes)")] = 1,
         target_loss: Annotated[float | None, typer.Option(
-            help="eval loss to reach (default: the baseline's final eval loss)")] = None,
+            help="eval loss to reach (default: the baseline's worst final loss over the "
+                 "seeds)")] = None,
         json_out: JsonFlag = False,
         out: Annotated[str | None, typer.Option(
-            help="write schedulers.json/.md/.svg into this directory")] = None,
+            help="write <name>.json/.md/.png/.svg into this directory")] = None,
+        name: Annotated[str, typer.Option(help="file name stem of --out")] = "schedulers",
         workdir: Workdir = None) -> None:
-    """FedAvg vs scheduler-aware strategies on simulated facilities, in virtual time."""
+    """Scheduler-aware strategies vs FedAvg and APPFL's baselines on simulated facilities,
+    in virtual time, over seeds.
+    """
     _dispatch(cmd_bench, bench_command="schedulers", strategies=strategies,
-              federation=federation, hours=hours, local_steps=local_steps, seed=seed,
-              target_loss=target_loss, json=json_out, out=out, workdir=workdir)
+              federation=federation, hours=hours, local_steps=local_steps, seeds=seeds,
+              jobs=jobs, target_loss=target_loss, json=json_out, out=out, name=name,
+              workdir=workdir)
 
 
 def run_config_of(pairs: list[str]) -> dict[str, Any]:
