@@ -49,7 +49,9 @@ def die_with_parent(parent_pid: int | None = None, poll_s: float = 0.5) -> None:
     ``parent_pid``: the pid of the process that starts us (``os.getpid()`` there, passed
     as the initializer's argument), so a parent that died before this ran is noticed too.
     A daemon thread watches the parent's pid and ends this process (``os._exit``) once
-    the parent is gone (the process is re-parented). Linux's ``PR_SET_PDEATHSIG`` is not
+    the parent is gone (the process is re-parented). A worker forked by a forkserver
+    (:func:`flwr_hpc.compute.local.worker_context`) watches both: the forkserver (it ends
+    with the process that started it) and ``parent_pid`` itself. Linux's ``PR_SET_PDEATHSIG`` is not
     used: it fires when the *thread* that forked us exits, not the process, so a worker
     started from a short-lived thread (Flower's legacy ``Server`` sends every round's
     messages from a new thread pool) would be killed after every round.
@@ -58,16 +60,41 @@ def die_with_parent(parent_pid: int | None = None, poll_s: float = 0.5) -> None:
     import time
 
     parent = os.getppid() if parent_pid is None else parent_pid
-    if os.getppid() != parent:  # the parent died before we got here
+    first_ppid = os.getppid()  # the parent, or the forkserver that forked us for it
+
+    def gone() -> bool:
+        if os.getppid() != first_ppid:  # re-parented: whoever started us is gone
+            return True
+        if first_ppid == parent:
+            return False
+        try:  # started by a forkserver: watch the process it works for as well
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    if gone() or (parent_pid is not None and first_ppid != parent
+                  and not _forked_for(parent)):  # the parent died before we got here
         os._exit(1)
 
     def watch() -> None:
         while True:
             time.sleep(poll_s)
-            if os.getppid() != parent:
+            if gone():
                 os._exit(1)
 
     threading.Thread(target=watch, name="flwr-hpc-parent-watch", daemon=True).start()
+
+
+def _forked_for(parent: int) -> bool:
+    """Whether our parent is a forkserver started by ``parent`` (its parent)."""
+    try:
+        with open(f"/proc/{os.getppid()}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1]) == parent
+    except (OSError, ValueError, IndexError):
+        return True  # cannot tell (no /proc): trust the pid checks
 
 
 # glibc: allocations of at least this many bytes are mmap-ed and unmapped when freed

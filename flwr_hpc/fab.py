@@ -188,3 +188,25 @@ def install_fab(fab_bytes: bytes, fab_hash: str, install_dir: Path) -> Path:
         for stale in apps.glob(".installing-*"):
             shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+# Libraries worth importing once in a site's forkserver (flwr_hpc.compute.local) instead of
+# in every worker it starts: seconds of import each. Only third-party packages: the app's
+# own modules must come from the installed FAB, never from a preloaded copy.
+PRELOADABLE = ("torch", "transformers", "peft", "opacus", "datasets", "flwr_datasets")
+_IMPORT_LINE = re.compile(rb"^\s*(?:import|from)\s+([A-Za-z_][A-Za-z0-9_]*)", re.MULTILINE)
+
+
+def heavy_imports(fab_bytes: bytes) -> list[str]:
+    """The :data:`PRELOADABLE` libraries the FAB's Python files import (sorted); ``[]``
+    for an unreadable FAB (it is checked properly where it is installed).
+    """
+    found: set[str] = set()
+    try:
+        with zipfile.ZipFile(io.BytesIO(fab_bytes)) as zf:
+            for info in zf.infolist():
+                if info.filename.endswith(".py") and info.file_size <= 4 << 20:
+                    found.update(m.decode() for m in _IMPORT_LINE.findall(zf.read(info)))
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return []
+    return sorted(found & set(PRELOADABLE))

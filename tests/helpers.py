@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -39,12 +40,19 @@ def cli(*args: str, cwd: Path | None = None, timeout: float = 180,
 def child_python_processes() -> list[psutil.Process]:
     """Live (non-zombie) descendants of this test process."""
     out = []
+    me = os.getpid()
     for p in psutil.Process().children(recursive=True):
         try:
             if p.status() == psutil.STATUS_ZOMBIE:
                 continue
-            # multiprocessing's shared resource tracker lives as long as the interpreter
-            if "multiprocessing.resource_tracker" in " ".join(p.cmdline()):
+            # multiprocessing's shared resource tracker lives as long as the interpreter,
+            # and so does the forkserver that starts local site workers with their heavy
+            # libraries imported (flwr_hpc.compute.local.worker_context): helpers of this
+            # process, not leftovers -- the workers it forks are its children and count
+            cmd = " ".join(p.cmdline())
+            if "multiprocessing.resource_tracker" in cmd:
+                continue
+            if "multiprocessing.forkserver" in cmd and p.ppid() == me:
                 continue
             out.append(p)
         except psutil.NoSuchProcess:

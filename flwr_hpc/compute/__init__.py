@@ -8,10 +8,12 @@ from flwr_hpc.compute.base import ComputeBackend
 from flwr_hpc.config import SiteConfig
 
 
-def make_backend(site: SiteConfig, run_dir: Path) -> ComputeBackend:
+def make_backend(site: SiteConfig, run_dir: Path, preload: tuple[str, ...] = ()
+                 ) -> ComputeBackend:
     """The backend for ``site``'s ``compute.type``: a local engine for ``local`` and
     ``sim`` (a simulated site's real work runs here too), a Globus Compute executor for
-    ``globus``; ``run_dir`` is the local engine's working directory.
+    ``globus``; ``run_dir`` is the local engine's working directory, ``preload`` the
+    libraries its workers' forkserver imports once (:func:`flwr_hpc.compute.local.worker_context`).
     """
     kind = site.compute["type"]
     if kind in ("local", "sim"):  # sim: the real work of a simulated site runs here too
@@ -22,6 +24,7 @@ def make_backend(site: SiteConfig, run_dir: Path) -> ComputeBackend:
             engine=site.compute["engine"],
             workers=site.compute["workers"],
             run_dir=run_dir,
+            preload=preload,
         )
     if kind == "globus":
         from flwr_hpc.compute.globus import GlobusComputeBackend

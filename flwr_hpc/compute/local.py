@@ -32,18 +32,33 @@ from flwr_hpc.protocol import RESULT_SERIALIZERS, task_serializer
 
 log = logging.getLogger(__name__)
 
-def _make_engine(engine: str, workers: int, run_dir: Path):
+def worker_context(preload: tuple[str, ...] = ()) -> multiprocessing.context.BaseContext:
+    """How local site workers are started: ``spawn`` (never ``fork``: the server process
+    is multi-threaded), or -- with ``preload`` (the heavy libraries the app imports,
+    :func:`flwr_hpc.fab.heavy_imports`) and ``FLWR_HPC_FORKSERVER`` not ``0`` -- a
+    ``forkserver`` that imported them once, so each worker starts in milliseconds instead
+    of re-importing torch and transformers (seconds each). The forkserver is one per
+    process and single-threaded (forking from it is safe); it keeps its first preload list
+    and ends with the process that started it.
+    """
+    if not preload or os.environ.get("FLWR_HPC_FORKSERVER", "1") == "0":
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(sorted(preload))
+    return ctx
+
+
+def _make_engine(engine: str, workers: int, run_dir: Path, preload: tuple[str, ...] = ()):
     allowed = [DillCode, JSONData]
     if engine == "process-pool":
         from globus_compute_endpoint.engines import ProcessPoolEngine
 
         from flwr_hpc._proc import die_with_parent
 
-        # spawn, not fork: the server process is multi-threaded. Workers die with the
-        # runner, so a killed runner leaves nothing running.
+        # Workers die with the runner, so a killed runner leaves nothing running.
         return ProcessPoolEngine(
             max_workers=workers,
-            mp_context=multiprocessing.get_context("spawn"),
+            mp_context=worker_context(preload),
             initializer=die_with_parent,
             initargs=(os.getpid(),),
             allowed_serializers=allowed,
@@ -74,15 +89,16 @@ class LocalEngineBackend(ComputeBackend):
     """One site backed by a Globus Compute engine on this machine."""
 
     def __init__(self, site: str, engine: str = "process-pool", workers: int = 1,
-                 run_dir: str | Path | None = None) -> None:
+                 run_dir: str | Path | None = None, preload: tuple[str, ...] = ()) -> None:
         super().__init__(site)
         self.engine_name = engine
         self.workers = workers
+        self.preload = tuple(preload)
         self._own_run_dir = run_dir is None
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix=f"flwr-hpc-{site}-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._serde = task_serializer()
-        self._engine = _make_engine(engine, workers, self.run_dir)
+        self._engine = _make_engine(engine, workers, self.run_dir, self.preload)
         self._engine.start(endpoint_id=uuid.uuid4(), run_dir=str(self.run_dir))
         self._closed = False
 
@@ -127,7 +143,8 @@ class LocalEngineBackend(ComputeBackend):
                 self._engine.shutdown(block=False)
             except Exception:  # noqa: BLE001
                 pass
-            self._engine = _make_engine(self.engine_name, self.workers, self.run_dir)
+            self._engine = _make_engine(self.engine_name, self.workers, self.run_dir,
+                                        self.preload)
             self._engine.start(endpoint_id=uuid.uuid4(), run_dir=str(self.run_dir))
 
     def _worker_pids(self) -> list[int]:

@@ -139,12 +139,13 @@ def make_replay(site: str, params: dict[str, Any]) -> TraceReplay:
                        mode=str(params.get("replay", "sequential")))
 
 
-def make_sim_backends(federation: Any, run_dir: Path) -> dict[str, SimSiteBackend]:
+def make_sim_backends(federation: Any, run_dir: Path, preload: tuple[str, ...] = ()
+                      ) -> dict[str, SimSiteBackend]:
     """One :class:`SimSiteBackend` per site, sharing one local process pool."""
     from flwr_hpc.compute.local import LocalEngineBackend
 
     first = federation.sites[0]
     runner = LocalEngineBackend("sim", engine=first.compute["engine"],
                                 workers=max(1, first.compute["workers"]),
-                                run_dir=run_dir / "sites" / "sim")
+                                run_dir=run_dir / "sites" / "sim", preload=preload)
     return {s.name: SimSiteBackend(s.name, s.compute["sim"], runner) for s in federation.sites}

@@ -155,8 +155,10 @@ class HPCGrid(Grid):
         """Build backends (unless given) and stores for every site and return a ready
         grid. :func:`flwr_hpc.server.wiring.make_grid` picks the grid for a federation.
         """
+        from flwr_hpc.fab import heavy_imports
+
         sites = build_sites(federation, run_dir=run_dir, flwr_home=flwr_home,
-                            backends=backends)
+                            backends=backends, preload=tuple(heavy_imports(fab_bytes)))
         return cls(federation, sites, fab_bytes, run_config=run_config,
                    task_log=TaskLog(run_dir / "tasks.jsonl"), progress=progress, **kwargs)
 

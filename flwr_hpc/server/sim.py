@@ -152,5 +152,8 @@ class VirtualTimeGrid(HPCGrid):
     def from_federation(cls, federation: Any, fab_bytes: bytes, *, run_dir: Path,
                         **kwargs: Any) -> VirtualTimeGrid:
         """The grid over ``federation``'s simulated sites (each a :class:`SimSiteBackend`)."""
-        kwargs.setdefault("backends", make_sim_backends(federation, run_dir))
+        from flwr_hpc.fab import heavy_imports
+
+        kwargs.setdefault("backends", make_sim_backends(
+            federation, run_dir, tuple(heavy_imports(fab_bytes))))
         return super().from_federation(federation, fab_bytes, run_dir=run_dir, **kwargs)

@@ -79,7 +79,8 @@ def open_site_store(federation: FederationConfig, site: str, flwr_home: Path) ->
 
 
 def build_sites(federation: FederationConfig, *, run_dir: Path, flwr_home: Path,
-                backends: dict[str, ComputeBackend] | None = None) -> dict[str, SiteRuntime]:
+                backends: dict[str, ComputeBackend] | None = None,
+                preload: tuple[str, ...] = ()) -> dict[str, SiteRuntime]:
     """Backend (unless given), store and apps dir of every site; on failure every backend
     built or given is closed before the error propagates.
     """
@@ -90,7 +91,7 @@ def build_sites(federation: FederationConfig, *, run_dir: Path, flwr_home: Path,
             root = site_root(federation, s.name, flwr_home)
             store = open_site_store(federation, s.name, flwr_home)
             backend = (backends[s.name] if backends is not None
-                       else make_backend(s, run_dir / "sites" / s.name))
+                       else make_backend(s, run_dir / "sites" / s.name, preload))
             extras: dict[str, Any] = {"launcher": dict(s.launcher)}
             if s.compute["type"] in ("local", "sim"):
                 extras["threads"] = threads

@@ -12,13 +12,17 @@ from helpers import cli as _cli
 
 
 def _job(strategy: str) -> str:
+    # FedQueue and FedCompass size local work from the measured seconds per step: capped
+    # so that a local run's hour-long t_sync does not turn into thousands of steps
+    cap = " strategy.max_steps=6" if strategy in ("fedqueue", "fedcompass") else ""
     return (f'overrides="strategy={strategy} strategy.num_rounds=2 train.local_steps=3 '
-            'evaluate.max_generate=0"')
+            f'evaluate.max_generate=0{cap}"')
 
 
-@pytest.mark.slow(135)
+@pytest.mark.slow(200)
 def test_each_scheduler_aware_strategy_runs_through_flwr_run(superlink, flwr_home):  # noqa: F811
-    for strategy in ("deadline", "fedbuff", "queue_aware"):
+    for strategy in ("deadline", "fedbuff", "queue_aware", "fedasync", "fedqueue",
+                     "fedcompass"):
         run = _cli("flwr", "run", ".", "hpc", "--stream", "-c", _job(strategy), cwd=REPO_ROOT,
                    timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
@@ -46,3 +50,15 @@ def test_each_scheduler_aware_strategy_runs_through_flwr_run(superlink, flwr_hom
         if strategy == "deadline":
             # quorum 0.5: round 1 closed when 2 of the 4 asked had answered
             assert rows[1]["train_metrics"]["updates"] >= 2
+        if strategy == "fedasync":  # one arrival per aggregation (more when simultaneous)
+            assert all(1 <= r["train_metrics"]["updates"] <= 4 for r in rows[1:])
+        if strategy == "fedqueue":
+            # round 1 at the warm-up (train.local_steps); then budgets from the timings,
+            # capped; every node answered before the hour-long t_sync: all were merged
+            assert sorted({t["steps"] for t in train if t["round"] == "1"}) == [3]
+            assert all(3 <= t["steps"] <= 6 for t in train)
+            assert rows[1]["train_metrics"]["updates"] == 4
+        if strategy == "fedcompass":
+            # everyone starts with max_steps; round 1 is the first arrival, merged alone
+            assert {t["steps"] for t in train if t["round"] == "1"} == {6}
+            assert rows[1]["train_metrics"]["updates"] == 1
