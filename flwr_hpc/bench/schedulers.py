@@ -65,6 +65,7 @@ STRATEGY_OVERRIDES = {
     "fedqueue": ["strategy.max_steps={cap}"],
     "fedcompass": ["strategy.max_steps={cap}"],
 }
+EVAL_SAMPLES = 96
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
          9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
 
@@ -93,7 +94,10 @@ def job_overrides(strategy: str, *, hours: float, local_steps: int, seed: int,
             # synchronous FedAvg waits for every site (a failed job answers with an error)
             "strategy.round_timeout_s=604800",
             f"train.local_steps={local_steps}", f"train.seed={seed}",
-            "evaluate.federated=false", "evaluate.max_generate=0"]
+            "evaluate.federated=false", "evaluate.max_generate=0",
+            # central eval after every aggregation on a fixed seeded subset of the held-out
+            # split (the async strategies aggregate ~100 times a virtual day)
+            f"evaluate.max_samples={EVAL_SAMPLES}"]
     own = [x.format(cap=4 * local_steps) for x in STRATEGY_OVERRIDES.get(strategy, [])]
     return " ".join(base + own)
 
