@@ -437,5 +437,6 @@ def _quiet() -> None:
         return
     for name in ("flwr", "flwr_hpc"):  # each run's log.txt still gets everything
         for handler in logging.getLogger(name).handlers:
-            if type(handler) is logging.StreamHandler:
+            if (isinstance(handler, logging.StreamHandler)
+                    and not isinstance(handler, logging.FileHandler)):
                 handler.setLevel(logging.WARNING)

@@ -59,6 +59,9 @@ def test_virtual_time_orders_replies_and_applies_the_deadline_virtually(grid_fac
     outcomes = [(r["site"], r["outcome"], r["clock"]) for r in records]
     assert outcomes[:2] == [("fast", "ok", "virtual"), ("slow", "timeout", "virtual")]
     assert outcomes[2:] in ([], [("slow", "late-discarded", "virtual")])
+    # the allocation is charged for the run time only, at the job's nodes (1 here)
+    assert records[0]["nodes"] == 1
+    assert records[0]["node_hours"] == pytest.approx(records[0]["run_s"] / 3600, rel=1e-6)
 
 
 def test_wait_any_advances_to_the_next_completion(grid_factory):
