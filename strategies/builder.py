@@ -24,6 +24,8 @@ keys onto their constructor arguments, so ``strategy=fedadam strategy.eta=0.01``
                           ``alpha_admission``, ``admission_tolerance``, ``warm_up_steps``, ...)
 ``fedcompass``            ``strategies.fedcompass.FedCompass`` (``min_steps``, ``max_steps``,
                           ``latest_time_factor``, ``speed_momentum``, ``alpha``)
+``budget_async``          ``strategies.budget_async.BudgetAsync`` (``min_steps``, ``max_steps``,
+                          ``server_learning_rate``, ``staleness_exponent``, ``ewma_alpha``)
 ========================  ==================================================================
 
 ``dp.type: central-server`` / ``central-client`` wraps the strategy in Flower's
@@ -142,6 +144,14 @@ def _scheduled(job: Mapping[str, Any], common: dict[str, Any]) -> Strategy:
                         q_init=s["q_init"],
                         warm_up_steps=s["warm_up_steps"] or job["train"]["local_steps"],
                         max_steps=s["max_steps"], **kwargs)
+    if s["name"] == "budget_async":
+        from strategies.budget_async import BudgetAsync
+
+        steps = job["train"]["local_steps"]
+        return BudgetAsync(default_steps=steps,
+                           min_steps=s["min_steps"] if s["min_steps"] > 1 else None,
+                           max_steps=s["max_steps"], ewma_alpha=s["ewma_alpha"],
+                           server_lr=s["server_learning_rate"], **kwargs)
     if s["name"] == "fedcompass":
         from strategies.fedcompass import FedCompass
 

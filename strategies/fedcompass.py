@@ -254,6 +254,7 @@ class FedCompass(ScheduledFedAvg):
                     self._carry = batch[i + 1:]
                     break
         if entries is None:
+            self.waiting_only = bool(self._inflight)
             return None, None
         log.info("FedCompass: aggregating %s: %d update(s)", event, len(entries))
         current = self._models[self.version]

@@ -36,9 +36,11 @@ from flwr_hpc.strategy.tracking import TRACKERS
 
 APP_CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
-              "deadline", "fedbuff", "queue_aware", "fedasync", "fedqueue", "fedcompass")
+              "deadline", "fedbuff", "queue_aware", "fedasync", "fedqueue", "fedcompass",
+              "budget_async")
 # scheduler-aware: train tasks span rounds (strategies/scheduled.py)
-SCHEDULED = ("deadline", "fedbuff", "queue_aware", "fedasync", "fedqueue", "fedcompass")
+SCHEDULED = ("deadline", "fedbuff", "queue_aware", "fedasync", "fedqueue", "fedcompass",
+             "budget_async")
 DP_TYPES = ("none", "opacus", "central-server", "central-client")
 
 _LORA = {
@@ -194,6 +196,8 @@ STRATEGY_KEYS: dict[str, tuple[str, ...]] = {
                  "alpha_compute", "q_init", "warm_up_steps", "max_steps", *_SCHEDULED),
     "fedcompass": ("min_steps", "max_steps", "latest_time_factor", "speed_momentum", "alpha",
                    *_SCHEDULED),
+    "budget_async": ("min_steps", "max_steps", "ewma_alpha", "server_learning_rate",
+                     *_SCHEDULED),
 }
 # Where the model lives for the server (strategies/site_model.py): null = the ServerApp
 # loads the base model (initial adapter, central evaluation, saved adapters); a site name =

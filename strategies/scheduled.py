@@ -110,6 +110,9 @@ class ScheduledFedAvg(FedAvg):
         self._dispatched: set[str] = set()  # this round's message ids
         self._failed_nodes = 0
         self._round_config = ConfigRecord()
+        # the last round ended with nothing to merge only because every task is still
+        # in flight (queued at its site): not a failed round (flwr_hpc.strategy.rounds)
+        self.waiting_only = False
 
     # ------------------------------------------------------------------ hooks
 
@@ -285,6 +288,7 @@ class ScheduledFedAvg(FedAvg):
 
     def _merge(self, current: ArrayRecord, updates: list[tuple[InFlight, Message]]
                ) -> tuple[ArrayRecord | None, Any]:
+        self.waiting_only = not updates and bool(self._inflight)
         used, failed, dropped_stale = self._screen(updates)
         if not used:
             log.warning("no usable update this round (%d failed, %d too stale); the global "

@@ -43,15 +43,15 @@ from flwr_hpc.errors import FlwrHpcError
 log = logging.getLogger("flwr_hpc")
 
 DEFAULT_STRATEGIES = ("fedavg", "fedqueue", "fedcompass", "fedasync", "fedbuff", "deadline",
-                      "queue_aware")
+                      "queue_aware", "budget_async")
 BASELINES = ("fedqueue", "fedcompass")  # APPFL's: what "ours" is compared with
-OURS = ("deadline", "queue_aware")  # flwr-hpc's own (FedAsync and FedBuff are published)
+OURS = ("deadline", "queue_aware", "budget_async")  # flwr-hpc's (FedAsync, FedBuff: published)
 LABELS = {"fedavg": "FedAvg (synchronous)", "deadline": "Deadline", "fedbuff": "FedBuff",
           "queue_aware": "Queue-aware", "fedasync": "FedAsync", "fedqueue": "FedQueue",
-          "fedcompass": "FedCompass"}
+          "fedcompass": "FedCompass", "budget_async": "Budget-async (ours)"}
 COLORS = {"fedavg": "#7f7f7f", "deadline": "#1f77b4", "fedbuff": "#2ca02c",
           "queue_aware": "#d62728", "fedasync": "#9467bd", "fedqueue": "#ff7f0e",
-          "fedcompass": "#8c564b"}
+          "fedcompass": "#8c564b", "budget_async": "#e377c2"}
 # Per-strategy settings of the benchmark (the strategy yaml files hold the defaults).
 # Every strategy that sizes local work gets the same cap, 4x the default steps (FedQueue's
 # budgets reach thousands of steps on these queues; APPFL sets no cap): the real ClientApps
@@ -64,6 +64,7 @@ STRATEGY_OVERRIDES = {
     "fedasync": [],
     "fedqueue": ["strategy.max_steps={cap}"],
     "fedcompass": ["strategy.max_steps={cap}"],
+    "budget_async": [],  # its own cap is 4x the default steps
 }
 EVAL_SAMPLES = 96
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
@@ -223,9 +224,12 @@ def _one(args: dict[str, Any]) -> dict[str, Any]:
     _quiet()
     fed = _reseed(load_federation([f"federation={args['federation']}"]), args["seed"])
     home = Path(args["home"]) / f"{args['strategy']}-seed{args['seed']}"
-    run = run_strategy(args["fab"], args["strategy"], fed, hours=args["hours"],
-                       local_steps=args["local_steps"], seed=args["seed"],
-                       max_rounds=args["max_rounds"], home=home)
+    try:
+        run = run_strategy(args["fab"], args["strategy"], fed, hours=args["hours"],
+                           local_steps=args["local_steps"], seed=args["seed"],
+                           max_rounds=args["max_rounds"], home=home)
+    except FlwrHpcError as err:  # one failed run must not lose the others: reported
+        return {"strategy": args["strategy"], "failed": str(err)}
     return summarize(args["strategy"], run, [s.name for s in fed.sites])
 
 
@@ -280,6 +284,10 @@ def bench_schedulers(strategies: tuple[str, ...] = DEFAULT_STRATEGIES, *,
 def _gather(done: Any, runs: dict[str, dict[int, dict[str, Any]]], progress: Any) -> None:
     for w, row in done:
         runs[w["strategy"]][w["seed"]] = row
+        if row.get("failed"):
+            progress(f"[bench schedulers] {w['strategy']} seed {w['seed']}: FAILED: "
+                     f"{row['failed']}")
+            continue
         progress(f"[bench schedulers] {w['strategy']} seed {w['seed']}: final eval loss "
                  f"{row['final_eval_loss']:.4f} after {row['aggregations']} aggregations, "
                  f"{row['node_hours']:.0f} node-hours, {row['wall_s']:.0f} s real")
@@ -292,17 +300,25 @@ def tabulate(runs: dict[str, dict[int, dict[str, Any]]], *, strategies: tuple[st
     baseline = strategies[0]
     rule = "given"
     if target_loss is None:  # what the baseline reaches in every seed
-        target_loss = max(runs[baseline][s]["final_eval_loss"] for s in seeds)
+        finals = [runs[baseline][s]["final_eval_loss"] for s in seeds
+                  if not runs[baseline][s].get("failed")]
+        if not finals:
+            raise FlwrHpcError(f"every run of the baseline {baseline!r} failed: no target")
+        target_loss = max(finals)
         rule = f"the worst final eval loss of {baseline} over the seeds"
     budget = hours * 3600.0
     table: dict[str, dict[str, Any]] = {}
     for name in strategies:
-        rows = [runs[name][s] for s in seeds]
+        failed = [s for s in seeds if runs[name][s].get("failed")]
+        rows = [runs[name][s] for s in seeds if s not in failed]
         times = [time_to_target(r["curve"], target_loss) for r in rows]
         for r, t in zip(rows, times, strict=True):
             r["time_to_target_s"] = t
         table[name] = {
-            "time_to_target_s": mean_ci([budget if t is None else t for t in times]),
+            # a failed run never reached the target: the whole budget, as for censored runs
+            "time_to_target_s": mean_ci([budget if t is None else t for t in times]
+                                        + [budget] * len(failed)),
+            "failed": len(failed),
             "reached": sum(t is not None for t in times),
             "final_eval_loss": mean_ci([r["final_eval_loss"] for r in rows]),
             "node_hours": mean_ci([r["node_hours"] for r in rows]),
@@ -362,9 +378,10 @@ def format_table(result: dict[str, Any]) -> str:
     n = len(result["seeds"])
     for name, t in result["table"].items():
         censored = "≥ " if t["reached"] < n else ""
+        failed = f" ({t['failed']} failed)" if t.get("failed") else ""
         lines.append(
             f"| {LABELS.get(name, name)} | {censored}{_pm(t['time_to_target_s'], '.1f', 3600)}"
-            f" | {t['reached']}/{n} | {_pm(t['final_eval_loss'], '.4f')} | "
+            f" | {t['reached']}/{n}{failed} | {_pm(t['final_eval_loss'], '.4f')} | "
             f"{_pm(t['node_hours'], '.0f')} | {_pm(t['node_hours_per_aggregation'], '.1f')} | "
             f"{_pm(t['aggregations'], '.0f')} | {_pm(t['mean_utilisation'], '.0%')} |")
     lines.append("")
@@ -405,7 +422,7 @@ def figure(result: dict[str, Any], out_dir: Path, name: str = "schedulers") -> l
     fig, ax = plots.subplots(figsize=(7, 4))
     grid = [result["hours"] * 3600 * i / 200 for i in range(201)]
     for k, runs in result["runs"].items():
-        curves = [r["curve"] for r in runs.values() if r["curve"]]
+        curves = [r["curve"] for r in runs.values() if r.get("curve")]
         if curves:
             ax.plot([t / 3600 for t in grid], mean_curve(curves, grid),
                     color=COLORS.get(k, "#000000"), linewidth=1.8, label=LABELS.get(k, k))

@@ -720,7 +720,7 @@ def _bench_transport(
 def _bench_schedulers(
         strategies: Annotated[str, typer.Option(
             help="comma-separated; the first is the baseline that sets the target")] = (
-            "fedavg,fedqueue,fedcompass,fedasync,fedbuff,deadline,queue_aware"),
+            "fedavg,fedqueue,fedcompass,fedasync,fedbuff,deadline,queue_aware,budget_async"),
         federation: Annotated[str, typer.Option(
             help="a simulated federation (sim_4facilities, sim_doe_traces)")] = (
             "sim_4facilities"),

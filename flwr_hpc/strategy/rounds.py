@@ -235,9 +235,15 @@ class _FailedRounds:
         self.limit = max(1, int(limit))
         self.in_a_row = 0
 
-    def round_ended(self, server_round: int, tally: _Tally, arrays: Any) -> None:
+    def round_ended(self, server_round: int, tally: _Tally, arrays: Any, *,
+                    waiting: bool = False) -> None:
         if tally.ok or arrays is not None:
             self.in_a_row = 0
+            return
+        if waiting and not tally.errors:
+            # a scheduler-aware strategy's round closed (its deadline) while its tasks are
+            # still queued at their sites: nothing failed, nothing came back yet
+            log.info("[round %d] no update yet: train tasks still in flight", server_round)
             return
         self.in_a_row += 1
         why = "; ".join(tally.errors) or "no reply arrived before the deadline"
@@ -295,7 +301,8 @@ class ScreenedStrategy(Strategy):
         if not self._streaming:
             counted = list(counted)  # a list, as from Flower's grids
         arrays, metrics = self.strategy.aggregate_train(server_round + self.offset, counted)
-        self._failed.round_ended(server_round + self.offset, tally, arrays)
+        self._failed.round_ended(server_round + self.offset, tally, arrays,
+                                 waiting=bool(getattr(self.strategy, "waiting_only", False)))
         return keep_dtypes(arrays, reference), metrics
 
     @override

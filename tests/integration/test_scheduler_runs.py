@@ -22,7 +22,7 @@ def _job(strategy: str) -> str:
 @pytest.mark.slow(200)
 def test_each_scheduler_aware_strategy_runs_through_flwr_run(superlink, flwr_home):  # noqa: F811
     for strategy in ("deadline", "fedbuff", "queue_aware", "fedasync", "fedqueue",
-                     "fedcompass"):
+                     "fedcompass", "budget_async"):
         run = _cli("flwr", "run", ".", "hpc", "--stream", "-c", _job(strategy), cwd=REPO_ROOT,
                    timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
@@ -58,6 +58,9 @@ def test_each_scheduler_aware_strategy_runs_through_flwr_run(superlink, flwr_hom
             assert sorted({t["steps"] for t in train if t["round"] == "1"}) == [3]
             assert all(3 <= t["steps"] <= 6 for t in train)
             assert rows[1]["train_metrics"]["updates"] == 4
+        if strategy == "budget_async":  # budgets within [default // 2, 4 x default]
+            assert all(1 <= t["steps"] <= 12 for t in train), [t["steps"] for t in train]
+            assert "budget-async:" in (run_dir / "log.txt").read_text()
         if strategy == "fedcompass":
             # everyone starts with max_steps; round 1 is the first arrival, merged alone
             assert {t["steps"] for t in train if t["round"] == "1"} == {6}

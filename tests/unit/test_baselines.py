@@ -237,3 +237,62 @@ def test_scheduled_strategies_remember_what_they_hold_in_checkpoints():
     assert "_late" in FedQueue.checkpoint_transient
     assert {"_general", "_buffers", "groups"} <= set(FedCompass.checkpoint_transient)
     assert InFlight(1, 1, 0).version == 0
+
+
+# ----------------------------------------------------------------------------- ours
+
+
+def test_budget_async_steps_hand_values():
+    from strategies.budget_async import budget_steps
+
+    kw = {"budget_node_s": 45760.0, "exponent": 0.5, "min_steps": 5, "max_steps": 40}
+    # 8 nodes, fresh: (45760 - 8 * 150) / (8 * 1) = 5570 -> the cap
+    assert budget_steps(nodes=8, fixed_s=150, step_s=1.0, staleness=0, **kw) == 40
+    # 128 nodes, 8 aggregations stale: (45760 / 3 - 128 * 90) / (128 * 2.5) = 11.67
+    assert budget_steps(nodes=128, fixed_s=90, step_s=2.5, staleness=8, **kw) == 11
+    # 512 nodes: its start-up alone costs more than the budget -> the floor
+    assert budget_steps(nodes=512, fixed_s=120, step_s=3.0, staleness=0, **kw) == 5
+    assert budget_steps(nodes=4, fixed_s=0, step_s=0.0, staleness=0, **kw) == 40
+
+
+def test_budget_async_gives_cheap_sites_more_steps_and_merges_each_arrival():
+    from types import SimpleNamespace
+
+    from strategies.budget_async import BudgetAsync
+
+    grid = VirtualGrid(queue={1: 0.0, 2: 0.0}, step_s={1: 1.0, 2: 1.0},
+                       delta={1: 1.0, 2: 1.0})
+    grid.sites = {"site1": SimpleNamespace(nodes=8), "site2": SimpleNamespace(nodes=512)}
+    s = BudgetAsync(default_steps=10, staleness_exponent=0.0, min_train_nodes=2,
+                    min_available_nodes=2, fraction_evaluate=0.0)
+    out = _drive(s, grid, rounds=3)
+    # t=10: both arrive (10 steps x 1 s) and are merged together: 0 + (1 + 1) / 2 = 1
+    assert out[0] == (10.0, 1.0)
+    # budgets from the history (fixed 0, 1 s/step): B = median(8 * 10, 512 * 10) = 2600
+    # node-s; site1: 2600 / 8 = 325 -> the cap 40; site2: 2600 / 512 = 5.08 -> 5
+    assert {(n, k) for t, n, k, _ in grid.sent if t == 10.0} == {(1, 40), (2, 5)}
+    assert out[1] == (15.0, 2.0)   # site2's 5 steps in first, merged alone, asked again
+    assert out[2] == (20.0, 3.0)   # ... and in again while site1 still trains its 40
+    assert [(t, n, k) for t, n, k, _ in grid.sent if t == 15.0] == [(15.0, 2, 5)]
+
+
+def test_a_deadline_round_with_every_task_still_queued_is_not_a_failed_round():
+    from flwr_hpc.strategy.rounds import RoundsFailed, _FailedRounds, _Tally
+    from strategies.deadline import DeadlineFedAvg
+
+    grid = VirtualGrid(queue={1: 20_000.0, 2: 30_000.0}, step_s={1: 1.0, 2: 1.0},
+                       delta={1: 1.0, 2: 1.0})
+    s = DeadlineFedAvg(quorum=0.5, deadline_s=3600, min_train_nodes=2,
+                       min_available_nodes=2, fraction_evaluate=0.0)
+    guard = _FailedRounds(limit=2)
+    arrays = _arr(0.0)
+    for r in (1, 2, 3):  # hours of queue: three deadlines pass with nothing back
+        s.configure_train(r, arrays, ConfigRecord({}), grid)
+        new, _ = s.aggregate_train(r, [])
+        assert new is None and s.waiting_only
+        guard.round_ended(r, _Tally(), new, waiting=s.waiting_only)
+    assert grid.clock.now() == 3 * 3600.0
+    # the same rounds with nothing in flight (e.g. every node gone) fail the run
+    with pytest.raises(RoundsFailed, match="2 round"):
+        for r in (1, 2):
+            guard.round_ended(r, _Tally(), None, waiting=False)

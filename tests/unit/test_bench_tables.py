@@ -68,3 +68,17 @@ def test_mean_curve_is_a_step_function_averaged_over_runs():
     a = [(0.0, 4.0), (10.0, 2.0)]
     b = [(0.0, 6.0), (5.0, 4.0)]
     assert mean_curve([a, b], [0.0, 5.0, 10.0]) == [5.0, 4.0, 3.0]
+
+
+def test_a_failed_run_is_reported_and_counts_as_never_reaching_the_target():
+    h = 3600.0
+    runs = {"fedavg": {0: _run([(0, 6.0), (10 * h, 5.0)]), 1: _run([(0, 6.0), (9 * h, 5.0)])},
+            "deadline": {0: _run([(0, 6.0), (1 * h, 4.9)]),
+                         1: {"strategy": "deadline", "failed": "run x ended finished:failed"}}}
+    result = tabulate(runs, strategies=("fedavg", "deadline"), federation="x", seeds=(0, 1),
+                      hours=24.0, local_steps=10, sites=["a"])
+    t = result["table"]["deadline"]
+    assert t["failed"] == 1 and t["reached"] == 1
+    assert t["time_to_target_s"]["mean"] == pytest.approx((1 + 24) / 2 * h)
+    assert t["final_eval_loss"]["mean"] == 4.9  # from the run that finished
+    assert "| 1/2 (1 failed) |" in format_table(result)
