@@ -237,7 +237,8 @@ def bench_schedulers(strategies: tuple[str, ...] = DEFAULT_STRATEGIES, *,
                      federation: str = "sim_4facilities", hours: float = 48.0,
                      local_steps: int = 10, seeds: tuple[int, ...] = (0,), jobs: int = 1,
                      max_rounds: int = 400, target_loss: float | None = None,
-                     workdir: Path | None = None, progress: Any = print) -> dict[str, Any]:
+                     target_round: int | None = None, workdir: Path | None = None,
+                     progress: Any = print) -> dict[str, Any]:
     """Run every strategy for every seed on the simulated federation (``jobs`` runs at a
     time, each in its own process); see the module docstring.
     """
@@ -278,7 +279,18 @@ def bench_schedulers(strategies: tuple[str, ...] = DEFAULT_STRATEGIES, *,
             shutil.rmtree(home, ignore_errors=True)
     return tabulate(runs, strategies=strategies, federation=federation, seeds=seeds,
                     hours=hours, local_steps=local_steps, sites=sites,
-                    target_loss=target_loss)
+                    target_loss=target_loss, target_round=target_round)
+
+
+def retabulate(saved: dict[str, Any], *, target_loss: float | None = None,
+               target_round: int | None = None) -> dict[str, Any]:
+    """:func:`tabulate` again on a saved result's runs (e.g. with another target)."""
+    seeds = tuple(int(s) for s in saved["seeds"])
+    runs = {k: {int(s): dict(r, curve=[tuple(p) for p in r["curve"]]) if "curve" in r else r
+                for s, r in by_seed.items()} for k, by_seed in saved["runs"].items()}
+    return tabulate(runs, strategies=tuple(saved["table"]), federation=saved["federation"],
+                    seeds=seeds, hours=saved["hours"], local_steps=saved["local_steps"],
+                    sites=saved["sites"], target_loss=target_loss, target_round=target_round)
 
 
 def _gather(done: Any, runs: dict[str, dict[int, dict[str, Any]]], progress: Any) -> None:
@@ -295,10 +307,26 @@ def _gather(done: Any, runs: dict[str, dict[int, dict[str, Any]]], progress: Any
 
 def tabulate(runs: dict[str, dict[int, dict[str, Any]]], *, strategies: tuple[str, ...],
              federation: str, seeds: tuple[int, ...], hours: float, local_steps: int,
-             sites: list[str], target_loss: float | None = None) -> dict[str, Any]:
-    """The benchmark's result from its runs (``runs[strategy][seed]`` = summary rows)."""
+             sites: list[str], target_loss: float | None = None,
+             target_round: int | None = None) -> dict[str, Any]:
+    """The benchmark's result from its runs (``runs[strategy][seed]`` = summary rows).
+
+    The target: ``target_loss`` if given; else with ``target_round`` R the worst loss the
+    baseline has after R aggregations over the seeds in which it got that far (a property
+    of the learning problem -- what R synchronous rounds achieve -- not of any queue);
+    else the worst final loss of the baseline over the seeds (reached in every seed).
+    """
     baseline = strategies[0]
     rule = "given"
+    if target_loss is None and target_round is not None:
+        points = [runs[baseline][s]["curve"][target_round][1] for s in seeds
+                  if not runs[baseline][s].get("failed")
+                  and len(runs[baseline][s]["curve"]) > target_round]
+        if not points:
+            raise FlwrHpcError(f"{baseline} reached round {target_round} in no seed")
+        target_loss = max(points)
+        rule = (f"the worst eval loss of {baseline} after {target_round} rounds, over the "
+                f"{len(points)} seeds that got there")
     if target_loss is None:  # what the baseline reaches in every seed
         finals = [runs[baseline][s]["final_eval_loss"] for s in seeds
                   if not runs[baseline][s].get("failed")]

@@ -428,6 +428,21 @@ def cmd_bench_schedulers(args: argparse.Namespace) -> int:
     """
     from flwr_hpc.bench import schedulers as bench
 
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    if args.render:  # the table, plot and JSON again from a saved result, another target
+        path = Path(args.render)
+        if not path.is_file():
+            print(f"error: --render: no such file {path}", file=sys.stderr)
+            return 2
+        result = bench.retabulate(json.loads(path.read_text()), target_loss=args.target_loss,
+                                  target_round=args.target_round)
+        for out in bench.write_outputs(result, Path(args.out) if args.out else path.parent,
+                                       args.name if args.out else path.stem):
+            say(f"[bench schedulers] wrote {out}")
+        print(bench.format_table(result))
+        return 0
     strategies = tuple(x.strip() for x in args.strategies.split(",") if x.strip())
     available = bench.available_strategies()  # the app's, read from its config files
     unknown = [x for x in strategies if x not in available]
@@ -449,14 +464,10 @@ def cmd_bench_schedulers(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     bench._quiet()
-
-    def say(text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
-
     result = bench.bench_schedulers(
         strategies, federation=args.federation, hours=args.hours,
         local_steps=args.local_steps, seeds=seeds, jobs=args.jobs,
-        target_loss=args.target_loss,
+        target_loss=args.target_loss, target_round=args.target_round,
         workdir=Path(args.workdir) if args.workdir else None, progress=say)
     if args.out:
         for path in bench.write_outputs(result, Path(args.out), args.name):
@@ -733,6 +744,10 @@ def _bench_schedulers(
         target_loss: Annotated[float | None, typer.Option(
             help="eval loss to reach (default: the baseline's worst final loss over the "
                  "seeds)")] = None,
+        target_round: Annotated[int | None, typer.Option(
+            help="target: the baseline's worst eval loss after this many rounds")] = None,
+        render: Annotated[str | None, typer.Option(
+            help="re-tabulate a saved <name>.json (another target) without running")] = None,
         json_out: JsonFlag = False,
         out: Annotated[str | None, typer.Option(
             help="write <name>.json/.md/.png/.svg into this directory")] = None,
@@ -743,7 +758,8 @@ def _bench_schedulers(
     """
     _dispatch(cmd_bench, bench_command="schedulers", strategies=strategies,
               federation=federation, hours=hours, local_steps=local_steps, seeds=seeds,
-              jobs=jobs, target_loss=target_loss, json=json_out, out=out, name=name,
+              jobs=jobs, target_loss=target_loss, target_round=target_round, render=render,
+              json=json_out, out=out, name=name,
               workdir=workdir)
 
 

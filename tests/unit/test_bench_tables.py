@@ -82,3 +82,25 @@ def test_a_failed_run_is_reported_and_counts_as_never_reaching_the_target():
     assert t["time_to_target_s"]["mean"] == pytest.approx((1 + 24) / 2 * h)
     assert t["final_eval_loss"]["mean"] == 4.9  # from the run that finished
     assert "| 1/2 (1 failed) |" in format_table(result)
+
+
+def test_a_target_from_the_baselines_rounds_and_retabulating_a_saved_result():
+    import json
+
+    from flwr_hpc.bench.schedulers import retabulate
+
+    h = 3600.0
+    runs = {"fedavg": {0: _run([(0, 6.0), (10 * h, 5.5), (20 * h, 5.0)]),
+                       1: _run([(0, 6.0), (12 * h, 5.6), (24 * h, 5.2)]),
+                       2: _run([(0, 6.0)], aggs=0)},  # never got a round done
+            "deadline": {s: _run([(0, 6.0), (1 * h, 5.55), (2 * h, 5.4)]) for s in (0, 1, 2)}}
+    result = tabulate(runs, strategies=("fedavg", "deadline"), federation="x",
+                      seeds=(0, 1, 2), hours=24.0, local_steps=10, sites=["a"],
+                      target_round=1)
+    assert result["target_eval_loss"] == 5.6
+    assert "after 1 rounds, over the 2 seeds" in result["target_rule"]
+    assert result["table"]["deadline"]["time_to_target_s"]["mean"] == pytest.approx(1 * h)
+    again = retabulate(json.loads(json.dumps(result)), target_loss=5.45)
+    assert again["target_eval_loss"] == 5.45
+    assert again["table"]["deadline"]["time_to_target_s"]["mean"] == pytest.approx(2 * h)
+    assert again["table"]["fedavg"]["reached"] == 2
