@@ -26,8 +26,8 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import Strategy
 
-from flwr_hpc.server.telemetry import human_bytes, human_seconds
-from flwr_hpc.server.timing import timings_of
+from flwr_hpc.server.telemetry import allocation_summary, human_bytes, human_seconds
+from flwr_hpc.server.timing import timings_of, transport_of
 from strategies.metered_grid import MeteredGrid
 
 log = logging.getLogger("flwr")
@@ -212,6 +212,9 @@ class RoundRecorder:
         received = sum(r["bytes_received"] for r in rows)
         lines.append(f"  moved       {human_bytes(sent)} to sites, {human_bytes(received)} "
                      "back")
+        transport = transport_of(self.grid)
+        if transport is not None and getattr(transport, "task_log", None) is not None:
+            lines.append(f"  charged     {allocation_summary(transport.task_log.records)}")
         if final_dir is not None:
             lines.append(f"  adapter     {final_dir}  (peft.PeftModel.from_pretrained(base, "
                          "path))")

@@ -45,7 +45,32 @@ def worker_context(preload: tuple[str, ...] = ()) -> multiprocessing.context.Bas
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(sorted(preload))
+    try:  # start it now (imports included) and prove it forks; else spawn, as before
+        probe = ctx.Process(target=_noop, name="flwr-hpc-forkserver-probe")
+        probe.start()
+        probe.join(timeout=300)
+        if probe.exitcode != 0:
+            raise RuntimeError(f"probe exit code {probe.exitcode}")
+    except Exception as err:  # noqa: BLE001 - any failure: fall back to spawn
+        log.warning("site workers start with spawn: the forkserver failed (%s)", err)
+        return multiprocessing.get_context("spawn")
     return ctx
+
+
+def _noop() -> None:
+    """The forkserver probe's target."""
+
+
+def _init_worker(parent_pid: int, env: dict[str, str]) -> None:
+    """A local site worker's initializer: the environment its runner has *now* (a
+    forkserver's children would otherwise inherit the forkserver's, frozen when it
+    started), and exit with the runner (:func:`flwr_hpc._proc.die_with_parent`).
+    """
+    from flwr_hpc._proc import die_with_parent
+
+    os.environ.clear()
+    os.environ.update(env)
+    die_with_parent(parent_pid)
 
 
 def _make_engine(engine: str, workers: int, run_dir: Path, preload: tuple[str, ...] = ()):
@@ -53,14 +78,12 @@ def _make_engine(engine: str, workers: int, run_dir: Path, preload: tuple[str, .
     if engine == "process-pool":
         from globus_compute_endpoint.engines import ProcessPoolEngine
 
-        from flwr_hpc._proc import die_with_parent
-
         # Workers die with the runner, so a killed runner leaves nothing running.
         return ProcessPoolEngine(
             max_workers=workers,
             mp_context=worker_context(preload),
-            initializer=die_with_parent,
-            initargs=(os.getpid(),),
+            initializer=_init_worker,
+            initargs=(os.getpid(), dict(os.environ)),
             allowed_serializers=allowed,
         )
     if engine == "thread-pool":

@@ -113,20 +113,6 @@ class RunFailed(Exception):
     """The ServerApp returned, but the run did not do what it was for."""
 
 
-def allocation_summary(records: list[dict[str, Any]]) -> str:
-    """The node-hours a run was charged (``tasks.jsonl``'s ``node_hours``: run time x the
-    nodes a job holds; queue time is free), in all and per site, e.g.
-    ``12.5 node-hours (alpha 10.0, beta 2.5)``.
-    """
-    per_site: dict[str, float] = {}
-    for r in records:
-        per_site[r.get("site", "?")] = (per_site.get(r.get("site", "?"), 0.0)
-                                        + float(r.get("node_hours") or 0.0))
-    total = sum(per_site.values())
-    sites = ", ".join(f"{s} {v:.3g}" for s, v in sorted(per_site.items()))
-    return f"{total:.3g} node-hours ({sites})"
-
-
 def no_task_succeeded(records: list[dict[str, Any]]) -> str:
     """Why a run whose every task failed is not a completed run ('' if some task worked).
     Messages that were never sent (an app that stops before its first round) fail
@@ -309,7 +295,6 @@ def _execute_locked(run_dir: Path, *, progress: Progress | None, console: bool) 
         if failure:  # the app ended normally, but nothing happened at any site
             raise RunFailed(failure)
         log.info("run %s finished; tasks: %s", run_id, run_dir / "tasks.jsonl")
-        log.info("run %s charged %s", run_id, allocation_summary(grid.task_log.records))
     except (RunStopped, KeyboardInterrupt):
         sub_status, details = "stopped", "stopped by request"
         log.warning("run %s stopped by request", run_id)

@@ -42,6 +42,20 @@ class TaskLog:
                     fh.write(json.dumps(record, sort_keys=True) + "\n")
 
 
+def allocation_summary(records: list[dict[str, Any]]) -> str:
+    """The node-hours a run was charged (``tasks.jsonl``'s ``node_hours``: run time x the
+    nodes a job holds; queue time is free), in all and per site, e.g.
+    ``12.5 node-hours (alpha 10.0, beta 2.5)``.
+    """
+    per_site: dict[str, float] = {}
+    for r in records:
+        per_site[r.get("site", "?")] = (per_site.get(r.get("site", "?"), 0.0)
+                                        + float(r.get("node_hours") or 0.0))
+    total = sum(per_site.values())
+    sites = ", ".join(f"{s} {v:.3g}" for s, v in sorted(per_site.items()))
+    return f"{total:.3g} node-hours ({sites})"
+
+
 def human_bytes(n: float) -> str:
     """``712704`` -> ``'696.0 KiB'`` (binary units, one decimal; bytes as an integer)."""
     value = float(n)

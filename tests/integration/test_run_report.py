@@ -58,8 +58,11 @@ def test_main_job_stream_is_a_short_report(superlink, flwr_home):
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in metrics] == list(range(9))
     # the closing summary, with the numbers of metrics.jsonl
-    summary = "\n".join(lines[-8:])
+    summary = "\n".join(lines[-9:])
     assert f"run {run_id}: 8 round(s) in " in summary
+    # the allocation charged: run time x 1 node per task on the local federation
+    assert re.search(r"  charged     [0-9.e-]+ node-hours \(alpha [0-9.e-]+, beta [0-9.e-]+, "
+                     r"gamma [0-9.e-]+\)", summary), summary
     first, last = metrics[0]["eval_loss"], metrics[-1]["eval_loss"]
     assert f"eval_loss   {first:.4f} (round 0) -> {last:.4f} (round 8)" in summary
     sent = sum(m["bytes_sent"] for m in metrics)

@@ -19,7 +19,7 @@ def test_mean_ci_hand_values():
 
 
 def test_node_hours_sum_the_tasks_charges():
-    from flwr_hpc.server.runner import allocation_summary
+    from flwr_hpc.server.telemetry import allocation_summary
 
     tasks = [{"node_hours": 1.5}, {"node_hours": None}, {"node_hours": 0.25}, {}]
     assert node_hours(tasks) == 1.75
