@@ -288,7 +288,13 @@ def retabulate(saved: dict[str, Any], *, target_loss: float | None = None,
     seeds = tuple(int(s) for s in saved["seeds"])
     runs = {k: {int(s): dict(r, curve=[tuple(p) for p in r["curve"]]) if "curve" in r else r
                 for s, r in by_seed.items()} for k, by_seed in saved["runs"].items()}
-    return tabulate(runs, strategies=tuple(saved["table"]), federation=saved["federation"],
+    # the saved JSON's keys are sorted: the order (and so the baseline) is stored apart
+    order = saved.get("strategies") or (
+        [saved["baseline"]] + [k for k in DEFAULT_STRATEGIES if k in saved["table"]
+                               and k != saved["baseline"]]
+        + sorted(k for k in saved["table"] if k not in DEFAULT_STRATEGIES
+                 and k != saved["baseline"]))
+    return tabulate(runs, strategies=tuple(order), federation=saved["federation"],
                     seeds=seeds, hours=saved["hours"], local_steps=saved["local_steps"],
                     sites=saved["sites"], target_loss=target_loss, target_round=target_round)
 
@@ -372,7 +378,8 @@ def tabulate(runs: dict[str, dict[int, dict[str, Any]]], *, strategies: tuple[st
                                       / table[b]["node_hours"]["mean"] - 1)
                     if table[b]["node_hours"]["mean"] else None}
     return {
-        "federation": federation, "seeds": list(seeds), "hours": hours,
+        "federation": federation, "strategies": list(strategies), "seeds": list(seeds),
+        "hours": hours,
         "local_steps": local_steps, "target_eval_loss": target_loss, "target_rule": rule,
         "baseline": baseline, "sites": sites, "best": best, "versus": versus,
         "table": table, "runs": {k: {str(s): v for s, v in r.items()} for k, r in runs.items()},
