@@ -48,14 +48,15 @@ def pytest_configure(config) -> None:
 # file grows a lot; a file not listed counts the sum of its tests' slow(seconds) marks,
 # else 2 s per test.
 FILE_SECONDS = {
+    "tests/integration/test_exascale_study.py": 380,
+    "tests/integration/test_scheduler_runs.py": 330,
     "tests/integration/test_lora_job.py": 290, "tests/integration/test_compat.py": 220,
-    "tests/integration/test_scheduler_runs.py": 206, "tests/faults/test_resume.py": 158,
-    "tests/faults/test_lifecycle.py": 157, "tests/unit/test_models.py": 137,
+    "tests/faults/test_resume.py": 158, "tests/faults/test_lifecycle.py": 157,
+    "tests/integration/test_bench_schedulers.py": 160, "tests/unit/test_models.py": 137,
     "tests/integration/test_access.py": 122, "tests/integration/test_lora_ranks.py": 89,
-    "tests/integration/test_bench.py": 81, "tests/integration/test_bench_schedulers.py": 76,
-    "tests/integration/test_grid.py": 68, "tests/integration/test_flwr_verbs.py": 60,
-    "tests/integration/test_globus_compute.py": 35, "tests/faults/test_faults.py": 33,
-    "tests/integration/test_cli_e2e.py": 33,
+    "tests/integration/test_bench.py": 81, "tests/integration/test_grid.py": 68,
+    "tests/integration/test_flwr_verbs.py": 60, "tests/integration/test_globus_compute.py": 35,
+    "tests/faults/test_faults.py": 33, "tests/integration/test_cli_e2e.py": 33,
 }
 
 
