@@ -290,13 +290,9 @@ class FedCompass(ScheduledFedAvg):
                                  self.staleness_exponent, n), model_of(r))
             for _, _, t, r in used])
 
-    def _forget_models(self) -> None:
-        keep = ({t.version for t in self._inflight.values()} | {self.version}
-                | {t.version for t, _ in self._general + self._carry}
-                | {t.version for b in self._buffers.values() for t, _ in b})
-        for v in list(self._models):
-            if v not in keep:
-                del self._models[v]
+    def held_updates(self) -> list[InFlight]:
+        return [t for t, _ in self._general + self._carry
+                + [e for b in self._buffers.values() for e in b]]
 
     def summary(self) -> None:
         log.info("\t├── FedCompass: steps %d-%d, latest-time factor %.2f, alpha %.2f",

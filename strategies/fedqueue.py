@@ -237,12 +237,8 @@ class FedQueue(ScheduledFedAvg):
         return mix_models(current, [(f, model_of(r)) for f, (_, _, _, r)
                                     in zip(weights, used, strict=True)])
 
-    def _forget_models(self) -> None:
-        keep = ({t.version for t in self._inflight.values()} | {self.version}
-                | {t.version for t, _ in self._late})
-        for v in list(self._models):
-            if v not in keep:
-                del self._models[v]
+    def held_updates(self) -> list[InFlight]:
+        return [t for t, _ in self._late]
 
     def summary(self) -> None:
         log.info("\t├── FedQueue: t_sync %.0f s, theta %.0f s, admission %.2f, tolerance "

@@ -331,8 +331,14 @@ class ScheduledFedAvg(FedAvg):
                              .astype(values.dtype))
         return ArrayRecord(out)
 
+    def held_updates(self) -> list[InFlight]:
+        """Collected updates a subclass holds for a later aggregation (their base models
+        are kept)."""
+        return []
+
     def _forget_models(self) -> None:
-        keep = {t.version for t in self._inflight.values()} | {self.version}
+        keep = ({t.version for t in self._inflight.values()} | {self.version}
+                | {t.version for t in self.held_updates()})
         for v in list(self._models):
             if v not in keep:
                 del self._models[v]
