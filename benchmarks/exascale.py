@@ -192,9 +192,8 @@ def run_job(workdir: Path, *, model: str, clients: int, strategy: str = "fedavg"
 def _run_job(workdir: Path, *, model: str, clients: int, strategy: str, partitioner: str,
              alpha: float | None, rounds: int, batch: int, dropout: float,
              epsilon: float | None, seed: int) -> dict[str, Any]:
-    from flwr.cli.build import build_fab_from_disk
-
     from flwr_hpc.config import load_federation
+    from flwr_hpc.fab import build_fab
     from flwr_hpc.server.runner import execute_run
     from flwr_hpc.server.runs import prepare_run
 
@@ -218,7 +217,7 @@ def _run_job(workdir: Path, *, model: str, clients: int, strategy: str, partitio
     run_config = {"overrides": " ".join(job), "num-server-rounds": rounds,
                   "local-steps": steps}
     t0 = time.monotonic()
-    run_dir = prepare_run(build_fab_from_disk(REPO), run_config, load_federation(fed_overrides))
+    run_dir = prepare_run(build_fab(REPO), run_config, load_federation(fed_overrides))
     status = execute_run(run_dir)
     if status != "finished:completed":
         raise SystemExit(f"run {run_config} {status}: see {run_dir / 'log.txt'}")

@@ -102,9 +102,8 @@ def _train(recipe, samples, steps: int, seed: int):
 
 def _federated(args, workdir: Path) -> Path:
     """The federated arm through flwr-hpc's runner; returns the final adapter's file."""
-    from flwr.cli.build import build_fab_from_disk
-
     from flwr_hpc.config import load_federation
+    from flwr_hpc.fab import build_fab
     from flwr_hpc.server.runner import execute_run
     from flwr_hpc.server.runs import prepare_run
 
@@ -116,7 +115,7 @@ def _federated(args, workdir: Path) -> Path:
         "evaluate.central=false", "evaluate.federated=false"])
     run_config = {"overrides": overrides, "num-server-rounds": args.rounds,
                   "local-steps": args.local_steps}
-    run_dir = prepare_run(build_fab_from_disk(REPO), run_config, load_federation([]))
+    run_dir = prepare_run(build_fab(REPO), run_config, load_federation([]))
     status = execute_run(run_dir)
     if status != "finished:completed":
         raise SystemExit(f"federated run {status}: see {run_dir / 'log.txt'}")

@@ -210,3 +210,39 @@ def heavy_imports(fab_bytes: bytes) -> list[str]:
     except (zipfile.BadZipFile, OSError, ValueError):
         return []
     return sorted(found & set(PRELOADABLE))
+
+
+# directories Flower's FAB rules drop whole (APP_PUBLISH_EXCLUDE_PATTERNS): never walked
+_DROPPED_DIRS = (".venv", ".flwr")
+
+
+def build_fab(app: Path) -> bytes:
+    """The FAB of the app in ``app``: the same bytes as Flower's
+    ``flwr.cli.build.build_fab_from_disk(app)`` (tested), built from the same files, but
+    without walking directories whose every file Flower's rules would drop -- ``.venv``,
+    ``.flwr``, ``__pycache__`` and what the app's ``.gitignore`` ignores as a directory
+    (unless it re-includes anything with ``!``). Flower walks and resolves every file
+    first: with a virtual environment inside the app's directory (this repository's
+    ``.venv``: 66 000 files) that is about 5 s of CPU per build; here it is a few ms.
+    """
+    from flwr.cli.build import build_fab_from_files
+    from flwr.cli.utils import build_pathspec, load_gitignore_patterns
+
+    root = app.expanduser().resolve()
+    ignore = root / ".gitignore"
+    patterns = load_gitignore_patterns(ignore.read_bytes() if ignore.is_file() else b"")
+    ignored = None if any(str(p).lstrip().startswith("!") for p in patterns) else (
+        build_pathspec(patterns))
+    files: dict[str, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        prefix = "" if rel_dir == "." else rel_dir + "/"
+        dirnames[:] = [d for d in dirnames if not (
+            d == "__pycache__" or (prefix + d) in _DROPPED_DIRS
+            or (ignored is not None and ignored.match_file(prefix + d + "/")))]
+        for filename in filenames:  # as Flower's collect_files: no links, nothing outside
+            path = Path(dirpath) / filename
+            if path.is_symlink() or not path.resolve().is_relative_to(root):
+                continue
+            files[prefix + filename] = path
+    return build_fab_from_files(files)[0]

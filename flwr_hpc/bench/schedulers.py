@@ -242,9 +242,8 @@ def bench_schedulers(strategies: tuple[str, ...] = DEFAULT_STRATEGIES, *,
     """Run every strategy for every seed on the simulated federation (``jobs`` runs at a
     time, each in its own process); see the module docstring.
     """
-    from flwr.cli.build import build_fab_from_disk
-
     from flwr_hpc.config import load_federation
+    from flwr_hpc.fab import build_fab
 
     fed = load_federation([f"federation={federation}"])
     if not fed.is_simulated():
@@ -252,7 +251,7 @@ def bench_schedulers(strategies: tuple[str, ...] = DEFAULT_STRATEGIES, *,
                            "benchmark needs compute.type 'sim' everywhere")
     if not seeds:
         raise FlwrHpcError("no seeds to run")
-    fab = build_fab_from_disk(app_dir())
+    fab = build_fab(app_dir())
     sites = [s.name for s in fed.sites]
     own = workdir is None
     home = Path(tempfile.mkdtemp(prefix="flwr-hpc-bench-sched-")) if own else Path(workdir)

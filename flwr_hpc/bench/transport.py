@@ -22,6 +22,7 @@ One cohesive thing (over 400 lines): one benchmark, its three arms and its repor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -59,28 +60,81 @@ def _free_port() -> int:
 
 
 def measure_floor(workdir: Path, probe_mb: int = 256) -> dict[str, float]:
-    """Memory-copy and disk-write bandwidth (bytes/s), best of a few tries."""
+    """Bandwidths (bytes/s, best of three, one core) of the per-byte work a round cannot
+    avoid, measured on the spot in ``workdir``: ``memcpy`` (into a warm buffer), ``write``
+    (to the page cache: a fresh file, not flushed), ``read`` (that file back, from the
+    page cache, into a warm buffer), ``sha256`` (hashlib), and ``fsync_write`` (a fresh
+    file written and fsynced: the disk).
+    """
     n = probe_mb * MiB
-    src = np.ones(n // 8, dtype=np.float64)
+    src = np.random.default_rng(0).integers(0, 255, n, dtype=np.uint8)
     dst = np.empty_like(src)
-    copy = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        copy.append(n / (time.perf_counter() - t0))
-    disk = []
+    view = memoryview(src)
+
+    def best(fn, tries: int = 3) -> float:
+        times = []
+        for _ in range(tries):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return n / min(times)
+
     path = workdir / "floor.bin"
-    payload = src.tobytes()
-    for _ in range(2):
-        t0 = time.perf_counter()
-        with open(path, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        disk.append(n / (time.perf_counter() - t0))
-        path.unlink()
-    del src, dst, payload
-    return {"memcpy_bytes_per_s": max(copy), "disk_bytes_per_s": max(disk)}
+
+    def write(sync: bool) -> None:
+        with open(path, "wb", buffering=0) as fh:
+            fh.write(view)
+            if sync:
+                os.fsync(fh.fileno())
+
+    def read() -> None:
+        with open(path, "rb", buffering=0) as fh:
+            fh.readinto(memoryview(dst))
+
+    try:
+        out = {"memcpy": best(lambda: np.copyto(dst, src)),
+               "sha256": best(lambda: hashlib.sha256(view).digest()),
+               "write": best(lambda: (path.unlink(missing_ok=True), write(False))),
+               "read": best(read),
+               "fsync_write": best(lambda: (path.unlink(missing_ok=True), write(True)), 2)}
+    finally:
+        path.unlink(missing_ok=True)
+    return out
+
+
+def floor_bytes(clients: int, sites: int, size_bytes: float) -> dict[str, float]:
+    """The bytes a round must move through flwr-hpc's design, at least: the model written
+    to and read at each site once (``down``), every client's update written and read once
+    (``up``), the model hashed once by the server and once per site, every update hashed
+    by its client and by the server.
+    """
+    down, up = sites * size_bytes, clients * size_bytes
+    return {"down": down, "up": up, "moved": down + up,
+            "hashed": size_bytes + down + 2 * up}
+
+
+def floor_round(clients: int, sites: int, size_bytes: float, bandwidth: dict[str, float], *,
+                fsync: bool = False, cores: int = 1) -> dict[str, Any]:
+    """The floor of one round under the configured durability: each component in seconds
+    of one core (every moved byte written to the page cache once -- and flushed to disk
+    only when ``fsync`` --, read once and copied once in memory; every byte hashed with
+    sha256 on both ends), their sum (``work_s``), and the round floor ``round_s`` =
+    ``work_s / cores``: the work spread perfectly over the cores the benchmark may use,
+    so that no transport on this machine can beat it. ``fsync_floor_s`` is the old
+    floor (2 x N x S through memory copy and fsynced writes), kept under its own key.
+    """
+    b = floor_bytes(clients, sites, size_bytes)
+    comp = {"write_s": b["moved"] / bandwidth["write"],
+            "read_s": b["moved"] / bandwidth["read"],
+            "sha256_s": b["hashed"] / bandwidth["sha256"],
+            "memcpy_s": b["moved"] / bandwidth["memcpy"]}
+    if fsync:  # the flush on top of the page-cache write
+        comp["fsync_s"] = max(0.0, b["moved"] / bandwidth["fsync_write"] - comp["write_s"])
+    work = sum(comp.values())
+    old = 2 * clients * size_bytes
+    return {"components_s": comp, "work_s": work, "cores": cores, "round_s": work / cores,
+            "bytes": b, "fsync": fsync,
+            "fsync_floor_s": old / bandwidth["memcpy"] + old / bandwidth["fsync_write"]}
 
 
 # ----------------------------------------------------------------------------- peak RSS
@@ -114,9 +168,10 @@ def _median_after_warmup(round_s: list[float]) -> float:
 # ----------------------------------------------------------------------------- flwr-hpc
 
 
-def bench_federation(clients: int, sites: int, workdir: Path):
+def bench_federation(clients: int, sites: int, workdir: Path, fsync: bool = False):
     """A local federation of ``clients`` spread over ``sites`` process-pool sites (at
-    most one site per client), with about one worker process per core in all.
+    most one site per client), with about one worker process per core in all; payload
+    objects flushed to disk only with ``fsync``.
     """
     from flwr_hpc._proc import usable_cpus
     from flwr_hpc.config import FederationConfig
@@ -129,26 +184,26 @@ def bench_federation(clients: int, sites: int, workdir: Path):
     share = max(1, usable_cpus() // sites)
     return FederationConfig.from_dict({
         "name": "bench", "workdir": str(workdir / "sites"),
-        "sites": {f"site{i}": {"clients": n,
+        "sites": {f"site{i}": {"clients": n, "payload": {"fsync": fsync},
                                "compute": {"type": "local", "engine": "process-pool",
                                            "workers": min(share, n)}}
                   for i, n in enumerate(per)}})
 
 
 def run_flwr_hpc(clients: int, size_mb: float, rounds: int, sites: int,
-                 workdir: Path, timeout_s: float, tensors: str = "") -> dict[str, Any]:
+                 workdir: Path, timeout_s: float, tensors: str = "",
+                 fsync: bool = False) -> dict[str, Any]:
     """Run the bench app through flwr-hpc (the runner in its own process); return its
     round times, the server's peak RSS, and the bytes staged per site per round.
     """
-    from flwr.cli.build import build_fab_from_disk
-
     from flwr_hpc._proc import large_buffer_env
+    from flwr_hpc.fab import build_fab
     from flwr_hpc.server.runs import prepare_run, read_status
 
     home = workdir / "hpc-home"
-    fed = bench_federation(clients, sites, workdir)
+    fed = bench_federation(clients, sites, workdir, fsync)
     result_file = workdir / "hpc-result.json"
-    fab = build_fab_from_disk(APP_DIR)
+    fab = build_fab(APP_DIR)
     run_dir = prepare_run(fab, {"rounds": rounds, "size-mb": size_mb, "streaming": True,
                                 "result-file": str(result_file), "tensors": tensors},
                           fed, home=home)
@@ -410,12 +465,14 @@ def run_flower(clients: int, size_mb: float, rounds: int, workdir: Path,
 
 def bench_transport(clients: int, size_mb: float, rounds: int = 3, *, sites: int = 4,
                     flower: bool = True, workdir: Path | None = None,
-                    timeout_s: float = 1800.0,
-                    tensors: Sequence[int] = ()) -> dict[str, Any]:
+                    timeout_s: float = 1800.0, tensors: Sequence[int] = (),
+                    fsync: bool = False) -> dict[str, Any]:
     """The whole benchmark (see the module docstring): flwr-hpc, then Flower's deployment
     (unless ``flower`` is False), then the floor; ``workdir`` (default: a temporary
     directory, removed) keeps the runs' files. ``tensors``: the model's layout as float32
     element counts per tensor (``size_mb`` is then their total); default 8 equal tensors.
+    ``fsync``: the sites' payload objects are flushed to disk (``payload.fsync: true``),
+    and the floor includes the flush.
     """
     layout = ",".join(str(int(n)) for n in tensors)
     if tensors:
@@ -429,7 +486,8 @@ def bench_transport(clients: int, size_mb: float, rounds: int = 3, *, sites: int
     try:
         _say(f"flwr-hpc: {clients} clients, {size_mb:g} MB, {rounds} rounds")
         t0 = time.monotonic()
-        hpc = run_flwr_hpc(clients, size_mb, rounds, sites, workdir, timeout_s, layout)
+        hpc = run_flwr_hpc(clients, size_mb, rounds, sites, workdir, timeout_s, layout,
+                           fsync)
         _say(f"flwr-hpc: done in {time.monotonic() - t0:.0f} s; rounds {hpc['round_s']}")
         fl, flower_error, flower_partial = None, None, []
         if flower:
@@ -444,24 +502,37 @@ def bench_transport(clients: int, size_mb: float, rounds: int = 3, *, sites: int
                      f"completed before: {err.rounds_s}")
                 flower_error, flower_partial = str(err), err.rounds_s
         # after the runs: a child forked from a big process starts with its RSS counted
-        _say(f"floor: measuring memory-copy and disk bandwidth in {workdir}")
-        floor = measure_floor(workdir)
+        _say(f"floor: measuring memory copy, page-cache write and read, sha256 and fsynced "
+             f"writes in {workdir}")
+        from flwr_hpc._proc import usable_cpus
+
+        bandwidth = measure_floor(workdir)
         nbytes = 2 * clients * size_mb * MiB
-        floor_s = (nbytes / floor["memcpy_bytes_per_s"]) + (nbytes / floor["disk_bytes_per_s"])
+        floor = floor_round(clients, len(hpc["clients_per_site"]), size_mb * MiB, bandwidth,
+                            fsync=fsync, cores=usable_cpus())
+        hpc_s = _median_after_warmup(hpc["round_s"])
         out: dict[str, Any] = {
             "clients": clients, "size_mb": size_mb, "rounds": rounds,
             "tensors": len(tensors) or 8,
             "sites": len(hpc["clients_per_site"]),
             "bytes_per_round": int(nbytes),
-            "floor_round_s": floor_s,
-            "memcpy_gb_per_s": floor["memcpy_bytes_per_s"] / 1e9,
-            "disk_gb_per_s": floor["disk_bytes_per_s"] / 1e9,
-            "flwr_hpc_round_s": _median_after_warmup(hpc["round_s"]),
+            "durability": "fsync" if fsync else "page cache",
+            "floor_round_s": floor["round_s"],
+            "floor_work_s": floor["work_s"],
+            "floor_components_s": floor["components_s"],
+            "floor_cores": floor["cores"],
+            "floor_bytes": floor["bytes"],
+            "bandwidth_gb_per_s": {k: v / 1e9 for k, v in bandwidth.items()},
+            "fsync_floor_round_s": floor["fsync_floor_s"],
+            "memcpy_gb_per_s": bandwidth["memcpy"] / 1e9,
+            "disk_gb_per_s": bandwidth["fsync_write"] / 1e9,
+            "flwr_hpc_round_s": hpc_s,
             "flwr_hpc_rounds_s": hpc["round_s"],
             "server_peak_rss_bytes": hpc["server_peak_rss_bytes"],
             "clients_per_site": hpc["clients_per_site"],
             "staged_bytes_per_site_round": hpc["staged_bytes_per_site_round"],
-            "flwr_hpc_over_floor": _median_after_warmup(hpc["round_s"]) / floor_s,
+            "flwr_hpc_over_floor": hpc_s / floor["round_s"],
+            "flwr_hpc_over_fsync_floor": hpc_s / floor["fsync_floor_s"],
         }
         if flower_error:
             out["flower_error"] = flower_error
@@ -486,9 +557,14 @@ def format_table(r: dict[str, Any]) -> str:
     """The result of :func:`bench_transport` as a text table."""
     rows = [("clients", r["clients"]), ("size (MB)", r["size_mb"]),
             ("bytes per round", f"{r['bytes_per_round'] / MiB:,.0f} MiB"),
-            ("floor round (s)", f"{r['floor_round_s']:.3f}"),
+            ("floor round (s)", f"{r['floor_round_s']:.3f} ({r['durability']}; "
+             + ", ".join(f"{k[:-2]} {v:.3f}" for k, v in r["floor_components_s"].items())
+             + f" s of one core, over {r['floor_cores']} cores)"),
+            ("fsync floor round (s)", f"{r['fsync_floor_round_s']:.3f} (2 x N x S copied "
+             "and fsynced, the old floor)"),
             ("flwr-hpc round (s)", f"{r['flwr_hpc_round_s']:.3f}"),
             ("flwr-hpc / floor", f"{r['flwr_hpc_over_floor']:.2f}"),
+            ("flwr-hpc / fsync floor", f"{r['flwr_hpc_over_fsync_floor']:.2f}"),
             ("flwr-hpc server peak RSS", f"{r['server_peak_rss_bytes'] / MiB:,.0f} MiB")]
     if r.get("flower_error"):
         rows.append(("Flower", r["flower_error"]))

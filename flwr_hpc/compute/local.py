@@ -32,17 +32,25 @@ from flwr_hpc.protocol import RESULT_SERIALIZERS, task_serializer
 
 log = logging.getLogger(__name__)
 
+# what every local site worker imports before it runs a task, whatever the app: the
+# endpoint engine's task runner and the site worker (which imports Flower). A spawned worker
+# spends about 1.4 s of CPU importing them; forked from a forkserver that did, none.
+WORKER_IMPORTS = ("flwr_hpc.worker", "flwr.clientapp.utils",
+                  "globus_compute_endpoint.engines.helper")
+
+
 def worker_context(preload: tuple[str, ...] = ()) -> multiprocessing.context.BaseContext:
     """How local site workers are started: ``spawn`` (never ``fork``: the server process
-    is multi-threaded), or -- with ``preload`` (the heavy libraries the app imports,
-    :func:`flwr_hpc.fab.heavy_imports`) and ``FLWR_HPC_FORKSERVER`` not ``0`` -- a
-    ``forkserver`` that imported them once, so each worker starts in milliseconds instead
-    of re-importing torch and transformers (seconds each). The forkserver is one per
-    process and single-threaded (forking from it is safe); it keeps its first preload list
-    and ends with the process that started it.
+    is multi-threaded), or -- unless ``FLWR_HPC_FORKSERVER`` is ``0`` -- a ``forkserver``
+    that imported :data:`WORKER_IMPORTS` and ``preload`` (the heavy libraries the app
+    imports, :func:`flwr_hpc.fab.heavy_imports`) once, so each worker starts in
+    milliseconds instead of re-importing Flower, torch and transformers (seconds each).
+    The forkserver is one per process and single-threaded (forking from it is safe); it
+    keeps its first preload list and ends with the process that started it.
     """
-    if not preload or os.environ.get("FLWR_HPC_FORKSERVER", "1") == "0":
+    if os.environ.get("FLWR_HPC_FORKSERVER", "1") == "0":
         return multiprocessing.get_context("spawn")
+    preload = tuple(sorted(set(preload) | set(WORKER_IMPORTS)))
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(sorted(preload))
     try:  # start it now (imports included) and prove it forks; else spawn, as before

@@ -317,8 +317,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """``flwr-hpc run APP``: build the app's FAB, prepare a run and execute it in the
     foreground.
     """
-    from flwr.cli.build import build_fab_from_disk
-
+    from flwr_hpc.fab import build_fab
     from flwr_hpc.server.runs import prepare_run
 
     app = Path(args.app)
@@ -327,7 +326,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     run_config = run_config_of(args.run_config)
     federation = _load_federation(args.overrides, args.config_dir)
-    fab = build_fab_from_disk(app)
+    fab = build_fab(app)
     run_dir = prepare_run(fab, run_config, federation)
     print(f"run {run_dir.name}: run directory {run_dir}", flush=True)
     return _run_in_foreground(run_dir)
@@ -413,7 +412,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("error: --rounds must be >= 2 (the first round is a warm-up)", file=sys.stderr)
         return 2
     result = bench_transport(args.clients, args.size_mb, args.rounds, sites=args.sites,
-                             flower=not args.no_flower,
+                             flower=not args.no_flower, fsync=bool(getattr(args, "fsync", False)),
                              workdir=Path(args.workdir) if args.workdir else None)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -717,14 +716,17 @@ def _bench_transport(
             help="flwr-hpc sites the clients are spread over")] = 4,
         no_flower: Annotated[bool, typer.Option(
             "--no-flower", help="skip Flower's deployment (flwr-hpc and the floor only)")] = False,
+        fsync: Annotated[bool, typer.Option(
+            "--fsync", help="sites flush payload objects to disk (payload.fsync: true); "
+                            "the floor then includes the flush")] = False,
         json_out: JsonFlag = False,
         out: Annotated[str | None, typer.Option(
             help="also write the JSON result to this file")] = None,
         workdir: Workdir = None) -> None:
     """Per-round time of flwr-hpc vs Flower's deployment vs the floor."""
     _dispatch(cmd_bench, bench_command="transport", clients=clients, size_mb=size_mb,
-              rounds=rounds, sites=sites, no_flower=no_flower, json=json_out, out=out,
-              workdir=workdir)
+              rounds=rounds, sites=sites, no_flower=no_flower, fsync=fsync, json=json_out,
+              out=out, workdir=workdir)
 
 
 @bench_app.command("schedulers")

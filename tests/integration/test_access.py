@@ -72,14 +72,14 @@ def nobody_dir():
 
 
 def _start_run_body() -> bytes:
-    from flwr.cli.build import build_fab_from_disk
     from flwr.common.serde import fab_to_proto
     from flwr.proto.control_pb2 import StartRunRequest
     from flwr.supercore.fab import Fab
 
+    from flwr_hpc.fab import build_fab
     from flwr_hpc.payload.objects import sha256_hex
 
-    fab = build_fab_from_disk(APP_DIR)
+    fab = build_fab(APP_DIR)
     return StartRunRequest(fab=fab_to_proto(Fab(sha256_hex(fab), fab, {}))).SerializeToString()
 
 

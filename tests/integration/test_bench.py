@@ -28,6 +28,21 @@ def test_bench_transport_json_has_the_figures_and_leaves_nothing_running(tmp_pat
     assert (result["clients"], result["size_mb"]) == (3, 2.0)
     assert len(result["flwr_hpc_rounds_s"]) == len(result["flower_rounds_s"]) == 2
     assert result["bytes_per_round"] == 2 * 3 * 2 * 2**20
+    # the floor under the configured durability (page cache: no flush), from the
+    # bandwidths measured in this run; the old fsync floor under its own key
+    assert result["durability"] == "page cache"
+    comp, bw = result["floor_components_s"], result["bandwidth_gb_per_s"]
+    moved = (3 + 2) * 2 * 2**20  # the model once per site, each update once
+    assert set(comp) == {"write_s", "read_s", "sha256_s", "memcpy_s"}
+    assert comp["write_s"] == pytest.approx(moved / (bw["write"] * 1e9))
+    assert comp["sha256_s"] == pytest.approx((2 + 2 * 2 + 2 * 3 * 2) * 2**20
+                                             / (bw["sha256"] * 1e9))
+    assert result["floor_work_s"] == pytest.approx(sum(comp.values()))
+    assert result["floor_round_s"] == pytest.approx(result["floor_work_s"]
+                                                    / result["floor_cores"])
+    assert result["fsync_floor_round_s"] > 0
+    assert result["flwr_hpc_over_floor"] == pytest.approx(
+        result["flwr_hpc_round_s"] / result["floor_round_s"])
     # a site receives the model once per round, whether it hosts 1 or 2 clients
     staged = result["staged_bytes_per_site_round"]
     assert result["clients_per_site"] == {"site0": 2, "site1": 1}

@@ -18,10 +18,9 @@ def bench_args(tmp_path):
 
 @pytest.mark.slow(90)
 def test_bench_schedulers_over_seeds_is_reproducible(bench_args, tmp_path, capsys):
-    from flwr.cli.build import build_fab_from_disk
-
     from flwr_hpc.bench.schedulers import _one, app_dir, mean_ci
     from flwr_hpc.control.cli import main
+    from flwr_hpc.fab import build_fab
 
     assert main(bench_args) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -55,7 +54,7 @@ def test_bench_schedulers_over_seeds_is_reproducible(bench_args, tmp_path, capsy
     assert "| FedBuff |" in table and "<svg" in (out / "schedulers.svg").read_text()
 
     # the same seed, run again on its own: the same curve and the same charges
-    again = _one({"fab": build_fab_from_disk(app_dir()), "strategy": "fedbuff", "seed": 7,
+    again = _one({"fab": build_fab(app_dir()), "strategy": "fedbuff", "seed": 7,
                   "federation": "sim_4facilities", "hours": 3.0, "local_steps": 3,
                   "max_rounds": 400, "home": str(tmp_path / "again")})
     assert [list(p) for p in again["curve"]] == saved["runs"]["fedbuff"]["7"]["curve"]

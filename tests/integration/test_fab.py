@@ -4,11 +4,12 @@ half-written installs (issue #16, item 3). Each fault is shown first, then refus
 from __future__ import annotations
 
 import io
+import shutil
 import zipfile
 
 import pytest
 from flwr.common.constant import ErrorCode
-from helpers import fed_of, rebuild, train_messages, with_pyproject
+from helpers import APP_DIR, REPO_ROOT, fed_of, rebuild, train_messages, with_pyproject
 
 import flwr_hpc.fab as fabmod
 from flwr_hpc.fab import INSTALLED_MARKER, FabError, check_fab, install_fab
@@ -150,3 +151,33 @@ def test_start_run_with_a_hostile_fab_answers_why(flwr_home, quickstart_fab):
         assert list(link.runs_dir.iterdir()) == []
     finally:
         link.shutdown()
+
+
+def test_build_fab_is_flowers_fab_without_walking_what_flower_drops(tmp_path):
+    from flwr.cli.build import build_fab_from_disk
+
+    from flwr_hpc.fab import build_fab
+
+    # this repository (its .venv, .git, caches) and a test app: the very same bytes
+    assert build_fab(REPO_ROOT) == build_fab_from_disk(REPO_ROOT)
+    assert build_fab(APP_DIR) == build_fab_from_disk(APP_DIR)
+    # an app whose .gitignore ignores a directory, with a .venv, a cache and a link: none
+    # of them is walked or shipped; what Flower ships, ships
+    app = tmp_path / "app"
+    shutil.copytree(APP_DIR, app, ignore=shutil.ignore_patterns("__pycache__"))
+    (app / ".gitignore").write_text("out/\n*.log\n")
+    for d in ("out", ".venv/lib", "pkg/__pycache__"):
+        (app / d).mkdir(parents=True)
+        (app / d / "x.py").write_text("raise SystemExit\n")
+    (app / "pkg" / "keep.py").write_text("KEEP = 1\n")
+    (app / "linked.py").symlink_to(app / "pkg" / "keep.py")
+    fab = build_fab(app)
+    assert fab == build_fab_from_disk(app)
+    with zipfile.ZipFile(io.BytesIO(fab)) as zf:
+        names = set(zf.namelist())
+    assert "pkg/keep.py" in names
+    assert not {n for n in names if n.startswith(("out/", ".venv/")) or "__pycache__" in n
+                or n == "linked.py"}
+    # a .gitignore that re-includes (!) something: directories are walked as Flower does
+    (app / ".gitignore").write_text("out/\n!out/x.py\n")
+    assert build_fab(app) == build_fab_from_disk(app)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import REPO_ROOT
 from helpers import cli as _cli
 
 JOB = ("model=smollm2 train.batch_size=4 evaluate.max_samples=16 evaluate.max_generate=2 "
@@ -14,9 +13,10 @@ JOB = ("model=smollm2 train.batch_size=4 evaluate.max_samples=16 evaluate.max_ge
 
 
 @pytest.mark.slow(150)
-def test_smollm2_converts_once_and_learns_through_flwr_run(superlink, flwr_home, _model_cache):
+def test_smollm2_converts_once_and_learns_through_flwr_run(superlink, flwr_home, _model_cache,
+                                                           lora_app):
     run = _cli("flwr", "run", ".", "hpc", "--stream", "-c", "num-server-rounds=1",
-               "-c", "local-steps=2", "-c", f'overrides="{JOB}"', cwd=REPO_ROOT, timeout=900)
+               "-c", "local-steps=2", "-c", f'overrides="{JOB}"', cwd=lora_app, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     run_id = int(run.stdout.split("Successfully started run ")[1].split()[0])
     run_dir = flwr_home / "hpc" / "runs" / str(run_id)

@@ -12,16 +12,15 @@ import json
 import re
 
 import pytest
-from helpers import REPO_ROOT
 from helpers import cli as _cli
 
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ INFO     "
 
 
 @pytest.mark.slow(45)
-def test_main_job_stream_is_a_short_report(superlink, flwr_home):
+def test_main_job_stream_is_a_short_report(superlink, flwr_home, lora_app):
     run = _cli("flwr", "run", ".", "hpc", "--stream", "-c", "local-steps=2",
-               "-c", 'overrides="evaluate.max_generate=2"', cwd=REPO_ROOT, timeout=600)
+               "-c", 'overrides="evaluate.max_generate=2"', cwd=lora_app, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout
     run_id = int(out.split("Successfully started run ")[1].split()[0])

@@ -7,7 +7,6 @@ import json
 import math
 
 import pytest
-from helpers import REPO_ROOT
 from helpers import cli as _cli
 
 
@@ -20,10 +19,10 @@ def _job(strategy: str) -> str:
 
 
 @pytest.mark.slow(200)
-def test_each_scheduler_aware_strategy_runs_through_flwr_run(superlink, flwr_home):  # noqa: F811
+def test_each_scheduler_aware_strategy_runs_through_flwr_run(superlink, flwr_home, lora_app):
     for strategy in ("deadline", "fedbuff", "queue_aware", "fedasync", "fedqueue",
                      "fedcompass", "budget_async"):
-        run = _cli("flwr", "run", ".", "hpc", "--stream", "-c", _job(strategy), cwd=REPO_ROOT,
+        run = _cli("flwr", "run", ".", "hpc", "--stream", "-c", _job(strategy), cwd=lora_app,
                    timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
         run_id = int(run.stdout.split("Successfully started run ")[1].split()[0])
