@@ -18,8 +18,14 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def run(clients: int, size: float, rounds: int, flower: bool) -> None:
+FLOWER_KEYS = ("flower_round_s", "flower_rounds_s", "flower_error",
+               "flower_serverapp_peak_rss_bytes", "flower_superlink_peak_rss_bytes")
+
+
+def run(clients: int, size: float, rounds: int, flower: bool, keep_flower: bool = False
+        ) -> None:
     out = RESULTS / f"transport-n{clients}-s{size:g}.json"
+    old = json.loads(out.read_text()) if keep_flower and out.exists() else {}
     cmd = [str(Path(sys.executable).parent / "flwr-hpc"), "bench", "transport",
            "--clients", str(clients), "--size-mb", str(size), "--rounds", str(rounds),
            "--json", "--out", str(out)]
@@ -27,6 +33,17 @@ def run(clients: int, size: float, rounds: int, flower: bool) -> None:
         cmd.append("--no-flower")
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL)
+    if old.get("flower_round_s") or old.get("flower_error"):  # Flower's, from its own run
+        new = json.loads(out.read_text())
+        new.update({k: old[k] for k in FLOWER_KEYS if k in old})
+        new["flower_from_earlier_run"] = True
+        if new.get("flower_round_s"):
+            new["flwr_hpc_over_flower"] = new["flwr_hpc_round_s"] / new["flower_round_s"]
+        if new.get("flower_error") and new.get("flower_rounds_s"):
+            k = len(new["flower_rounds_s"])
+            new["flwr_hpc_over_flower_completed_rounds"] = (
+                sum(new["flwr_hpc_rounds_s"][:k]) / sum(new["flower_rounds_s"]))
+        out.write_text(json.dumps(new, indent=2, sort_keys=True))
 
 
 def load() -> list[dict]:
@@ -52,6 +69,8 @@ def table(rows: list[dict]) -> str:
             flower_cell = (f"failed in round {k + 1}; {done}: "
                            + ", ".join(f"{v:.1f}" for v in partial))
             ratio = f"{r['flwr_hpc_over_flower_completed_rounds']:.3f} ({done})"
+        if r.get("flower_from_earlier_run") and flower_cell != "not run":
+            flower_cell += " *"  # Flower's deployment measured in an earlier run
         staged = ", ".join(f"{r['staged_bytes_per_site_round'][s] / 2**20:.0f} "
                            f"({r['clients_per_site'][s]})"
                            for s in sorted(r["staged_bytes_per_site_round"]))
@@ -62,6 +81,10 @@ def table(rows: list[dict]) -> str:
             f"{r['flwr_hpc_over_floor']:.2f} | {r['flwr_hpc_over_fsync_floor']:.2f} | "
             f"{r['server_peak_rss_bytes'] / 2**20:.0f} | "
             f"{staged} |")
+    if any(r.get("flower_from_earlier_run") for r in rows):
+        lines.append("\n\\* Flower's deployment as measured in an earlier run of this grid "
+                     "(`--keep-flower`); flwr-hpc, the floors and the ratio to Flower from "
+                     "this one.")
     return "\n".join(lines) + "\n"
 
 
@@ -105,12 +128,16 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-flower-above", type=int, default=32)
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--keep-flower", action="store_true",
+                        help="run flwr-hpc and the floor only; keep Flower's figures from "
+                             "the results already there (marked as from an earlier run)")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     if not args.render_only:
         for size in args.sizes:
             for n in args.clients:
-                run(n, size, args.rounds, flower=n <= args.no_flower_above)
+                run(n, size, args.rounds, flower=n <= args.no_flower_above
+                    and not args.keep_flower, keep_flower=args.keep_flower)
     rows = load()
     (RESULTS / "table.md").write_text(table(rows))
     figure(rows)

@@ -506,7 +506,9 @@ def bench_transport(clients: int, size_mb: float, rounds: int = 3, *, sites: int
              f"writes in {workdir}")
         from flwr_hpc._proc import usable_cpus
 
-        bandwidth = measure_floor(workdir)
+        # probes the size of what a round moves (32-256 MiB): as big as the work measured
+        moved_mib = (len(hpc["clients_per_site"]) + clients) * size_mb
+        bandwidth = measure_floor(workdir, probe_mb=int(min(256, max(32, moved_mib))))
         nbytes = 2 * clients * size_mb * MiB
         floor = floor_round(clients, len(hpc["clients_per_site"]), size_mb * MiB, bandwidth,
                             fsync=fsync, cores=usable_cpus())

@@ -34,13 +34,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, TypeVar
 
-from flwr.app import Array, Message
+from flwr.app import Array, ArrayRecord, Message
 from flwr.app.message import array as _flwr_array
 from flwr.app.message.arraychunk import ArrayChunk
 from flwr.supercore.constant import HEAD_BODY_DIVIDER, HEAD_VALUE_DIVIDER
 from flwr.supercore.inflatable import inflatable_object as _flwr_objects
 from flwr.supercore.inflatable.inflatable_object import (
     get_all_nested_objects,
+    get_object_body,
     get_object_head_values_from_object_content,
 )
 from flwr.supercore.inflatable.inflatable_utils import (
@@ -262,11 +263,98 @@ def _new_array(meta: dict, data: bytes) -> Array:
                  stype=str(meta["stype"]), data=data)
 
 
+def _array_record(object_id: str, content: bytes,
+                  arrays: dict[str, InflatableObject]) -> ArrayRecord:
+    """An ArrayRecord holding these very Array objects (Flower's checks: its children are
+    exactly the arrays its body names).
+    """
+    _, children, _ = get_object_head_values_from_object_content(content)
+    refs = json.loads(get_object_body(content, ArrayRecord).decode("utf-8"))
+    if not isinstance(refs, dict) or set(refs.values()) != set(children):
+        raise ValueError(f"ArrayRecord {object_id[:16]}…: its arrays do not match its "
+                         "children")
+    record = ArrayRecord()
+    for name, array_id in refs.items():
+        record[name] = arrays[array_id]  # type: ignore[assignment]
+    return record
+
+
+def _join_chunks(chunk_ids: list[str], read: Callable[[str], bytes]) -> bytes:
+    """An Array's data: its chunks read (``read`` verifies each one's sha256) and their
+    bodies joined once; a chunk repeated in the list is read once.
+    """
+    chunks = {}
+    for cid in dict.fromkeys(chunk_ids):
+        chunks[cid] = read(check_object_id(cid))
+        validate_object_content(chunks[cid])
+    return b"".join([_chunk_body(cid, chunks[cid]) for cid in chunk_ids])
+
+
+class StoredArray(Array):
+    """An ``Array`` of a reply whose bytes (``stored_bytes`` in its chunk objects) stay in
+    the payload store until first asked for: ``data`` then reads its chunks, verifying
+    each one's sha256 (a chunk that no longer matches raises
+    :class:`~flwr_hpc.errors.PayloadIntegrityError`), and keeps them until :meth:`release`.
+    Everything else is Flower's ``Array``. A streaming strategy that takes one array at a
+    time and releases it holds one array of the reply, not all of it
+    (:class:`flwr_hpc.strategy.streaming.StreamingFedAvg`).
+    """
+
+    def __init__(self, meta: dict, chunk_ids: list[str], read: Callable[[str], bytes],
+                 stored_bytes: int = 0) -> None:
+        # Flower's __init__ wants the bytes; these are the same fields, data deferred
+        self.__dict__.update(dtype=str(meta["dtype"]),
+                             shape=tuple(int(d) for d in meta["shape"]),
+                             stype=str(meta["stype"]), _chunk_ids=list(chunk_ids),
+                             _read=read, stored_bytes=int(stored_bytes))
+
+    @property  # type: ignore[override]
+    def data(self) -> bytes:
+        """The array's bytes (read and verified on first use, kept until released)."""
+        data = self.__dict__.get("_data")
+        if data is None:
+            data = self.__dict__["_data"] = _join_chunks(self.__dict__["_chunk_ids"],
+                                                         self.__dict__["_read"])
+        return data
+
+    @data.setter
+    def data(self, value: bytes) -> None:  # new bytes: no longer the stored ones
+        self.__dict__["_data"] = value
+        self.__dict__["_chunk_ids"] = None
+
+    def deflate(self) -> bytes:
+        """Flower's ``Array`` bytes (Flower names an object's type after its class)."""
+        return Array(dtype=self.dtype, shape=tuple(self.shape), stype=self.stype,
+                     data=self.data).deflate()
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the bytes are in memory now."""
+        return self.__dict__.get("_data") is not None
+
+    def release(self) -> None:
+        """Let the bytes go (they are read again if asked for); bytes set by the caller
+        are kept.
+        """
+        if self.__dict__.get("_chunk_ids") is not None:
+            self.__dict__.pop("_data", None)
+
+
 def _chunk_body(object_id: str, content: bytes) -> memoryview:
     obj_type, children, body_len = get_object_head_values_from_object_content(content)
     if obj_type != "ArrayChunk" or children:
         raise ValueError(f"object {object_id[:16]}… is a {obj_type}, not an ArrayChunk")
     return memoryview(content)[len(content) - body_len:]
+
+
+def stored_bytes(message: Message) -> int:
+    """The bytes of ``message``'s arrays that are still in the store (:class:`StoredArray`
+    not read yet).
+    """
+    if message.has_error():
+        return 0
+    return sum(a.stored_bytes for record in message.content.array_records.values()
+               for a in record.values() if isinstance(a, StoredArray) and not a.loaded)
 
 
 def collect_tree(root_id: str, read: Callable[[str], bytes],
@@ -291,13 +379,17 @@ def collect_tree(root_id: str, read: Callable[[str], bytes],
 
 
 def inflate_message(root_id: str, read: Callable[[str], bytes], *,
-                    cache: ArrayCache | None = None) -> Message:
+                    cache: ArrayCache | None = None,
+                    stored: Callable[[str], int | None] | None = None) -> Message:
     """Rebuild a ``Message`` from its verified objects and restore its message id.
 
     Arrays are assembled here, one at a time: an array's chunks are read, their bodies
     joined once into the array's data, and let go before the next array's (so a reply
     costs its arrays plus one array's chunks in memory, not twice its size). With a
     ``cache``, an array assembled before is taken from it and its chunks are not read.
+    With ``stored`` (a store's ``reply_size``: an object's size if it can be read later,
+    else None), an array whose chunks are all there is not read here but becomes a
+    :class:`StoredArray`, read (and verified) on first use.
     """
     contents = collect_tree(root_id, read, skip=lambda _oid, kind: kind == "Array")
     arrays: dict[str, InflatableObject] = {}
@@ -305,19 +397,24 @@ def inflate_message(root_id: str, read: Callable[[str], bytes], *,
         if not content.startswith(b"Array "):
             continue
         meta, chunk_ids = _array_head(oid, content)
+        sizes = ([stored(check_object_id(c)) for c in dict.fromkeys(chunk_ids)]
+                 if stored is not None else [None])
+        if None not in sizes:
+            arrays[oid] = StoredArray(meta, chunk_ids, read, sum(sizes))  # type: ignore[arg-type]
+            continue
         data = cache.get(oid) if cache is not None else None
         if data is None:
-            chunks = {}
-            for cid in dict.fromkeys(chunk_ids):  # a repeated chunk is read once
-                chunks[cid] = read(check_object_id(cid))
-                validate_object_content(chunks[cid])
-            data = b"".join([_chunk_body(cid, chunks[cid]) for cid in chunk_ids])
-            del chunks
+            data = _join_chunks(chunk_ids, read)
             if cache is not None:
                 cache.put(oid, data)
         arrays[oid] = _new_array(meta, data)
+    objects: dict[str, InflatableObject] = dict(arrays)
+    if stored is not None:  # Flower's ArrayRecord.inflate would copy each Array (reading it)
+        for oid, content in contents.items():
+            if content.startswith(b"ArrayRecord "):
+                objects[oid] = _array_record(oid, content, arrays)
     message = inflate_object_from_contents(root_id, contents, keep_object_contents=False,
-                                           objects=arrays)
+                                           objects=objects)
     if not isinstance(message, Message):
         raise TypeError(f"object {root_id[:16]}… is a {type(message).__name__}, not a Message")
     # ``Message.deflate`` omits the id; Flower's grids use the object id as message id.

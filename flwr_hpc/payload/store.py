@@ -79,6 +79,11 @@ class PayloadStore(Protocol):
     def get(self, object_id: str) -> bytes:
         """Return the verified bytes of ``object_id``."""
 
+    def reply_size(self, object_id: str) -> int | None:
+        """The size of a reply object that :meth:`get` can read later, without reading it
+        now; None where the store cannot promise that (the reply is then read at once).
+        """
+
 
 class StoreDefaults:
     """The do-nothing parts of :class:`PayloadStore` (and of the site's view of a store,
@@ -106,6 +111,10 @@ class StoreDefaults:
 
     def receive(self, result: dict[str, Any], object_ids: list[str], label: str) -> None:
         """Nothing to receive: the site wrote the objects where the server reads them."""
+        return None
+
+    def reply_size(self, object_id: str) -> int | None:
+        """Unknown: replies are read when they are received."""
         return None
 
 
@@ -169,6 +178,13 @@ class FilesystemStore(StoreDefaults):
             self.bytes_written += nbytes
             self.objects_written += 1
         return nbytes
+
+    def reply_size(self, object_id: str) -> int | None:
+        """The object file's size, or None if there is no such file."""
+        try:
+            return self._path(object_id).stat().st_size
+        except FileNotFoundError:
+            return None
 
     def get(self, object_id: str) -> bytes:
         """The object's verified bytes; raises :class:`PayloadMissingError` if there is

@@ -426,6 +426,10 @@ class GlobusTransferStore(StoreDefaults):
         """:meth:`fetch` ``object_ids`` from the site."""
         self.fetch(object_ids, label)  # nothing to move when the batch already has them
 
+    def reply_size(self, object_id: str) -> int | None:
+        """The size of the server's copy, or None if it was not fetched."""
+        return self.local.reply_size(object_id)
+
     def get(self, object_id: str) -> bytes:
         """The verified bytes of the server's copy; raises :class:`PayloadMissingError`
         if it was not fetched from the site yet.

@@ -413,6 +413,9 @@ class HPCGrid(Grid):
 
     @override
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._pull(message_ids)
+
+    def _pull(self, message_ids: Iterable[str], lazy: bool = False) -> list[Message]:
         replies: list[Message] = []
         for mid in message_ids:
             with self._lock:
@@ -422,7 +425,7 @@ class HPCGrid(Grid):
                 if ready:
                     del self._tasks[mid]
             if ready:
-                replies.append(self._collect(cast(Task, task)))  # ready: not None
+                replies.append(self._collect(cast(Task, task), lazy))  # ready: not None
         return replies
 
     @override
@@ -436,13 +439,17 @@ class HPCGrid(Grid):
         return list(self.stream_replies(messages, timeout=timeout))
 
     def stream_replies(
-        self, messages: Iterable[Message], *, timeout: float | None = None
+        self, messages: Iterable[Message], *, timeout: float | None = None,
+        lazy_arrays: bool = False,
     ) -> Iterator[Message]:
         """:meth:`send_and_receive`, yielding each reply as it arrives. The grid keeps no
         reference to a yielded reply, so a strategy that aggregates while iterating holds
         one reply at a time, not all of them (``StreamingGrid`` hands this to Flower's
         round loop). The messages are submitted at once, before the first ``next()``;
-        replies not consumed when the iterator is dropped are abandoned.
+        replies not consumed when the iterator is dropped are abandoned. With
+        ``lazy_arrays``, a reply's arrays are read from the site's store when the strategy
+        first asks for them (:class:`~flwr_hpc.payload.objects.StoredArray`), so one that
+        takes and releases one array at a time holds one array, not the whole reply.
         """
         started = self.delivery.now()
         ids = list(self.push_messages(messages))
@@ -453,10 +460,10 @@ class HPCGrid(Grid):
                 task = self._tasks.get(mid)
                 if task is not None and task.done_at is not None:
                     inbox.put(mid)
-        return self._receive(ids, started, timeout, inbox)
+        return self._receive(ids, started, timeout, inbox, lazy_arrays)
 
     def _receive(self, ids: list[str], started: float, timeout: float | None,
-                 inbox: queue.Queue[str]) -> Iterator[Message]:
+                 inbox: queue.Queue[str], lazy: bool) -> Iterator[Message]:
         total = len(ids)
         if not total:
             return
@@ -497,7 +504,7 @@ class HPCGrid(Grid):
                     break
                 for got_mid in [m for mid in got_ids if mid in pending
                                 for m in ready([mid])]:
-                    got = list(self.pull_messages([got_mid]))
+                    got = self._pull([got_mid], lazy)
                     while got:  # hold no reference to a reply once it is yielded
                         reply = got.pop()
                         pending.discard(got_mid)
@@ -511,7 +518,7 @@ class HPCGrid(Grid):
                 done_at_site.pop(site)
                 self._fetch_replies(site, batch)
                 for got_mid in batch:
-                    for reply in self.pull_messages([got_mid]):
+                    for reply in self._pull([got_mid], lazy):
                         pending.discard(got_mid)
                         received += 1
                         yield reply
@@ -656,10 +663,11 @@ class HPCGrid(Grid):
                     task.node.node_id, task.node.site, timeout, task.round, task.phase)
         self._record(task, "timeout")
 
-    def _collect(self, task: Task) -> Message:
+    def _collect(self, task: Task, lazy: bool = False) -> Message:
         """Turn a finished task into the reply the strategy sees (never raises)."""
         rt = self.sites.get(task.node.site)  # none for a node outside the federation
-        return collect(task, rt.store if rt else None, self._label(task), self._record)
+        return collect(task, rt.store if rt else None, self._label(task), self._record,
+                       lazy=lazy)
 
     def _record(self, task: Task, outcome: str, *, result: dict | None = None,
                 bytes_from_site: int = 0, fetch_s: float = 0.0, error: str | None = None) -> None:

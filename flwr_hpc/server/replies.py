@@ -20,7 +20,7 @@ from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode
 
 from flwr_hpc.errors import FlwrHpcError, RemoteTaskError, WorkerLostError
-from flwr_hpc.payload.objects import inflate_message, sha256_hex
+from flwr_hpc.payload.objects import inflate_message, sha256_hex, stored_bytes
 from flwr_hpc.payload.store import PayloadStore
 from flwr_hpc.protocol import context_from_bytes
 from flwr_hpc.server.tasks import Task, error_outcome
@@ -37,9 +37,12 @@ def error_reply(task: Task, code: int, reason: str) -> Message:
     return reply
 
 
-def collect(task: Task, store: PayloadStore | None, label: str, record: Record) -> Message:
+def collect(task: Task, store: PayloadStore | None, label: str, record: Record, *,
+            lazy: bool = False) -> Message:
     """Turn a finished task into the reply the strategy sees (never raises). ``store``:
-    the site's store (``None`` only for a task that never reached a site).
+    the site's store (``None`` only for a task that never reached a site). ``lazy``: the
+    reply's arrays stay in the store until the strategy reads them
+    (:class:`~flwr_hpc.payload.objects.StoredArray`) where the store can promise that.
     """
     if task.immediate is not None:
         reply = task.immediate
@@ -83,7 +86,9 @@ def collect(task: Task, store: PayloadStore | None, label: str, record: Record) 
         # inline: the objects the result carries (or its file reply); Transfer: a no-op
         # when the grid fetched the site's batch already
         store.receive(result, result.get("object_ids") or [result["reply_id"]], label)
-        reply = inflate_message(result["reply_id"], read)
+        reply = inflate_message(result["reply_id"], read,
+                                stored=store.reply_size if lazy else None)
+        read_bytes += stored_bytes(reply)  # read when the strategy asks for them
         md = reply.metadata
         if md.reply_to_message_id != task.message_id or md.src_node_id != task.node.node_id:
             raise FlwrHpcError(

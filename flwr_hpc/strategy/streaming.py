@@ -39,6 +39,8 @@ from flwr.serverapp.strategy import (
 from flwr.serverapp.strategy.strategy_utils import InconsistentMessageReplies
 from typing_extensions import override
 
+from flwr_hpc.errors import PayloadIntegrityError, PayloadMissingError
+
 log = logging.getLogger("flwr")
 
 _BLOCK = 1 << 20  # elements per step of the running sum (8 MiB of float64 scratch)
@@ -85,6 +87,48 @@ def _accumulate(total: np.ndarray, values: np.ndarray, weight: np.float64) -> No
         flat_total[start:start + _BLOCK] += step
 
 
+# a reply's array that cannot be read from the store when it is first used (a
+# :class:`~flwr_hpc.payload.objects.StoredArray` whose chunk failed its sha256, or is gone)
+_UNREADABLE = (PayloadIntegrityError, PayloadMissingError, OSError)
+
+
+def _fold(record: ArrayRecord, weight: np.float64, sums: dict[str, np.ndarray],
+          dtypes: dict[str, np.dtype]) -> None:
+    """Add ``weight`` x every array of one reply to ``sums``, one array at a time, letting
+    each array's bytes go once added (a stored array is read again only if asked for).
+    If an array cannot be read, the arrays of this reply already added are taken out again
+    (in float64: the float32 model it yields is not changed by it, but for the rare element
+    that sits on a rounding boundary) and the error is raised.
+    """
+    done: list[tuple[str, Array, bool]] = []
+    try:
+        for key, arr in record.items():
+            values = ndarray_view(arr)  # no copy of the reply's bytes
+            created = key not in sums
+            if created:
+                dtypes[key] = values.dtype
+                sums[key] = np.multiply(values, weight, order="C")
+            else:
+                _accumulate(sums[key], values, weight)
+            del values
+            done.append((key, arr, created))
+            _release(arr)
+    except _UNREADABLE:
+        for key, arr, created in done:
+            if created:
+                del sums[key], dtypes[key]
+            else:
+                _accumulate(sums[key], ndarray_view(arr), -weight)
+                _release(arr)
+        raise
+
+
+def _release(arr: Array) -> None:
+    release = getattr(arr, "release", None)  # a StoredArray: its bytes are in the store
+    if release is not None:
+        release()
+
+
 class StreamingFedAvg(FedAvg):
     """FedAvg whose ``aggregate_train`` consumes the replies one by one."""
 
@@ -124,16 +168,19 @@ class StreamingFedAvg(FedAvg):
             elif list(record.keys()) != keys and set(record.keys()) != set(keys):
                 raise InconsistentMessageReplies(
                     reason="All ArrayRecords must have the same keys for aggregation.")
-            for key, arr in record.items():
-                values = ndarray_view(arr)  # no copy of the reply's bytes
-                if key not in sums:
-                    dtypes[key] = values.dtype
-                    sums[key] = np.multiply(values, weight, order="C")
-                else:
-                    _accumulate(sums[key], values, weight)
+            try:
+                _fold(record, weight, sums, dtypes)
+            except _UNREADABLE as err:  # a stored array failed its check: reply taken out
+                failures += 1
+                log.error("reply of node %d dropped from the aggregation: %s",
+                          msg.metadata.src_node_id, err)
+                if not metric_only:
+                    keys = None
+                del content, record, msg
+                continue
             total += float(weight)
             metric_only.append(RecordDict(dict(content.metric_records)))
-            del content, record, msg, values  # nothing of this reply outlives the loop
+            del content, record, msg  # nothing of this reply outlives the loop
             # Flower's ``RecordDict.array_records`` (and friends) build a ``_SyncedDict``
             # that refers to itself through a bound method, and to the RecordDict: until
             # that young cycle is collected, the reply's arrays stay in memory. A young-

@@ -9,11 +9,15 @@ Flower's round loop gets this wrapper: its ``send_and_receive`` is the wrapped g
 
     strategy.start(grid=StreamingGrid(grid), ...)   # StreamingFedAvg and friends
 
-On a grid without ``stream_replies`` (Flower's own), it is the wrapped grid unchanged.
+On a grid without ``stream_replies`` (Flower's own), it is the wrapped grid unchanged. On
+``HPCGrid`` a reply's arrays are read from the site's store when the strategy first uses
+them (``lazy_arrays``): a strategy that releases each array after use
+(``StreamingFedAvg``) holds one array of one reply at a time.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -21,6 +25,13 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from typing_extensions import override
+
+
+def _takes(fn: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 class StreamingGrid(Grid):
@@ -72,6 +83,8 @@ class StreamingGrid(Grid):
         stream = getattr(self.grid, "stream_replies", None)
         if stream is None:
             return iter(self.grid.send_and_receive(messages, timeout=timeout))
+        if _takes(stream, "lazy_arrays"):  # HPCGrid: arrays read when first used
+            return stream(messages, timeout=timeout, lazy_arrays=True)
         return stream(messages, timeout=timeout)
 
     def stream_replies(self, messages: Iterable[Message], *,

@@ -165,3 +165,97 @@ def test_send_and_receive_returns_flowers_list(grid_factory):
     replies = grid.send_and_receive(train_messages(grid, 1), timeout=60)
     assert isinstance(replies, list) and len(replies) == 2
     assert sorted(r.metadata.src_node_id for r in replies) == sorted(grid.get_node_ids())
+
+
+def _stored(replies, root):
+    """The replies as the grid yields them to a streaming strategy: through a site store,
+    their arrays read when first used."""
+    from flwr_hpc.payload import FilesystemStore, inflate_message
+    from flwr_hpc.payload.objects import message_parts
+
+    store = FilesystemStore(root)
+    out = []
+    for reply in replies:
+        for oid, data in message_parts(reply).items():
+            store.put(oid, data, trusted=True)
+        out.append(inflate_message(reply.object_id, store.get, stored=store.reply_size))
+    return store, out
+
+
+def test_a_reply_unreadable_mid_aggregation_is_taken_out_again(tmp_path, caplog):
+    from flwr_hpc.payload.objects import StoredArray
+
+    replies = list(_replies(6, seed=3))
+    store, stored = _stored(replies, tmp_path / "s")
+    bad = stored[3].content["arrays"]
+    assert all(isinstance(a, StoredArray) for a in bad.values())
+    assert list(bad.keys()) == ["w", "b"]  # "w" is added before "b" fails
+    chunk = store._path(bad["b"].__dict__["_chunk_ids"][0])
+    chunk.write_bytes(chunk.read_bytes()[:-1] + b"\x00")  # changed after it was received
+    arrays, metrics = StreamingFedAvg().aggregate_train(1, iter(stored))
+    # the five good replies' average, bit for bit (reply 3's "w" was taken out again), and
+    # Flower's FedAvg over them
+    good = [r for i, r in enumerate(replies) if i != 3]
+    exact, _ = StreamingFedAvg().aggregate_train(1, iter(good))
+    want, _ = FedAvg().aggregate_train(1, good)
+    for key in ("w", "b"):
+        np.testing.assert_array_equal(arrays[key].numpy(), exact[key].numpy())
+        np.testing.assert_allclose(arrays[key].numpy(), want[key].numpy(), rtol=1e-6,
+                                   atol=1e-7)
+    with_bad, _ = FedAvg().aggregate_train(1, replies)
+    assert not np.allclose(arrays["w"].numpy(), with_bad["w"].numpy(), rtol=1e-4)
+    assert "reply of node 103 dropped from the aggregation" in caplog.text
+    assert "sha256" in caplog.text
+
+
+def test_streaming_reads_one_stored_array_at_a_time(tmp_path):
+    """With arrays read on first use and released after, the server holds one array of
+    one reply at a time (the eager control holds a whole reply)."""
+    from flwr_hpc.payload.objects import StoredArray
+
+    replies = list(_replies(5, seed=4))
+    _, stored = _stored(replies, tmp_path / "s")
+    peak = 0
+
+    def watched():
+        nonlocal peak
+        for msg in stored:
+            arrays = list(msg.content["arrays"].values())
+            yield msg
+            peak = max(peak, sum(a.loaded for a in arrays))
+
+    original = StoredArray.release
+
+    def release(self):  # the moment an array is done with: how many are loaded now
+        nonlocal peak
+        peak = max(peak, sum(a.loaded for m in stored for a in m.content["arrays"].values()))
+        original(self)
+
+    StoredArray.release = release
+    try:
+        arrays, _ = StreamingFedAvg().aggregate_train(1, watched())
+    finally:
+        StoredArray.release = original
+    assert peak == 1
+    want, _ = StreamingFedAvg().aggregate_train(1, iter(replies))  # eager: the same bits
+    for key in ("w", "b"):
+        np.testing.assert_array_equal(arrays[key].numpy(), want[key].numpy())
+
+
+def test_only_a_streaming_consumer_gets_stored_arrays(grid_factory):
+    from flwr_hpc.payload.objects import StoredArray
+    from flwr_hpc.strategy.streaming_grid import StreamingGrid
+
+    grid = grid_factory(fed_of({"a": 2}, engine="thread-pool"))
+
+    def kinds(replies):
+        return {type(a) for r in replies for a in r.content["arrays"].values()}
+
+    streamed = list(StreamingGrid(grid).send_and_receive(train_messages(grid, 1), timeout=60))
+    assert len(streamed) == 2 and kinds(streamed) == {StoredArray}
+    listed = grid.send_and_receive(train_messages(grid, 1), timeout=60)
+    assert len(listed) == 2 and kinds(listed) == {Array}
+    by_node = {r.metadata.src_node_id: r.content["arrays"]["0"].numpy() for r in listed}
+    for r in streamed:  # the same message again: the same values either way
+        np.testing.assert_array_equal(r.content["arrays"]["0"].numpy(),
+                                      by_node[r.metadata.src_node_id])

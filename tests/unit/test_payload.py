@@ -246,3 +246,62 @@ def test_worker_assembles_an_array_once_per_process_and_bounds_its_cache(tmp_pat
     # model 0 read once for both nodes; model 2 evicts it (LRU), so it is read again
     assert reads == [1, 0, 1, 1, 1]
     assert cache.nbytes == 2 * (3 << 20) + 2 * 128 and len(cache.keys()) == 2
+
+
+def test_stored_arrays_are_read_when_first_used_and_released_after(tmp_path):
+    from flwr_hpc.payload.objects import StoredArray, stored_bytes
+
+    store = FilesystemStore(tmp_path / "s")
+    msg = _odd_message()
+    for oid, data in message_parts(msg).items():
+        store.put(oid, data, trusted=True)
+    reads: list[str] = []
+
+    def read(oid: str) -> bytes:
+        reads.append(oid)
+        return store.get(oid)
+
+    back = inflate_message(msg.object_id, read, stored=store.reply_size)
+    record = back.content["arrays"]
+    heads = len(reads)  # the message's tree, no array chunk yet
+    assert all(isinstance(a, StoredArray) and not a.loaded for a in record.values())
+    chunk_bytes = sum(store.reply_size(c) for a in record.values()
+                      for c in dict.fromkeys(a.__dict__["_chunk_ids"]))
+    # each chunk object once (the zeros array repeats one chunk): its body plus its head
+    assert stored_bytes(back) == chunk_bytes
+    sent = message_parts(msg)
+    assert chunk_bytes == sum(sum(len(b) for b in sent[oid]) for oid in sent
+                              if bytes(sent[oid][0][:11]) == b"ArrayChunk ")
+    for key, arr in msg.content["arrays"].items():
+        got = record[key]
+        np.testing.assert_array_equal(got.numpy(), arr.numpy())
+        assert got.loaded and got.data == arr.data
+        got.release()
+        assert not got.loaded
+    assert len(reads) > heads and stored_bytes(back) == chunk_bytes
+    # the same ids as the sent message, array by array and as a whole
+    assert {k: a.object_id for k, a in record.items()} == {
+        k: a.object_id for k, a in msg.content["arrays"].items()}
+    back.metadata.__dict__["_message_id"] = ""
+    assert back.object_id == msg.object_id
+    # a store that cannot promise a later read (inline): the arrays are read at once
+    eager = inflate_message(msg.object_id, store.get, stored=lambda _oid: None)
+    assert not any(isinstance(a, StoredArray) for a in eager.content["arrays"].values())
+
+
+def test_a_stored_array_whose_chunk_changed_is_never_used(tmp_path):
+    store = FilesystemStore(tmp_path / "s")
+    msg = _odd_message()
+    for oid, data in message_parts(msg).items():
+        store.put(oid, data, trusted=True)
+    back = inflate_message(msg.object_id, store.get, stored=store.reply_size)
+    arr = max(back.content["arrays"].values(), key=lambda a: a.stored_bytes)
+    chunk = store._path(arr.__dict__["_chunk_ids"][-1])
+    raw = bytearray(chunk.read_bytes())
+    raw[-1] ^= 0xFF  # one bit flipped after the reply was received, before it is used
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(PayloadIntegrityError):
+        arr.numpy()
+    assert not chunk.exists()  # quarantined, as any object that fails its check
+    with pytest.raises(PayloadMissingError):
+        arr.numpy()
