@@ -129,6 +129,7 @@ class LocalEngineBackend(ComputeBackend):
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix=f"flwr-hpc-{site}-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._serde = task_serializer()
+        self._code: dict[Callable[[dict], dict], str] = {}
         self._engine = _make_engine(engine, workers, self.run_dir, self.preload)
         self._engine.start(endpoint_id=uuid.uuid4(), run_dir=str(self.run_dir))
         self._closed = False
@@ -141,8 +142,11 @@ class LocalEngineBackend(ComputeBackend):
             raise RuntimeError(f"backend for site '{self.site}' is closed")
         self._restart_if_broken()
         task_id = uuid.uuid4()
+        code = self._code.get(fn)
+        if code is None:  # the same few functions every task: serialized once
+            code = self._code[fn] = self._serde.serialize(fn)
         buf = self._serde.pack_buffers(
-            [self._serde.serialize(fn), self._serde.serialize((job,)), self._serde.serialize({})]
+            [code, self._serde.serialize((job,)), self._serde.serialize({})]
         )
         packed = messagepack.pack(Task(task_id=task_id, task_buffer=buf))
         engine_future = GCFuture(task_id)

@@ -202,10 +202,12 @@ class ArrayCache:
 
     An Array's id hashes its head, which lists its chunks' ids, which hash the data: a hit
     is the same bytes, so a worker assembles the global model once per phase, not once per
-    task. Arrays under ``min_bytes`` are not worth keeping; ``limit_bytes`` bounds the rest.
+    task. Arrays under ``min_bytes`` (a few KiB: reading their one small object costs what
+    a lookup does) are not kept; ``limit_bytes`` bounds the rest. (It was 1 MiB: a model
+    of many sub-MiB tensors -- 4 MB in 8 -- was read and hashed again by every task.)
     """
 
-    def __init__(self, limit_bytes: int, min_bytes: int = 1 << 20) -> None:
+    def __init__(self, limit_bytes: int, min_bytes: int = 16 << 10) -> None:
         self.limit_bytes, self.min_bytes = int(limit_bytes), int(min_bytes)
         self._data: OrderedDict[str, bytes] = OrderedDict()
         self.nbytes = 0

@@ -24,6 +24,7 @@ import gc
 import io
 import logging
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
@@ -92,17 +93,43 @@ def _accumulate(total: np.ndarray, values: np.ndarray, weight: np.float64) -> No
 _UNREADABLE = (PayloadIntegrityError, PayloadMissingError, OSError)
 
 
+_READER: list[ThreadPoolExecutor] = []  # one thread reading the next stored array
+
+
+def _read_ahead(items: list[tuple[str, Array]], i: int) -> Future | None:
+    """Start reading (and verifying) the ``i``-th array if it is still in the store, on a
+    thread of its own: file reads and sha256 release the GIL, so the next array is read
+    while this one is added (the server's part of a round is otherwise strictly serial).
+    """
+    if i < len(items) and getattr(items[i][1], "loaded", True) is False:
+        arr = items[i][1]
+        return _reader().submit(lambda: arr.data)
+    return None
+
+
+def _reader() -> ThreadPoolExecutor:
+    if not _READER:
+        _READER.append(ThreadPoolExecutor(1, thread_name_prefix="flwr-hpc-read-ahead"))
+    return _READER[0]
+
+
 def _fold(record: ArrayRecord, weight: np.float64, sums: dict[str, np.ndarray],
           dtypes: dict[str, np.dtype]) -> None:
     """Add ``weight`` x every array of one reply to ``sums``, one array at a time, letting
-    each array's bytes go once added (a stored array is read again only if asked for).
+    each array's bytes go once added (a stored array is read again only if asked for; the
+    next one is read ahead while this one is added, so two are in memory at most).
     If an array cannot be read, the arrays of this reply already added are taken out again
     (in float64: the float32 model it yields is not changed by it, but for the rare element
     that sits on a rounding boundary) and the error is raised.
     """
     done: list[tuple[str, Array, bool]] = []
+    items = list(record.items())
+    ahead, ahead_i = _read_ahead(items, 0), 0
     try:
-        for key, arr in record.items():
+        for i, (key, arr) in enumerate(items):
+            if ahead is not None:
+                ahead.result()  # this array's bytes (or why they cannot be read)
+            ahead, ahead_i = _read_ahead(items, i + 1), i + 1
             values = ndarray_view(arr)  # no copy of the reply's bytes
             created = key not in sums
             if created:
@@ -114,6 +141,9 @@ def _fold(record: ArrayRecord, weight: np.float64, sums: dict[str, np.ndarray],
             done.append((key, arr, created))
             _release(arr)
     except _UNREADABLE:
+        if ahead is not None:  # a read still under way: let it finish, then let it go
+            ahead.exception()
+            _release(items[ahead_i][1])
         for key, arr, created in done:
             if created:
                 del sums[key], dtypes[key]
