@@ -53,9 +53,9 @@ def load() -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     head = ("| clients | size MB | flwr-hpc s/round | Flower s/round | floor s/round | "
-            "flwr-hpc / Flower | flwr-hpc / floor | flwr-hpc / fsync floor | server peak RSS "
-            "MiB | staged per site per round MiB (clients at site) |\n"
-            "|---|---|---|---|---|---|---|---|---|---|")
+            "flwr-hpc / Flower | flwr-hpc / floor | flwr-hpc / parallel floor | "
+            "flwr-hpc / fsync floor | server peak RSS MiB | staged per site per round MiB "
+            "(clients at site) |\n|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         flower = r.get("flower_round_s")
@@ -78,7 +78,8 @@ def table(rows: list[dict]) -> str:
             f"| {r['clients']} | {r['size_mb']:g} | {r['flwr_hpc_round_s']:.2f} | "
             f"{flower_cell} | {r['floor_round_s']:.2f} | "
             f"{ratio} | "
-            f"{r['flwr_hpc_over_floor']:.2f} | {r['flwr_hpc_over_fsync_floor']:.2f} | "
+            f"{r['flwr_hpc_over_floor']:.2f} | {r['flwr_hpc_over_parallel_floor']:.2f} | "
+            f"{r['flwr_hpc_over_fsync_floor']:.2f} | "
             f"{r['server_peak_rss_bytes'] / 2**20:.0f} | "
             f"{staged} |")
     if any(r.get("flower_from_earlier_run") for r in rows):
@@ -101,6 +102,7 @@ def figure(rows: list[dict]) -> list[Path]:
     series = (("flwr_hpc_round_s", "#1f77b4", "flwr-hpc"),
               ("flower_round_s", "#d62728", "Flower deployment"),
               ("floor_round_s", "#7f7f7f", "floor (page cache, sha256 both ends)"),
+              ("parallel_floor_round_s", "#c7c7c7", "floor over the cores"),
               ("fsync_floor_round_s", "#bcbd22", "old floor (2NS, fsynced)"))
     fig, axes = plots.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
     for ax, size in zip(axes[0], sizes, strict=True):

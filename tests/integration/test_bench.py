@@ -37,9 +37,9 @@ def test_bench_transport_json_has_the_figures_and_leaves_nothing_running(tmp_pat
     assert comp["write_s"] == pytest.approx(moved / (bw["write"] * 1e9))
     assert comp["sha256_s"] == pytest.approx((2 + 2 * 2 + 2 * 3 * 2) * 2**20
                                              / (bw["sha256"] * 1e9))
-    assert result["floor_work_s"] == pytest.approx(sum(comp.values()))
-    assert result["floor_round_s"] == pytest.approx(result["floor_work_s"]
-                                                    / result["floor_cores"])
+    assert result["floor_round_s"] == pytest.approx(sum(comp.values()))
+    assert result["parallel_floor_round_s"] == pytest.approx(result["floor_round_s"]
+                                                             / result["floor_cores"])
     assert result["fsync_floor_round_s"] > 0
     assert result["flwr_hpc_over_floor"] == pytest.approx(
         result["flwr_hpc_round_s"] / result["floor_round_s"])

@@ -21,8 +21,8 @@ def test_components_are_bytes_over_bandwidth_and_add_up():
     assert f["components_s"] == pytest.approx({
         "write_s": moved / 2e9, "read_s": moved / 4e9, "sha256_s": hashed / 1e9,
         "memcpy_s": moved / 10e9})
-    assert f["work_s"] == pytest.approx(sum(f["components_s"].values()))
-    assert f["round_s"] == pytest.approx(f["work_s"] / 2)
+    assert f["round_s"] == pytest.approx(sum(f["components_s"].values()))
+    assert f["parallel_round_s"] == pytest.approx(f["round_s"] / 2)
     # the old floor, under its own key: 2 N S through memory copy and fsynced writes
     old = 2 * 32 * 64 * MiB
     assert f["fsync_floor_s"] == pytest.approx(old / 10e9 + old / 0.5e9)
@@ -34,12 +34,13 @@ def test_fsync_is_in_the_floor_only_when_configured():
     assert "fsync_s" not in plain["components_s"]
     moved = 12 * 4 * MiB
     assert synced["components_s"]["fsync_s"] == pytest.approx(moved / 0.5e9 - moved / 2e9)
-    assert synced["work_s"] == pytest.approx(plain["work_s"] + synced["components_s"]["fsync_s"])
+    assert synced["round_s"] == pytest.approx(plain["round_s"]
+                                              + synced["components_s"]["fsync_s"])
 
 
 def test_floor_scales_with_clients_times_size():
     def work(n, s):
-        return floor_round(n, 4, s * MiB, BW)["work_s"]
+        return floor_round(n, 4, s * MiB, BW)["round_s"]
 
     per_update = (1 / 2e9 + 1 / 4e9 + 2 / 1e9 + 1 / 10e9) * MiB  # s per update MiB
     # every client adds its update's bytes; every MB of model scales the whole round
