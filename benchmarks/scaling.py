@@ -104,6 +104,9 @@ def figure(rows: list[dict]) -> list[Path]:
               ("floor_round_s", "#7f7f7f", "floor (page cache, sha256 both ends)"),
               ("parallel_floor_round_s", "#c7c7c7", "floor over the cores"),
               ("fsync_floor_round_s", "#bcbd22", "old floor (2NS, fsynced)"))
+    if any(r.get("flower_from_earlier_run") for r in rows):
+        series = tuple((k, c, f"{lbl} (earlier run)" if k == "flower_round_s" else lbl)
+                       for k, c, lbl in series)
     fig, axes = plots.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
     for ax, size in zip(axes[0], sizes, strict=True):
         for key, color, label in series:
