@@ -23,12 +23,13 @@ from __future__ import annotations
 import gc
 import io
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import SType
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdagrad,
     FedAdam,
@@ -36,6 +37,7 @@ from flwr.serverapp.strategy import (
     FedAvgM,
     FedProx,
     FedYogi,
+    Result,
 )
 from flwr.serverapp.strategy.strategy_utils import InconsistentMessageReplies
 from typing_extensions import override
@@ -160,9 +162,42 @@ def _release(arr: Array) -> None:
 
 
 class StreamingFedAvg(FedAvg):
-    """FedAvg whose ``aggregate_train`` consumes the replies one by one."""
+    """FedAvg whose ``aggregate_train`` consumes the replies one by one.
+
+    ``start(..., release_initial=True)``: Flower's round loop keeps ``initial_arrays`` for
+    the whole run, next to the current model (two models on the server). With it, the
+    record passed as ``initial_arrays`` is emptied once a later round's model has replaced
+    it (as Flower's own ``keep_input=False`` empties its input), so the initial model is
+    freed after round 1 unless the caller keeps its arrays elsewhere. Not for a subclass
+    that keeps the round-1 model it was given (e.g. for deltas).
+    """
 
     streaming = True  # flwr_hpc.strategy.rounds passes replies through without a list
+
+    @override
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
+              timeout: float = 3600, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+              *, release_initial: bool = False) -> Result:
+        if release_initial:
+            self.__dict__["_initial_record"] = initial_arrays
+        try:
+            return super().start(grid=grid, initial_arrays=initial_arrays,
+                                 num_rounds=num_rounds, timeout=timeout,
+                                 train_config=train_config, evaluate_config=evaluate_config,
+                                 evaluate_fn=evaluate_fn)
+        finally:
+            self.__dict__.pop("_initial_record", None)
+
+    @override
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        initial = self.__dict__.get("_initial_record")
+        if initial is not None and arrays is not initial:  # a later model replaced it
+            initial.clear()
+            del self.__dict__["_initial_record"]
+        return super().configure_train(server_round, arrays, config, grid)
 
     @override
     def aggregate_train(self, server_round: int, replies: Iterable[Message]

@@ -259,3 +259,37 @@ def test_only_a_streaming_consumer_gets_stored_arrays(grid_factory):
     for r in streamed:  # the same message again: the same values either way
         np.testing.assert_array_equal(r.content["arrays"]["0"].numpy(),
                                       by_node[r.metadata.src_node_id])
+
+
+def test_release_initial_frees_the_initial_model_after_round_1(grid_factory):
+    """Flower's round loop keeps ``initial_arrays`` for the whole run; with
+    ``release_initial`` the record is emptied once round 2 has its own model -- the same
+    result, one model fewer on the server."""
+    from flwr_hpc.strategy.streaming_grid import StreamingGrid
+
+    def run(release: bool):
+        grid = grid_factory(fed_of({"a": 2, "b": 1}, engine="thread-pool"))
+        initial = ArrayRecord([np.arange(6, dtype=np.float32)])
+        alive = [weakref.ref(a) for a in initial.values()]
+        sizes: list[int] = []
+        strategy = StreamingFedAvg(fraction_evaluate=0.0, min_available_nodes=3)
+
+        def evaluate_fn(server_round, arrays):  # what the initial record holds, per round
+            sizes.append(len(initial))
+            return None
+
+        result = strategy.start(grid=StreamingGrid(grid), initial_arrays=initial,
+                                num_rounds=3, timeout=60, evaluate_fn=evaluate_fn,
+                                **({"release_initial": True} if release else {}))
+        gc.collect()
+        return result, sizes, [r() is not None for r in alive], initial
+
+    kept, kept_sizes, kept_alive, kept_initial = run(False)
+    freed, freed_sizes, freed_alive, freed_initial = run(True)
+    # the same model either way
+    np.testing.assert_array_equal(freed.arrays["0"].numpy(), kept.arrays["0"].numpy())
+    assert len(freed.train_metrics_clientapp) == len(kept.train_metrics_clientapp) == 3
+    # round 0 and 1 still had it; from round 2's configure_train on it is gone
+    assert kept_sizes == [1, 1, 1, 1] and freed_sizes == [1, 1, 0, 0]
+    assert kept_alive == [True] and freed_alive == [False]
+    assert len(kept_initial) == 1 and len(freed_initial) == 0

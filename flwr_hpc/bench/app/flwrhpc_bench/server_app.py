@@ -52,9 +52,12 @@ def main(grid: Grid, context: Context) -> None:
         from flwr_hpc.strategy.streaming_grid import StreamingGrid
 
         grid = StreamingGrid(grid)
-    initial = model(size_mb, str(cfg.get("tensors", "")))
-    strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds,
-                   timeout=float(cfg["timeout-s"]), evaluate_fn=tick)
+    # streaming: Flower's round loop lets the initial model go once round 1 replaced it
+    # (nothing here keeps it either), so the server holds one global model, not two
+    release = {"release_initial": True} if bool(cfg["streaming"]) else {}
+    strategy.start(grid=grid, initial_arrays=model(size_mb, str(cfg.get("tensors", ""))),
+                   num_rounds=rounds, timeout=float(cfg["timeout-s"]), evaluate_fn=tick,
+                   **release)
     round_s = [b - a for a, b in zip(marks[1:], marks[2:], strict=False)]  # [1]: round 0
     result = {"round_s": round_s, "nodes": nodes,
               "serverapp_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
