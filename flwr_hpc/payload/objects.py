@@ -302,6 +302,8 @@ class StoredArray(Array):
     (:class:`flwr_hpc.strategy.streaming.StreamingFedAvg`).
     """
 
+    stored_bytes: int
+
     def __init__(self, meta: dict, chunk_ids: list[str], read: Callable[[str], bytes],
                  stored_bytes: int = 0) -> None:
         # Flower's __init__ wants the bytes; these are the same fields, data deferred
@@ -310,7 +312,7 @@ class StoredArray(Array):
                              stype=str(meta["stype"]), _chunk_ids=list(chunk_ids),
                              _read=read, stored_bytes=int(stored_bytes))
 
-    @property  # type: ignore[override]
+    @property
     def data(self) -> bytes:
         """The array's bytes (read and verified on first use, kept until released)."""
         data = self.__dict__.get("_data")

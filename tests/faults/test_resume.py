@@ -138,8 +138,8 @@ def test_runner_killed_mid_round_repeats_only_the_unfinished_round(
     patch = """
         import flwr_hpc.server.grid as g
         _collect = g.HPCGrid._collect
-        def _collect_then_die(self, task):
-            reply = _collect(self, task)
+        def _collect_then_die(self, task, *args):
+            reply = _collect(self, task, *args)
             if task.round == "3" and task.phase == "train":
                 os.kill(os.getpid(), signal.SIGKILL)  # one reply of round 3 is in
             return reply
