@@ -10,9 +10,11 @@ returns the S MB of float32 arrays it received, plus noise) for R rounds
     ``flwr run``, with Flower's liveness and request timeouts lengthened
     (``FLOWER_PATIENCE``) so that an overloaded but working deployment is not failed;
 
-and measures on the spot (c) the physical floor: the bytes a round must move -- the model
-to N clients and N updates back, 2 x N x S -- once through memory (copy bandwidth) and
-once through the disk (write bandwidth, fsynced). Reported per transport: the median
+and measures on the spot (c) the floor under the configured durability: the bytes a round
+must move -- the model once per site and every update once, (sites + N) x S -- written to
+the page cache (and fsynced only with ``fsync``), read back, copied once and sha256-hashed
+on both ends, each component timed on one core (:func:`floor_round`); the old floor (2 x N
+x S copied and fsynced) is kept under its own key. Reported per transport: the median
 round time over the rounds after the first (warm-up), the server's peak RSS, and for
 flwr-hpc the bytes staged per site per round (which must not grow with the clients a site
 hosts).
@@ -60,11 +62,11 @@ def _free_port() -> int:
 
 
 def measure_floor(workdir: Path, probe_mb: int = 256) -> dict[str, float]:
-    """Bandwidths (bytes/s, best of three, one core) of the per-byte work a round cannot
-    avoid, measured on the spot in ``workdir``: ``memcpy`` (into a warm buffer), ``write``
-    (to the page cache: a fresh file, not flushed), ``read`` (that file back, from the
-    page cache, into a warm buffer), ``sha256`` (hashlib), and ``fsync_write`` (a fresh
-    file written and fsynced: the disk).
+    """Bandwidths (bytes/s, best of three -- fsynced writes: of two --, one core) of the
+    per-byte work a round cannot avoid, measured on the spot in ``workdir``: ``memcpy``
+    (into a warm buffer), ``write`` (to the page cache: a fresh file, not flushed),
+    ``read`` (that file back, from the page cache, into a warm buffer), ``sha256``
+    (hashlib), and ``fsync_write`` (a fresh file written and fsynced: the disk).
     """
     n = probe_mb * MiB
     src = np.random.default_rng(0).integers(0, 255, n, dtype=np.uint8)

@@ -50,9 +50,8 @@ def worker_context(preload: tuple[str, ...] = ()) -> multiprocessing.context.Bas
     """
     if os.environ.get("FLWR_HPC_FORKSERVER", "1") == "0":
         return multiprocessing.get_context("spawn")
-    preload = tuple(sorted(set(preload) | set(WORKER_IMPORTS)))
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(sorted(preload))
+    ctx.set_forkserver_preload(sorted(set(preload) | set(WORKER_IMPORTS)))
     try:  # start it now (imports included) and prove it forks; else spawn, as before
         probe = ctx.Process(target=_noop, name="flwr-hpc-forkserver-probe")
         probe.start()
