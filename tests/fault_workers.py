@@ -29,14 +29,16 @@ def corrupt_input(job: dict) -> dict:
 
 def crash_first_task(job: dict) -> dict:
     """At the site named by FLWR_HPC_TEST_CRASH_SITE, the worker process of the first task
-    dies (as on OOM or a lost node)."""
+    dies (as on OOM or a lost node), FLWR_HPC_TEST_CRASH_AFTER_S seconds after it starts."""
     import os
+    import time
     from pathlib import Path
 
     marker = Path(job["apps_dir"]).parent / "crashed-once"
     if job["site"] == os.environ.get("FLWR_HPC_TEST_CRASH_SITE") and not marker.exists():
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(str(job["node_id"]))
+        time.sleep(float(os.environ.get("FLWR_HPC_TEST_CRASH_AFTER_S", "0")))
         os._exit(9)
     return run_task(job)
 

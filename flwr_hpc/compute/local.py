@@ -115,6 +115,29 @@ def _make_engine(engine: str, workers: int, run_dir: Path, preload: tuple[str, .
     raise ValueError(f"unknown local engine {engine!r}")
 
 
+def _stop_processes(pids: list[int], grace_s: float = 5.0) -> None:
+    """Terminate ``pids`` and their descendants; kill whatever is left after ``grace_s``."""
+    victims: list[psutil.Process] = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            victims.extend(proc.children(recursive=True))
+            victims.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    for proc in victims:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _gone, alive = psutil.wait_procs(victims, timeout=grace_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 class LocalEngineBackend(ComputeBackend):
     """One site backed by a Globus Compute engine on this machine."""
 
@@ -129,6 +152,7 @@ class LocalEngineBackend(ComputeBackend):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._serde = task_serializer()
         self._code: dict[Callable[[dict], dict], str] = {}
+        self._retired: list[Any] = []  # engines replaced after a worker died
         self._engine = _make_engine(engine, workers, self.run_dir, self.preload)
         self._engine.start(endpoint_id=uuid.uuid4(), run_dir=str(self.run_dir))
         self._closed = False
@@ -173,6 +197,10 @@ class LocalEngineBackend(ComputeBackend):
         executor = getattr(self._engine, "executor", None)
         if getattr(executor, "_broken", False):
             log.warning("site '%s': a worker process died; restarting the engine", self.site)
+            # The broken pool terminates the workers it knows; one it started while the
+            # first died may not be among them and would wait for tasks for ever.
+            self._retired.append(self._engine)
+            _stop_processes(self._worker_pids(self._engine))
             try:
                 self._engine.shutdown(block=False)
             except Exception:  # noqa: BLE001
@@ -181,40 +209,25 @@ class LocalEngineBackend(ComputeBackend):
                                         self.preload)
             self._engine.start(endpoint_id=uuid.uuid4(), run_dir=str(self.run_dir))
 
-    def _worker_pids(self) -> list[int]:
-        pids: list[int] = []
-        executor = getattr(self._engine, "executor", None)
+    def _worker_pids(self, engine: Any = None) -> list[int]:
+        """The live workers of ``engine`` (default: the current one). Asked of the
+        ``multiprocessing`` process objects, so a pid the system gave to another process
+        since its worker exited is never returned (HTEX: none; its processes are this
+        process's descendants started for the engine and end with it).
+        """
+        executor = getattr(self._engine if engine is None else engine, "executor", None)
         procs = getattr(executor, "_processes", None) or {}
-        pids.extend(int(p) for p in procs)
-        # HTEX: everything is a descendant of this process started for the engine.
-        return pids
+        return [int(pid) for pid, proc in list(procs.items()) if proc.exitcode is None]
 
     @override
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        pids = self._worker_pids()
-        victims: list[psutil.Process] = []
-        for pid in pids:
-            try:
-                proc = psutil.Process(pid)
-                victims.extend(proc.children(recursive=True))
-                victims.append(proc)
-            except psutil.NoSuchProcess:
-                pass
-        # Tasks cannot be cancelled remotely; locally we make sure nothing survives.
-        for proc in victims:
-            try:
-                proc.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _gone, alive = psutil.wait_procs(victims, timeout=5)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
+        # Tasks cannot be cancelled remotely; locally we make sure nothing survives,
+        # including workers of pools replaced after a worker died.
+        _stop_processes([pid for engine in (*self._retired, self._engine)
+                         for pid in self._worker_pids(engine)])
         try:
             self._engine.shutdown(block=False)
         except Exception as err:  # noqa: BLE001
