@@ -12,7 +12,9 @@ catching in-flight corruption (a fault, then a retry), a missing source that kee
 ACTIVE with growing ``faults`` until its deadline (globus-cli#1056), FAILED tasks with a
 ``fatal_error``, INACTIVE tasks, ``ConsentRequired`` (403) on submit for collections that
 want a ``data_access`` consent, ``cancel_task``, ``task_event_list``, ``get_endpoint``,
-``operation_ls`` and label validation (400).
+``operation_ls`` and label validation (400). With :attr:`FakeTransferCloud.auth` set (a
+``tests/fake_auth.FakeGlobusAuth``), every request's bearer token is checked: an unknown or
+expired one is answered 401, as the service does.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ class FakeTransferCloud:
         self.submissions: dict[str, str] = {}  # submission_id -> task_id
         self.submitted: list[dict] = []        # accepted transfer documents
         self.requests: list[tuple[str, str]] = []
+        self.request_times: list[float] = []   # monotonic time of every request
+        self.auth = None                       # a FakeGlobusAuth: tokens are checked (401)
+        self.refused = 0                       # requests answered 401
         self.fail_submits = 0                  # next N submits answer 502 (a flaky service)
         self.corrupt_once: set[str] = set()    # destination names corrupted on first copy
         self._lock = threading.RLock()
@@ -93,6 +98,11 @@ class FakeTransferCloud:
         def inner(request):
             with self._lock:
                 self.requests.append((request.method, urlparse(request.url).path))
+                self.request_times.append(time.monotonic())
+                if self.auth is not None and not self.auth.check(
+                        request.headers.get("Authorization"), "transfer.api.globus.org"):
+                    self.refused += 1
+                    return _error(401, "AuthenticationFailed", "Token is not active")
                 return fn(request)
         return inner
 

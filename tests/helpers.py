@@ -125,3 +125,41 @@ def with_pyproject(fab: bytes, old: str, new: str) -> bytes:
     text = zipfile.ZipFile(io.BytesIO(fab)).read("pyproject.toml").decode()
     assert old in text
     return rebuild(fab, {"pyproject.toml": text.replace(old, new).encode()})
+
+
+def transfer_federation(cloud, tcloud, tmp_path, sites: dict[str, int], **transfer):
+    """A federation of Globus Compute sites (fake cloud) whose payloads move by Transfer
+    (fake service): one collection per site and one for the server."""
+    from flwr_hpc.config import FederationConfig
+
+    server = tcloud.add_collection(tmp_path / "server-coll", name="server")
+    spec = {}
+    for name, n in sites.items():
+        coll = tcloud.add_collection(tmp_path / f"{name}-coll", name=name)
+        spec[name] = {
+            "clients": n,
+            "compute": {"type": "globus", "endpoint_id": cloud.add_endpoint(workers=n)},
+            "payload": {"type": "globus-transfer", "collection_id": coll,
+                        "collection_path": "/flwr/store",
+                        "path": str(tmp_path / f"{name}-coll" / "flwr" / "store")}}
+    return FederationConfig.from_dict({"name": "glob", "sites": spec, "transfer": {
+        "collection_id": server, "collection_path": "/staging",
+        "path": str(tmp_path / "server-coll" / "staging"), "poll_s": 0.05, **transfer}})
+
+
+def transfer_store(tcloud, tmp_path, site_entity: str = "GCSv5_guest_collection",
+                   **settings):
+    """A Transfer store for site 'polaris' on the fake service (a fresh server and site
+    collection; the site's of kind ``site_entity``), built on the process's Transfer
+    client."""
+    from flwr_hpc.payload.transfer import GlobusTransferStore, TransferSettings
+
+    server = tcloud.add_collection(tmp_path / "server-coll", name="server")
+    site = tcloud.add_collection(tmp_path / "polaris-coll", name="polaris",
+                                 entity_type=site_entity)
+    cfg = TransferSettings(collection_id=server, collection_path="/staging",
+                           path=str(tmp_path / "server-coll" / "staging"),
+                           **{"poll_s": 0.05, "deadline_s": 20, **settings})
+    return GlobusTransferStore("polaris", collection_id=site, collection_path="/flwr/store",
+                               site_path=str(tmp_path / "polaris-coll" / "flwr" / "store"),
+                               settings=cfg)

@@ -3,8 +3,10 @@
 What the SDK does not do, this backend does (see the Globus reference sheet):
 
 * **One authenticated client** for all sites (:func:`shared_client`): headless with
-  ``GLOBUS_COMPUTE_CLIENT_ID`` / ``GLOBUS_COMPUTE_CLIENT_SECRET``, or the SDK's token store
-  after ``globus-compute-endpoint login``; never an interactive login unless asked.
+  ``GLOBUS_COMPUTE_CLIENT_ID`` / ``GLOBUS_COMPUTE_CLIENT_SECRET``, else the user's
+  ``flwr-hpc login`` (:mod:`flwr_hpc.globus_auth`, shared with Transfer), else the SDK's
+  token store after ``globus-compute-endpoint login``; never an interactive login unless
+  asked.
 * **No burst throttle delay**: the Executor's client-side throttle (4 small batches per 16 s,
   then ~4 s sleeps) is relaxed to 8 per 1 s, so a round's submissions go out at once.
 * **JSON only**: arguments and results are ``JSONData``; the Executor's serializer refuses
@@ -31,14 +33,14 @@ from typing import Any
 
 from typing_extensions import override
 
+from flwr_hpc import globus_auth
 from flwr_hpc.compute.base import ComputeBackend
 from flwr_hpc.errors import FlwrHpcError, GlobusServiceError
+from flwr_hpc.globus_auth import ENV_CLIENT_ID, ENV_CLIENT_SECRET
 from flwr_hpc.protocol import RESULT_SERIALIZERS
 
 log = logging.getLogger(__name__)
 
-ENV_CLIENT_ID = "GLOBUS_COMPUTE_CLIENT_ID"
-ENV_CLIENT_SECRET = "GLOBUS_COMPUTE_CLIENT_SECRET"
 STATUS_TTL_S = 10.0
 
 _client_lock = threading.Lock()
@@ -47,11 +49,13 @@ _client: Any = None
 
 def credentials_available(environ: dict[str, str] | None = None) -> bool:
     """Whether a client can be built without a prompt: the confidential-client variables
-    are set in ``environ`` (default: this process's), or the SDK's token store holds a
-    usable login.
+    are set in ``environ`` (default: this process's), ``flwr-hpc login`` stored a login, or
+    the Compute SDK's token store holds a usable one (``globus-compute-endpoint login``).
     """
     env = os.environ if environ is None else environ
-    if env.get(ENV_CLIENT_ID) and env.get(ENV_CLIENT_SECRET):
+    if globus_auth.confidential_credentials(env):
+        return True
+    if globus_auth.has_user_login():
         return True
     token_store = Path(env.get("GLOBUS_COMPUTE_USER_DIR") or Path.home() / ".globus_compute")
     return _stored_login_usable(token_store / "storage.db")
@@ -86,14 +90,22 @@ def shared_client(*, interactive: bool = False):
         if _client is None:
             if not interactive and not credentials_available():
                 raise GlobusServiceError(
-                    None, f"no Globus credentials: set {ENV_CLIENT_ID} and "
-                    f"{ENV_CLIENT_SECRET} (a confidential client), or run "
-                    "'globus-compute-endpoint login' once on this machine (the token "
-                    "store holds no usable login)")
+                    None, "no Globus credentials: run 'flwr-hpc login' once (your own "
+                    f"Globus identity), or set {ENV_CLIENT_ID} and {ENV_CLIENT_SECRET} (a "
+                    "confidential client), or run 'globus-compute-endpoint login' once on "
+                    "this machine (the token store holds no usable login)")
             from globus_compute_sdk import Client
 
+            # a confidential client in the environment: the SDK builds its ClientApp; else
+            # the user's flwr-hpc login (one for Compute and Transfer); else the SDK's own
             try:
-                _client = Client()
+                if (not globus_auth.confidential_credentials()
+                        and globus_auth.has_user_login()):
+                    _client = Client(app=globus_auth.shared_user_app())
+                else:
+                    _client = Client()
+            except GlobusServiceError:
+                raise
             except Exception as err:  # noqa: BLE001 - 401s, network errors: say what failed
                 hint = ""
                 if getattr(err, "http_status", None) in (401, 403):

@@ -491,6 +491,32 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_login(args: argparse.Namespace) -> int:
+    """``flwr-hpc login``: log in to Globus as yourself (:func:`flwr_hpc.globus_auth.login`)
+    for Compute and Transfer, with ``data_access`` for the federation's mapped collections.
+    """
+    from flwr_hpc import globus_auth
+
+    federation = _load_federation(args.overrides, args.config_dir)
+    collections = [c for c in (federation.transfer.get("collection_id"),
+                               *(s.payload.get("collection_id") for s in federation.sites))
+                   if c]
+    manager = None
+    if args.local_server:
+        from globus_sdk.login_flows import LocalServerLoginFlowManager
+
+        manager = LocalServerLoginFlowManager
+    info = globus_auth.login(collections, force=args.force, login_flow_manager=manager)
+    print(f"Logged in to Globus as identity {info['identity_id']}: tokens for "
+          f"{', '.join(info['resource_servers'])} (refreshable) in {info['token_file']}")
+    if info["data_access"]:
+        print(f"data_access granted for {', '.join(info['data_access'])}")
+    if globus_auth.confidential_credentials():
+        print(f"note: {globus_auth.ENV_CLIENT_ID}/{globus_auth.ENV_CLIENT_SECRET} are set in "
+              "this environment; runs started from it use the confidential client instead")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """``flwr-hpc report RUN...``: figures and ``summary.md`` from run directories."""
     from flwr_hpc.control.report import write_report
@@ -675,6 +701,20 @@ def _report(runs: Annotated[list[str], typer.Argument(
             ) -> None:
     """Plots (eval vs round and clock, per-site time, bytes, failures) and a summary."""
     _dispatch(cmd_report, runs=runs, out=out)
+
+
+@app.command("login")
+def _login(overrides: Overrides = None, config_dir: ConfigDir = None,
+           force: Annotated[bool, typer.Option(
+               "--force", help="log in again even if the stored login still works")] = False,
+           local_server: Annotated[bool, typer.Option(
+               "--local-server", help="receive the code on a local web server (a browser "
+               "on this machine) instead of pasting it")] = False) -> None:
+    """Log in to Globus as yourself for Compute and Transfer (tokens kept refreshable in
+    $FLWR_HOME/hpc/globus; with a federation, consent to its mapped collections too).
+    """
+    _dispatch(cmd_login, overrides=overrides, config_dir=config_dir, force=force,
+              local_server=local_server)
 
 
 @app.command("gc")

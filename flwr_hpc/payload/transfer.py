@@ -22,9 +22,10 @@ What the Transfer service does not do, this module does (see the Globus referenc
 * ``data_access`` scopes added for non-high-assurance GCSv5 *mapped* collections only (on
   guest collections that scope is an "Unknown Scope" error).
 
-Credentials: the confidential client of ``GLOBUS_COMPUTE_CLIENT_ID`` /
-``GLOBUS_COMPUTE_CLIENT_SECRET`` (one identity for Compute and Transfer; each collection
-must grant ``<client id>@clients.auth.globus.org`` access), never logged.
+Credentials (:mod:`flwr_hpc.globus_auth`): the confidential client of
+``GLOBUS_COMPUTE_CLIENT_ID`` / ``GLOBUS_COMPUTE_CLIENT_SECRET`` (each collection must grant
+``<client id>@clients.auth.globus.org`` access), else the user's ``flwr-hpc login``
+(refreshed as needed; a run never prompts); never logged.
 
 One cohesive thing (over 400 lines): the Transfer store and the fault handling the service
 needs (deadlines, fault watching, cancellation), which only make sense together.
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import re
 import threading
 import time
@@ -44,13 +44,12 @@ from pathlib import Path
 from typing import Any, cast
 
 from flwr_hpc.errors import GlobusServiceError, PayloadMissingError
+from flwr_hpc.globus_auth import ENV_CLIENT_ID, ENV_CLIENT_SECRET
 from flwr_hpc.payload.objects import ObjectData, check_object_id, data_len
 from flwr_hpc.payload.store import FilesystemStore, StoreDefaults
 
 log = logging.getLogger(__name__)
 
-ENV_CLIENT_ID = "GLOBUS_COMPUTE_CLIENT_ID"
-ENV_CLIENT_SECRET = "GLOBUS_COMPUTE_CLIENT_SECRET"
 SUBMIT_ATTEMPTS = 3
 _LABEL_BAD = re.compile(r"[^A-Za-z0-9 _,.-]")
 
@@ -121,19 +120,31 @@ def transfer_client(collections: Iterable[str] = ()) -> Any:
 def _new_client() -> Any:
     import globus_sdk
 
-    cid, secret = os.environ.get(ENV_CLIENT_ID), os.environ.get(ENV_CLIENT_SECRET)
-    if not (cid and secret):
-        raise GlobusServiceError(
-            None, f"no Globus credentials for Transfer: set {ENV_CLIENT_ID} and "
-            f"{ENV_CLIENT_SECRET} (a confidential client; every collection must grant "
-            "<client id>@clients.auth.globus.org access)")
-    app = globus_sdk.ClientApp("flwr-hpc", client_id=cid, client_secret=secret,
-                               config=globus_sdk.GlobusAppConfig(token_storage="memory"))
-    return globus_sdk.TransferClient(app=app)
+    from flwr_hpc import globus_auth
+
+    creds = globus_auth.confidential_credentials()
+    if creds:
+        app = globus_sdk.ClientApp("flwr-hpc", client_id=creds[0], client_secret=creds[1],
+                                   config=globus_sdk.GlobusAppConfig(token_storage="memory"))
+        return globus_sdk.TransferClient(app=app)
+    if globus_auth.has_user_login():
+        return globus_sdk.TransferClient(app=globus_auth.shared_user_app())
+    raise GlobusServiceError(
+        None, f"no Globus credentials for Transfer: run 'flwr-hpc login' once (your own "
+        f"Globus identity; refreshable tokens kept in {globus_auth.token_file()}), or set "
+        f"{ENV_CLIENT_ID} and {ENV_CLIENT_SECRET} (a confidential client; every "
+        "collection must grant <client id>@clients.auth.globus.org access)")
 
 
 def explain(err: BaseException) -> str:
     """A Globus API error as one line that says what to do."""
+    from flwr_hpc import globus_auth
+
+    if isinstance(err, GlobusServiceError):  # e.g. a run that would need a login prompt
+        return err.problem
+    if globus_auth.is_revoked_login(err):
+        return ("Globus Auth refused the stored refresh token (invalid_grant: revoked, or "
+                f"unused for months): {globus_auth.LOGIN_HINT}")
     code = str(getattr(err, "code", "") or "")
     status = getattr(err, "http_status", None)
     message = str(getattr(err, "message", "") or err)
@@ -153,7 +164,7 @@ def explain(err: BaseException) -> str:
                 f"directory — {message}")
     if status == 401:
         return (f"the Transfer token was refused (401): check {ENV_CLIENT_ID} / "
-                f"{ENV_CLIENT_SECRET} — {message}")
+                f"{ENV_CLIENT_SECRET}, or run 'flwr-hpc login' again — {message}")
     if "EndpointError" in code or "ExternalError" in code:
         return f"the collection is not reachable ({code}); is it online? — {message}"
     if status:

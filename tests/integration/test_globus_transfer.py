@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import read_tasks
+from helpers import read_tasks, transfer_federation
 
 from flwr_hpc.config import FederationConfig
 from flwr_hpc.errors import ConfigError
@@ -173,26 +173,9 @@ def test_transfer_sites_are_validated():
     assert round_trip.transfer == ok.transfer
 
 
-def _transfer_federation(cloud, tcloud, tmp_path, sites: dict[str, int],
-                         **transfer) -> FederationConfig:
-    server = tcloud.add_collection(tmp_path / "server-coll", name="server")
-    spec = {}
-    for name, n in sites.items():
-        coll = tcloud.add_collection(tmp_path / f"{name}-coll", name=name)
-        spec[name] = {
-            "clients": n,
-            "compute": {"type": "globus", "endpoint_id": cloud.add_endpoint(workers=n)},
-            "payload": {"type": "globus-transfer", "collection_id": coll,
-                        "collection_path": "/flwr/store",
-                        "path": str(tmp_path / f"{name}-coll" / "flwr" / "store")}}
-    return FederationConfig.from_dict({"name": "glob", "sites": spec, "transfer": {
-        "collection_id": server, "collection_path": "/staging",
-        "path": str(tmp_path / "server-coll" / "staging"), "poll_s": 0.05, **transfer}})
-
-
 def test_quickstart_over_compute_and_transfer_moves_one_task_per_site_direction_phase(
         cloud, tcloud, run_quickstart, tmp_path, quickstart_fab):
-    fed = _transfer_federation(cloud, tcloud, tmp_path, {"polaris": 1, "perlmutter": 2})
+    fed = transfer_federation(cloud, tcloud, tmp_path, {"polaris": 1, "perlmutter": 2})
     status, run_dir, summary = run_quickstart({"num-server-rounds": 2}, federation=fed)
     assert status == "finished:completed", (run_dir / "log.txt").read_text()[-3000:]
     tasks = read_tasks(run_dir)
@@ -232,7 +215,7 @@ def test_quickstart_over_compute_and_transfer_moves_one_task_per_site_direction_
 
 def test_a_site_whose_collection_refuses_sits_out_and_the_run_goes_on(
         cloud, tcloud, run_quickstart, tmp_path):
-    fed = _transfer_federation(cloud, tcloud, tmp_path, {"polaris": 1, "perlmutter": 1})
+    fed = transfer_federation(cloud, tcloud, tmp_path, {"polaris": 1, "perlmutter": 1})
     tcloud.collections[fed.site("polaris").payload["collection_id"]]["deny"] = True
     status, run_dir, summary = run_quickstart({"num-server-rounds": 1}, federation=fed)
     tasks = read_tasks(run_dir)
@@ -279,7 +262,7 @@ def test_sites_check_moves_a_probe_each_way_and_reports_an_offline_collection(
     from flwr_hpc.control.sites import check_sites
 
     tcloud.setup_s = 0.3  # Transfer's fixed per-task overhead, scaled down
-    fed = _transfer_federation(cloud, tcloud, tmp_path, {"polaris": 1, "frontier": 1})
+    fed = transfer_federation(cloud, tcloud, tmp_path, {"polaris": 1, "frontier": 1})
     tcloud.collections[fed.site("frontier").payload["collection_id"]]["offline"] = True
     checks = {c.site: c for c in check_sites(fed, flwr_home, timeout_s=30)}
     polaris = checks["polaris"]
