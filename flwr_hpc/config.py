@@ -119,6 +119,15 @@ _TRANSFER = {
     "deadline_s": Field("float", default=900.0, minimum=1),   # per transfer task
     "poll_s": Field("float", default=2.0, minimum=0.05),       # get_task polling interval
     "max_faults": Field("int", default=5, minimum=0),          # then the task is cancelled
+    # requests/s to the Transfer API from this server, averaged (bursts of as many): half
+    # of the ~20/s per user the service meters over 10 s
+    "requests_per_s": Field("float", default=10.0, minimum=0.1),
+    # objects up to this size ride inside the Compute task (no transfer task for them);
+    # 0: everything goes by Transfer
+    "inline_max_bytes": Field("int", default=262144, minimum=0),
+    # move a new global model to sites that are still busy, before they are sent it
+    "prestage": Field("bool", default=True),
+    "max_active_tasks": Field("int", default=3, minimum=1),   # Transfer's per-user limit
 }
 _LAUNCHER = {
     "type": Field("str", default="none", choices=LAUNCHER_TYPES),

@@ -8,7 +8,8 @@ local directories. Reproduced behaviours (docs.globus.org/api/transfer/task_beha
 the reference sheet): ``submission_id`` idempotency, at most 3 ACTIVE tasks per user (the
 rest wait, nice_status ``Queued``), a setup latency before any byte moves, tasks polled
 with ``get_task``, ``sync_level=checksum`` skipping identical files, ``verify_checksum``
-catching in-flight corruption (a fault, then a retry), a missing source that keeps the task
+catching in-flight corruption (a fault, then a retry), ``task_list`` filtered by up to 50
+task ids, a missing source that keeps the task
 ACTIVE with growing ``faults`` until its deadline (globus-cli#1056), FAILED tasks with a
 ``fatal_error``, INACTIVE tasks, ``ConsentRequired`` (403) on submit for collections that
 want a ``data_access`` consent, ``cancel_task``, ``task_event_list``, ``get_endpoint``,
@@ -33,6 +34,7 @@ from urllib.parse import parse_qs, urlparse
 BASE = "https://transfer.api.globus.org/v0.10"
 JSON = {"Content-Type": "application/json"}
 MAX_ACTIVE = 3
+TASK_LIST_MAX_IDS = 50
 _LABEL_OK = re.compile(r"[A-Za-z0-9 _,.\-]{0,128}")
 
 
@@ -89,6 +91,7 @@ class FakeTransferCloud:
         cb("GET", r"/submission_id", self._submission_id)
         cb("POST", r"/transfer$", self._submit)
         cb("GET", r"/task/[^/]+$", self._get_task)
+        cb("GET", r"/task_list.*", self._task_list)
         cb("POST", r"/task/[^/]+/cancel$", self._cancel)
         cb("GET", r"/task/[^/]+/event_list.*", self._event_list)
         cb("GET", r"/endpoint/[^/?]+$", self._get_endpoint)
@@ -206,6 +209,20 @@ class FakeTransferCloud:
             return _error(404, "TaskNotFound", f"Task '{tid}' not found")
         self._advance()
         return 200, JSON, json.dumps(self._public(self.tasks[tid]))
+
+    def _task_list(self, request):
+        q = parse_qs(urlparse(request.url).query)
+        clauses = dict(c.split(":", 1) for c in q.get("filter", [""])[0].split("/") if c)
+        ids = [x for x in clauses.get("task_id", "").split(",") if x]
+        if len(ids) > TASK_LIST_MAX_IDS:
+            return _error(400, "ClientError.BadRequest",
+                          f"filter task_id accepts at most {TASK_LIST_MAX_IDS} ids")
+        limit = int(q.get("limit", ["10"])[0])
+        self._advance()
+        docs = [self._public(t) for tid, t in self.tasks.items() if not ids or tid in ids]
+        return 200, JSON, json.dumps({"DATA_TYPE": "task_list", "DATA": docs[:limit],
+                                      "length": len(docs[:limit]), "limit": limit,
+                                      "offset": 0, "total": len(docs)})
 
     def _cancel(self, request):
         tid = urlparse(request.url).path.split("/")[-2]

@@ -144,7 +144,9 @@ def transfer_federation(cloud, tcloud, tmp_path, sites: dict[str, int], **transf
                         "path": str(tmp_path / f"{name}-coll" / "flwr" / "store")}}
     return FederationConfig.from_dict({"name": "glob", "sites": spec, "transfer": {
         "collection_id": server, "collection_path": "/staging",
-        "path": str(tmp_path / "server-coll" / "staging"), "poll_s": 0.05, **transfer}})
+        "path": str(tmp_path / "server-coll" / "staging"), "poll_s": 0.05,
+        # a fast local fake: a wider budget; every object by Transfer unless asked
+        "requests_per_s": 50.0, "inline_max_bytes": 0, **transfer}})
 
 
 def transfer_store(tcloud, tmp_path, site_entity: str = "GCSv5_guest_collection",
@@ -159,7 +161,8 @@ def transfer_store(tcloud, tmp_path, site_entity: str = "GCSv5_guest_collection"
                                  entity_type=site_entity)
     cfg = TransferSettings(collection_id=server, collection_path="/staging",
                            path=str(tmp_path / "server-coll" / "staging"),
-                           **{"poll_s": 0.05, "deadline_s": 20, **settings})
+                           **{"poll_s": 0.05, "deadline_s": 20, "inline_max_bytes": 0,
+                              **settings})
     return GlobusTransferStore("polaris", collection_id=site, collection_path="/flwr/store",
                                site_path=str(tmp_path / "polaris-coll" / "flwr" / "store"),
                                settings=cfg)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import threading
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -54,6 +55,11 @@ class PayloadStore(Protocol):
     def attach(self, job: dict[str, Any], object_ids: list[str]) -> None:
         """Add to a task's ``job`` what the site needs to read ``object_ids`` (an inline
         store: the objects themselves); raises if the job would be too large.
+        """
+
+    def prestage(self, objects: Mapping[str, ObjectData], label: str) -> Any:
+        """Move ``objects`` to the site ahead of the message that will need them (a
+        Transfer store); returns a report, or None when there was nothing to do.
         """
 
     def receive(self, result: dict[str, Any], object_ids: list[str], label: str) -> None:
@@ -107,6 +113,10 @@ class StoreDefaults:
 
     def attach(self, job: dict[str, Any], object_ids: list[str]) -> None:
         """Nothing to add: the site reads the objects from the store itself."""
+        return None
+
+    def prestage(self, objects: Mapping[str, ObjectData], label: str) -> Any:
+        """Nothing to gain: the site reads the server's writes as they are made."""
         return None
 
     def receive(self, result: dict[str, Any], object_ids: list[str], label: str) -> None:

@@ -387,6 +387,9 @@ class HPCGrid(Grid):
                 else:
                     self._busy[nid] = t.message_id
                     by_site[t.node.site].append(t)
+            # sites still running earlier messages will likely be sent these objects next
+            busy_sites = {self._nodes[nid].site for nid in self._busy
+                          if nid in self._nodes} - set(by_site)
         for t in tasks:
             if t.immediate is not None:
                 self._mark_done(t.message_id)
@@ -395,6 +398,10 @@ class HPCGrid(Grid):
         staged = {self._stage_pool.submit(self.staging.stage, site, ts, parts,
                                           self.node_context, self._label(ts[0])): site
                   for site, ts in by_site.items()}
+        if busy_sites and tasks:  # after this push's own staging, not waited for
+            for site in sorted(busy_sites):
+                self._stage_pool.submit(self.staging.prestage, site, parts,
+                                        self._label(tasks[0]))
         for fut in as_completed(staged):
             site = staged[fut]
             try:

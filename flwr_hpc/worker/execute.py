@@ -104,11 +104,19 @@ class FabRefusedError(FlwrHpcError):
 
 
 def task_store(job: dict[str, Any]) -> InlineSiteStore | FilesystemStore:
-    """The store a task reads from and writes to: the site's, or (inline) the task itself."""
+    """The store a task reads from and writes to: the site's (with the small objects the
+    task carries written into it first), or (inline) the task itself.
+    """
     if job["store"].get("type") == "inline":
         return InlineSiteStore(job.get("objects") or {}, site=job["store"].get("site", ""))
     # at the site every other kind of store is plain files (see open_store)
-    return cast(FilesystemStore, open_store(job["store"]))
+    store = cast(FilesystemStore, open_store(job["store"]))
+    if job.get("objects"):  # small objects that rode inside the task (a Transfer store's)
+        from flwr_hpc.payload.inline import decode
+
+        for oid, data in decode(job["objects"]).items():
+            store.put(oid, data)  # verified: an object whose bytes do not match is refused
+    return store
 
 
 def failure_result(job: dict, code: int, reason: str, started_at: float) -> dict[str, Any]:

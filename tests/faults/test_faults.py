@@ -43,41 +43,30 @@ def test_a_killed_worker_is_reported_and_its_site_keeps_serving(grid_factory, mo
 
 def test_a_worker_started_while_its_pool_breaks_does_not_outlive_the_site(
         grid_factory, monkeypatch):
-    """Site b's pool starts its second worker, and the first one dies before the pool has
-    registered the second (the order a loaded machine produces): the broken pool never
-    terminates that late worker, so the backend must (seen in CI: a worker left running)."""
+    """When a worker dies, its process pool terminates the workers it has registered; a
+    worker the pool was starting at that moment (registered after the terminations: the
+    order a loaded machine produces, seen in CI as a worker left running) is never
+    terminated and would wait for tasks for ever. That state is made here: a live worker
+    process registered in the broken pool. The backend stops it when it replaces the pool.
+    """
     import time
-    from concurrent.futures import process
 
+    import psutil
     from helpers import child_python_processes
 
-    real_spawn = process.ProcessPoolExecutor._spawn_process
-    late: list[int] = []  # the late worker, once
-
-    def late_spawn(self):
-        self.spawned = getattr(self, "spawned", 0) + 1
-        if self.spawned == 1 or late:
-            return real_spawn(self)
-        registered, self._processes = self._processes, {}
-        try:  # the second worker is started but not yet registered ...
-            real_spawn(self)
-            deadline = time.monotonic() + 30  # ... when the first one's death breaks the pool
-            while not self._broken and time.monotonic() < deadline:
-                time.sleep(0.02)
-            assert self._broken, "the first worker's crash never broke the pool"
-        finally:
-            started, self._processes = self._processes, registered
-            registered.update(started)
-            late.extend(started)
-
-    monkeypatch.setattr(process.ProcessPoolExecutor, "_spawn_process", late_spawn)
     monkeypatch.setenv("FLWR_HPC_TEST_CRASH_SITE", "b")
-    monkeypatch.setenv("FLWR_HPC_TEST_CRASH_AFTER_S", "1")  # both tasks are submitted first
     grid = grid_factory(fed_of({"a": 1, "b": 2}), _worker_fn=fault_workers.crash_first_task)
     replies = list(grid.send_and_receive(train_messages(grid, 1), timeout=120))
-    assert len(replies) == 3 and len(late) == 1  # b's pool started its second worker
+    assert len(replies) == 3
+    broken = grid.sites["b"].backend._engine.executor
+    assert broken._broken  # the crash broke site b's pool
+    late = broken._mp_context.Process(target=time.sleep, args=(3600,), daemon=False)
+    late.start()
+    broken._processes[late.pid] = late  # registered after the pool terminated its workers
     again = list(grid.send_and_receive(train_messages(grid, 2), timeout=120))
     assert len(again) == 3 and not any(r.has_error() for r in again)
+    # replacing the pool stopped the late worker
+    assert not psutil.pid_exists(late.pid) or psutil.Process(late.pid).status() == "zombie"
     grid.close()
     assert child_python_processes() == []
 

@@ -19,7 +19,8 @@ def _store(tcloud, tmp_path, **settings) -> tuple[GlobusTransferStore, str, str]
     site = tcloud.add_collection(tmp_path / "polaris-coll", name="polaris")
     cfg = TransferSettings(collection_id=server, collection_path="/staging",
                            path=str(tmp_path / "server-coll" / "staging"),
-                           **{"poll_s": 0.05, "deadline_s": 20, **settings})
+                           **{"poll_s": 0.05, "deadline_s": 20, "inline_max_bytes": 0,
+                              **settings})
     store = GlobusTransferStore("polaris", collection_id=site, collection_path="/flwr/store",
                                 site_path=str(tmp_path / "polaris-coll" / "flwr" / "store"),
                                 settings=cfg)
