@@ -103,6 +103,16 @@ def wall_timing(task: Task, outcome: str, result: dict | None, fetch_s: float) -
                       transfer_s=task.stage_s + fetch_s, steps=task.steps)
 
 
+def clip(text: str, limit: int = 1000) -> str:
+    """``text`` in at most about ``limit`` characters: its start (what failed) and its end
+    (the log tail), joined by `` … ``.
+    """
+    if len(text) <= limit:
+        return text
+    head = text[:limit // 3]
+    return f"{head} … {text[-(limit - len(head) - 3):]}"
+
+
 def task_record(task: Task, outcome: str, timing: TaskTiming, *, run_id: int | None,
                 virtual: bool, result: dict | None = None, bytes_from_site: int = 0,
                 fetch_s: float = 0.0, error: str | None = None, nodes: int = 1
@@ -142,5 +152,5 @@ def task_record(task: Task, outcome: str, timing: TaskTiming, *, run_id: int | N
         "worker_pid": result.get("pid"),
         "load_s": _r6(result.get("load_s")),
         "submitted_at": task.submitted_at,
-        "error": (error or None) and str(error)[-1000:],
+        "error": (error or None) and clip(str(error)),
     }

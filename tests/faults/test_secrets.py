@@ -50,6 +50,7 @@ def test_no_secret_or_token_in_anything_a_run_writes(cloud, tcloud, rsps, run_qu
     tcloud.collections[sites["denied"]["payload"]["collection_id"]]["deny"] = True
     fed = FederationConfig.from_dict({"name": "secret", "sites": sites, "transfer": {
         "collection_id": server, "collection_path": "/staging", "poll_s": 0.05,
+        "inline_max_bytes": 0,  # everything by Transfer: staging to 'denied' is refused
         "path": str(tmp_path / "colls" / "server" / "staging")}})
     status, run_dir, _ = run_quickstart({"num-server-rounds": 1}, federation=fed)
     assert status == "finished:completed"

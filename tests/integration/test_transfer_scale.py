@@ -166,6 +166,8 @@ def test_a_busy_site_gets_the_next_model_pre_staged_and_starts_without_a_staging
     b2 = [r for r in grid.task_log.records if r["site"] == "b" and r["round"] == "2"]
     assert len(b2) == 1
     pre = [t for t in tcloud.tasks.values() if "pre-stage" in (t["label"] or "")]
+    print(f"pre-stage {'on' if prestage else 'off'}: site b's next task staged in "
+          f"{b2[0]['stage_s']:.3f} s")
     if prestage:
         assert [t["destination_endpoint_id"] for t in pre] == [
             fed.site("b").payload["collection_id"]]
