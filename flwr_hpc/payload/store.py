@@ -19,6 +19,7 @@ Guarantees of every store:
 
 from __future__ import annotations
 
+import base64
 import os
 import threading
 import uuid
@@ -232,11 +233,48 @@ def _touch(path: Path) -> bool:
     return path.is_file()
 
 
+# reply objects a site returns inside one task's result (base64: x4/3, under the 10 MiB
+# result limit with room to spare)
+INLINE_RESULT_BYTES = 2 * 1024 * 1024
+
+
+class TransferSiteStore(FilesystemStore):
+    """A Transfer store as the site sees it: plain files the server moves by Transfer,
+    and the reply's small objects (up to ``inline_max_bytes`` each, at most
+    :data:`INLINE_RESULT_BYTES` a task) also returned inside the task's result, so the
+    server reads them without a transfer.
+    """
+
+    def __init__(self, root: str | Path, site: str = "", *, fsync: bool = False,
+                 inline_max_bytes: int = 0) -> None:
+        super().__init__(root, site, fsync=fsync)
+        self.inline_max_bytes = int(inline_max_bytes)
+
+    def finish(self, result: dict[str, Any], job: dict[str, Any]) -> str | None:
+        """Add the reply's small objects to ``result["objects"]`` (base64)."""
+        if self.inline_max_bytes <= 0:
+            return None
+        small: dict[str, str] = {}
+        total = 0
+        for oid in result.get("object_ids") or []:
+            size = self.reply_size(oid)
+            if size is None or size > self.inline_max_bytes or total + size > INLINE_RESULT_BYTES:
+                continue
+            small[oid] = base64.b64encode(self.get(oid)).decode("ascii")  # verified read
+            total += size
+        if small:
+            result["objects"] = small
+        return None
+
+
 def open_store(spec: dict[str, Any]) -> PayloadStore:
     """Reopen a store from its :meth:`PayloadStore.spec`."""
     kind = spec.get("type")
-    # globus-transfer: at the site the store is plain files; the server moves them
-    if kind in ("filesystem", "shared-fs", "globus-transfer"):
+    if kind in ("filesystem", "shared-fs"):
         return FilesystemStore(spec["path"], site=spec.get("site", ""),
                                fsync=bool(spec.get("fsync", False)))
+    if kind == "globus-transfer":  # plain files at the site; the server moves them
+        return TransferSiteStore(spec["path"], site=spec.get("site", ""),
+                                 fsync=bool(spec.get("fsync", False)),
+                                 inline_max_bytes=int(spec.get("inline_max_bytes", 0)))
     raise ValueError(f"unknown payload store type {kind!r} in {spec!r}")

@@ -39,7 +39,7 @@ from typing import Any
 from flwr_hpc import globus_auth
 from flwr_hpc.errors import GlobusServiceError, PayloadMissingError
 from flwr_hpc.globus_auth import ENV_CLIENT_ID, ENV_CLIENT_SECRET
-from flwr_hpc.payload.inline import encode
+from flwr_hpc.payload.inline import decode, encode
 from flwr_hpc.payload.objects import (
     ObjectData,
     check_object_id,
@@ -196,7 +196,8 @@ class GlobusTransferStore(StoreDefaults):
 
     def spec(self) -> dict[str, Any]:
         """What the site worker opens: the store as files under ``site_path``."""
-        return {"type": "globus-transfer", "path": self.site_path, "site": self.site}
+        return {"type": "globus-transfer", "path": self.site_path, "site": self.site,
+                "inline_max_bytes": self.settings.inline_max_bytes}
 
     def has(self, object_id: str) -> bool:
         """Whether the object is at the site already, on its way, or will ride inline."""
@@ -367,8 +368,13 @@ class GlobusTransferStore(StoreDefaults):
     batch_fetch = True  # one transfer per site for all its replies of a phase
 
     def receive(self, result: dict[str, Any], object_ids: list[str], label: str) -> None:
-        """:meth:`fetch` ``object_ids`` from the site."""
-        self.fetch(object_ids, label)  # nothing to move when the batch already has them
+        """Keep the small objects ``result`` carries (verified), then :meth:`fetch` the
+        rest of ``object_ids`` from the site (nothing to move when the batch or the
+        result already brought them).
+        """
+        for oid, data in decode(result.get("objects") or {}).items():
+            self.local.put(oid, data)  # verified: a changed object is refused
+        self.fetch(object_ids, label)
 
     def reply_size(self, object_id: str) -> int | None:
         """The size of the server's copy, or None if it was not fetched."""

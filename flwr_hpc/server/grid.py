@@ -552,14 +552,17 @@ class HPCGrid(Grid):
         """One transfer for the reply objects of every finished task of ``site``."""
         tasks = [self._tasks[m] for m in message_ids if m in self._tasks]
         wanted: list[str] = []
+        carried: dict[str, str] = {}  # small objects the results brought along
         for t in tasks:
             result = t.safe_result()
             if isinstance(result, dict) and result.get("ok"):
                 wanted.extend(result.get("object_ids") or [])
+                carried.update(result.get("objects") or {})
         if not wanted:
             return
         try:
-            self.sites[site].store.receive({}, wanted, self._label(tasks[0]))
+            self.sites[site].store.receive({"objects": carried}, wanted,
+                                           self._label(tasks[0]))
         except Exception as err:  # noqa: BLE001 - those nodes get an error reply
             log.error("fetching replies from site '%s' failed: %s", site, err)
             for t in tasks:

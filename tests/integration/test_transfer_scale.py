@@ -175,3 +175,25 @@ def test_a_busy_site_gets_the_next_model_pre_staged_and_starts_without_a_staging
         assert b2[0]["stage_s"] < 0.3                          # no transfer to wait for
     else:
         assert pre == [] and b2[0]["stage_s"] >= 0.6           # a transfer, waited for
+
+
+def test_small_replies_come_back_inside_the_result_and_large_ones_by_transfer(
+        cloud, tcloud, run_quickstart, tmp_path):
+    """With the default inline size: evaluate replies (metrics) and every Context come
+    back inside the Compute result, so evaluate phases need no transfer from a site; the
+    train replies' 0.5 MB arrays still cross by Transfer, once per site and phase."""
+    from helpers import read_tasks
+
+    fed = transfer_federation(cloud, tcloud, tmp_path, {"polaris": 1, "perlmutter": 2},
+                              inline_max_bytes=262144)
+    status, run_dir, _ = run_quickstart({"num-server-rounds": 2, "model-size-mb": 0.5},
+                                        federation=fed)
+    assert status == "finished:completed", (run_dir / "log.txt").read_text()[-3000:]
+    tasks = read_tasks(run_dir)
+    assert len(tasks) == 2 * 2 * 3 and {t["outcome"] for t in tasks} == {"ok"}
+    labels = [d["label"] for d in tcloud.submitted]
+    back = sorted(x.split(" round ")[1] for x in labels if " from " in x)
+    assert back == sorted(f"{r} train from {s}" for r in (1, 2)
+                          for s in ("perlmutter", "polaris")), labels
+    assert all(t["bytes_from_site"] > 500_000 for t in tasks if t["phase"] == "train")
+    assert all(0 < t["bytes_from_site"] < 100_000 for t in tasks if t["phase"] == "evaluate")
