@@ -212,6 +212,29 @@ def login(collections: Iterable[str] = (), *, force: bool = False,
         app.close()
 
 
+def logout(path: Path | None = None) -> int:
+    """``flwr-hpc logout``: revoke the stored tokens at Globus Auth and remove them;
+    returns how many resource servers' tokens were removed (0: there was no login). A
+    token Auth cannot revoke (offline) is still removed here.
+    """
+    path = path or token_file()
+    if not path.is_file():
+        return 0
+    forget_apps()
+    app = user_app(path=path)
+    try:
+        storage = app.token_storage.token_storage
+        stored = storage.get_token_data_by_resource_server()
+        try:
+            app.logout(sweep=True)
+        except Exception:  # noqa: BLE001 - revocation is best effort; removal is not
+            for rs in stored:
+                storage.remove_token_data(rs)
+        return len(stored)
+    finally:
+        app.close()
+
+
 def is_revoked_login(err: BaseException) -> bool:
     """Whether ``err`` is Globus Auth refusing a refresh token (``invalid_grant``)."""
     try:

@@ -517,6 +517,16 @@ def cmd_login(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_logout(args: argparse.Namespace) -> int:
+    """``flwr-hpc logout``: revoke and remove the tokens ``flwr-hpc login`` stored."""
+    from flwr_hpc import globus_auth
+
+    n = globus_auth.logout()
+    print(f"Logged out of Globus: tokens for {n} service(s) revoked and removed from "
+          f"{globus_auth.token_file()}" if n else "No Globus login was stored.")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     """``flwr-hpc report RUN...``: figures and ``summary.md`` from run directories."""
     from flwr_hpc.control.report import write_report
@@ -715,6 +725,12 @@ def _login(overrides: Overrides = None, config_dir: ConfigDir = None,
     """
     _dispatch(cmd_login, overrides=overrides, config_dir=config_dir, force=force,
               local_server=local_server)
+
+
+@app.command("logout")
+def _logout() -> None:
+    """Revoke and remove the Globus tokens `flwr-hpc login` stored."""
+    _dispatch(cmd_logout)
 
 
 @app.command("gc")

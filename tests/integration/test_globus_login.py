@@ -165,6 +165,21 @@ def test_a_run_never_prompts_for_a_scope_the_login_lacks(auth, browser, tcloud, 
     assert len(browser) == 1                 # nothing prompted
 
 
+def test_logout_revokes_and_removes_the_tokens(auth, browser, tcloud, capsys):
+    from flwr_hpc.control.cli import main
+
+    globus_auth.login([])
+    issued = set(auth.refresh)
+    assert main(["logout"]) == 0
+    assert "tokens for 3 service(s) revoked" in capsys.readouterr().out
+    assert all(auth.refresh[t]["revoked"] for t in issued)  # revoked at Auth
+    assert not globus_auth.has_user_login()
+    gt.set_transfer_client(None)
+    with pytest.raises(gt.GlobusServiceError, match="flwr-hpc login"):
+        gt.transfer_client([])
+    assert main(["logout"]) == 0 and "No Globus login" in capsys.readouterr().out
+
+
 def test_no_login_and_no_client_is_an_error_naming_both(auth, tcloud):
     gt.set_transfer_client(None)
     with pytest.raises(gt.GlobusServiceError, match=r"flwr-hpc login.*GLOBUS_COMPUTE_CLIENT"):
