@@ -49,7 +49,7 @@ def pytest_configure(config) -> None:
 # else 2 s per test.
 FILE_SECONDS = {
     "tests/integration/test_exascale_study.py": 380,
-    "tests/integration/test_scheduler_runs.py": 330,
+    "tests/integration/test_scheduler_runs.py": 230,
     "tests/integration/test_lora_job.py": 290, "tests/integration/test_compat.py": 220,
     "tests/faults/test_resume.py": 158, "tests/faults/test_lifecycle.py": 157,
     "tests/integration/test_bench_schedulers.py": 160, "tests/unit/test_models.py": 137,

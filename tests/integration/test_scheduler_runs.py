@@ -12,10 +12,13 @@ from helpers import cli as _cli
 
 def _job(strategy: str) -> str:
     # FedQueue and FedCompass size local work from the measured seconds per step: capped
-    # so that a local run's hour-long t_sync does not turn into thousands of steps
+    # so that a local run's hour-long t_sync does not turn into thousands of steps.
+    # server.site: the central evaluation runs at site alpha (whose workers have the model
+    # libraries loaded already), so the seven runners never import torch/transformers/peft
+    # themselves (about 6 CPU-s each); it also runs the lean server under every strategy.
     cap = " strategy.max_steps=6" if strategy in ("fedqueue", "fedcompass") else ""
     return (f'overrides="strategy={strategy} strategy.num_rounds=2 train.local_steps=3 '
-            f'evaluate.max_generate=0{cap}"')
+            f'evaluate.max_generate=0 server.site=alpha{cap}"')
 
 
 @pytest.mark.slow(200)
