@@ -125,8 +125,11 @@ _TRANSFER = {
     # objects up to this size ride inside the Compute task (no transfer task for them);
     # 0: everything goes by Transfer
     "inline_max_bytes": Field("int", default=262144, minimum=0),
-    # move a new global model to sites that are still busy, before they are sent it
-    "prestage": Field("bool", default=True),
+    # move each new message's large objects to every site still busy with an earlier
+    # message, before it is sent one: for strategies that send one global model to all
+    # (FedAsync, FedBuff, FedCompass); never for personalised models (they would reach
+    # sites they are not meant for)
+    "prestage": Field("bool", default=False),
     "max_active_tasks": Field("int", default=3, minimum=1),   # Transfer's per-user limit
 }
 _LAUNCHER = {

@@ -92,11 +92,41 @@ def has_user_login(path: Path | None = None) -> bool:
 
 
 def _storage(path: Path) -> Any:
+    """The SDK's SQLite token storage, usable from every thread of the process: the
+    Compute client, the staging threads and the Transfer poller share one app, and a
+    refresh may happen on any of them (SQLite refuses a connection used from another
+    thread unless told otherwise; calls are serialised by a lock).
+    """
     from globus_sdk.token_storage import SQLiteTokenStorage
+
+    class ThreadSafeSQLiteTokenStorage(SQLiteTokenStorage):
+        def __init__(self, filepath: Path) -> None:
+            self._lock = threading.RLock()
+            super().__init__(filepath, connect_params={"check_same_thread": False})
+
+        def store_token_data_by_resource_server(self, data: Any) -> None:
+            with self._lock:
+                super().store_token_data_by_resource_server(data)
+
+        def get_token_data_by_resource_server(self) -> Any:
+            with self._lock:
+                return super().get_token_data_by_resource_server()
+
+        def get_token_data(self, resource_server: str) -> Any:
+            with self._lock:
+                return super().get_token_data(resource_server)
+
+        def remove_token_data(self, resource_server: str) -> bool:
+            with self._lock:
+                return bool(super().remove_token_data(resource_server))
+
+        def close(self) -> None:
+            with self._lock:
+                super().close()
 
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
-    return SQLiteTokenStorage(path)
+    return ThreadSafeSQLiteTokenStorage(path)
 
 
 def _no_prompt_manager() -> Any:
@@ -212,25 +242,30 @@ def login(collections: Iterable[str] = (), *, force: bool = False,
         app.close()
 
 
-def logout(path: Path | None = None) -> int:
-    """``flwr-hpc logout``: revoke the stored tokens at Globus Auth and remove them;
-    returns how many resource servers' tokens were removed (0: there was no login). A
-    token Auth cannot revoke (offline) is still removed here.
+def logout(path: Path | None = None) -> tuple[int, int]:
+    """``flwr-hpc logout``: revoke the stored tokens at Globus Auth and remove them.
+    Returns (resource servers whose tokens were removed, tokens Auth could not revoke --
+    still valid there until they expire; removed here all the same). (0, 0): no login.
     """
     path = path or token_file()
     if not path.is_file():
-        return 0
+        return 0, 0
     forget_apps()
     app = user_app(path=path)
     try:
         storage = app.token_storage.token_storage
         stored = storage.get_token_data_by_resource_server()
-        try:
-            app.logout(sweep=True)
-        except Exception:  # noqa: BLE001 - revocation is best effort; removal is not
-            for rs in stored:
-                storage.remove_token_data(rs)
-        return len(stored)
+        failed = 0
+        for data in stored.values():
+            for token in (data.access_token, data.refresh_token):
+                if not token:
+                    continue
+                try:
+                    app._login_client.oauth2_revoke_token(token)  # the app's own client
+                except Exception:  # noqa: BLE001 - offline Auth: still removed here
+                    failed += 1
+            storage.remove_token_data(data.resource_server)
+        return len(stored), failed
     finally:
         app.close()
 

@@ -64,6 +64,7 @@ class FakeGlobusAuth:
         self.consented: list[str] = []        # scope strings the user approved (full trees)
         self.grants: list[str] = []           # grant types seen at the token endpoint
         self.requests: list[tuple[str, str]] = []
+        self.revoke_fails = False             # the revoke endpoint refuses (400)
         self._lock = threading.RLock()
 
     # -- the user's side
@@ -183,6 +184,8 @@ class FakeGlobusAuth:
         return self._error(400, "unsupported_grant_type", grant)
 
     def _revoke(self, request):
+        if self.revoke_fails:
+            return self._error(400, "invalid_request", "revocation refused")
         token = self._form(request).get("token", "")
         self.access.pop(token, None)
         if token in self.refresh:

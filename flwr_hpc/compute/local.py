@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -152,7 +153,7 @@ class LocalEngineBackend(ComputeBackend):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._serde = task_serializer()
         self._code: dict[Callable[[dict], dict], str] = {}
-        self._retired: list[Any] = []  # engines replaced after a worker died
+        self._restart_lock = threading.Lock()
         self._engine = _make_engine(engine, workers, self.run_dir, self.preload)
         self._engine.start(endpoint_id=uuid.uuid4(), run_dir=str(self.run_dir))
         self._closed = False
@@ -194,12 +195,13 @@ class LocalEngineBackend(ComputeBackend):
     def _restart_if_broken(self) -> None:
         # A process pool whose worker died is unusable for good: replace it, as an endpoint
         # would replace a lost worker, so the site keeps serving later rounds.
-        executor = getattr(self._engine, "executor", None)
-        if getattr(executor, "_broken", False):
+        with self._restart_lock:  # two submits seeing the broken pool restart it once
+            executor = getattr(self._engine, "executor", None)
+            if not getattr(executor, "_broken", False):
+                return
             log.warning("site '%s': a worker process died; restarting the engine", self.site)
             # The broken pool terminates the workers it knows; one it started while the
             # first died may not be among them and would wait for tasks for ever.
-            self._retired.append(self._engine)
             _stop_processes(self._worker_pids(self._engine))
             try:
                 self._engine.shutdown(block=False)
@@ -224,10 +226,9 @@ class LocalEngineBackend(ComputeBackend):
         if self._closed:
             return
         self._closed = True
-        # Tasks cannot be cancelled remotely; locally we make sure nothing survives,
-        # including workers of pools replaced after a worker died.
-        _stop_processes([pid for engine in (*self._retired, self._engine)
-                         for pid in self._worker_pids(engine)])
+        # Tasks cannot be cancelled remotely; locally we make sure nothing survives
+        # (workers of pools replaced after a worker died were stopped then).
+        _stop_processes(self._worker_pids())
         try:
             self._engine.shutdown(block=False)
         except Exception as err:  # noqa: BLE001

@@ -521,10 +521,15 @@ def cmd_logout(args: argparse.Namespace) -> int:
     """``flwr-hpc logout``: revoke and remove the tokens ``flwr-hpc login`` stored."""
     from flwr_hpc import globus_auth
 
-    n = globus_auth.logout()
-    print(f"Logged out of Globus: tokens for {n} service(s) revoked and removed from "
-          f"{globus_auth.token_file()}" if n else "No Globus login was stored.")
-    return 0
+    n, failed = globus_auth.logout()
+    if not n:
+        print("No Globus login was stored.")
+        return 0
+    print(f"Logged out of Globus: tokens for {n} service(s) removed from "
+          f"{globus_auth.token_file()}; " + ("all revoked at Globus Auth" if not failed else
+          f"{failed} could not be revoked (Globus Auth unreachable?) and stay valid until "
+          "they expire -- revoke them at https://app.globus.org/account/consents"))
+    return 0 if not failed else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr_hpc import globus_auth
-from flwr_hpc.errors import GlobusServiceError, PayloadMissingError
+from flwr_hpc.errors import GlobusServiceError, PayloadIntegrityError, PayloadMissingError
 from flwr_hpc.globus_auth import ENV_CLIENT_ID, ENV_CLIENT_SECRET
 from flwr_hpc.payload.inline import decode, encode
 from flwr_hpc.payload.objects import (
@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 
 INLINE_JOB_BYTES = 2 * 1024 * 1024  # small objects one phase puts inside a site's tasks
 SMALL_CACHE_BYTES = 64 * 1024 * 1024  # small objects kept for later tasks (LRU)
+FLUSH_ATTEMPTS = 4  # a flush moves what failed pre-stages left, at most this often
 
 _tc_lock = threading.Lock()
 _tc: Any = None
@@ -219,12 +220,19 @@ class GlobusTransferStore(StoreDefaults):
             if not trusted:
                 verify_object(object_id, blob, repr(self))
             with self._lock:
+                if object_id in self._small:  # another thread put it meanwhile
+                    return 0
                 self._small[object_id] = blob
                 self._small_bytes += nbytes
                 self._small_new.append(object_id)
-                while self._small_bytes > SMALL_CACHE_BYTES and len(self._small) > 1:
-                    _, old = self._small.popitem(last=False)
-                    self._small_bytes -= len(old)
+                # forget small objects of earlier phases first (a later phase that needs
+                # one puts it again: has() is False once it is gone); never this phase's
+                protected = set(self._small_new)
+                for oid in list(self._small):
+                    if self._small_bytes <= SMALL_CACHE_BYTES:
+                        break
+                    if oid not in protected:
+                        self._small_bytes -= len(self._small.pop(oid))
             return nbytes
         self.local.put(object_id, data, trusted=trusted)  # 0 if already staged
         with self._lock:
@@ -258,7 +266,7 @@ class GlobusTransferStore(StoreDefaults):
         """
         self._spill_small()
         report = None
-        for _attempt in range(2):
+        for attempt in range(FLUSH_ATTEMPTS):
             with self._lock:
                 batch = {o: n for o, n in self._pending.items() if o not in self._inflight}
                 waits = {self._inflight[o] for o in self._pending if o in self._inflight}
@@ -271,11 +279,15 @@ class GlobusTransferStore(StoreDefaults):
             for fut in waits:
                 try:
                     fut.result()
-                except TransferError:
+                except TransferError as err:
                     retry = True  # its objects are pending again: move them here
+                    last = err
             if not retry:
                 return report
-        return report
+            log.info("site '%s': a pre-stage failed (%s); moving its objects now (attempt "
+                     "%d)", self.site, last, attempt + 1)
+        raise TransferError(self.site, f"objects for '{label}' could not be moved to the "
+                            f"site after {FLUSH_ATTEMPTS} attempts")
 
     def _move(self, batch: dict[str, int], fut: Future[None], label: str,
               direction: str = "to the site") -> TransferReport:
@@ -304,11 +316,12 @@ class GlobusTransferStore(StoreDefaults):
     def prestage(self, objects: Mapping[str, ObjectData], label: str) -> TransferReport | None:
         """Move the objects the site lacks (those too large to ride inline) ahead of the
         message that will need them -- a new global model, while the site still runs an
-        earlier task. Skipped (None) when ``transfer.prestage`` is off, when there is
-        nothing to move, or when the process's transfer tasks would leave no slot under
-        Transfer's active-task limit for urgent transfers (at most ``max_active_tasks - 1``
-        active, counting this one). A failed pre-stage is logged; the objects are moved
-        again when a message needs them.
+        earlier task. Skipped (None) when ``transfer.prestage`` is off (the default: only
+        for strategies that send one global model to every site), when there is nothing
+        to move, or when no slot is free under Transfer's active-task limit with one kept
+        for urgent transfers (active and reserved pre-stages below
+        ``max_active_tasks - 1``, taken atomically). A failed pre-stage is logged; the
+        objects are moved again when a message needs them.
         """
         if not self.settings.prestage:
             return None
@@ -316,10 +329,16 @@ class GlobusTransferStore(StoreDefaults):
                 if data_len(d) > self.settings.inline_max_bytes and not self.has(o)}
         if not need:
             return None
-        if task_monitor(self.client, self.settings.requests_per_s).active() >= max(
-                1, self.settings.max_active_tasks - 1):
+        monitor = task_monitor(self.client, self.settings.requests_per_s)
+        if not monitor.reserve(max(1, self.settings.max_active_tasks - 1)):
             log.debug("site '%s': no pre-stage, Transfer's active tasks are taken", self.site)
             return None
+        try:
+            return self._prestage(need, label)
+        finally:
+            monitor.release()
+
+    def _prestage(self, need: Mapping[str, ObjectData], label: str) -> TransferReport | None:
         for oid, data in need.items():
             self.local.put(oid, data, trusted=True)
         with self._lock:
@@ -345,6 +364,10 @@ class GlobusTransferStore(StoreDefaults):
         with self._lock:
             small = {o: self._small[o] for o in object_ids
                      if o in self._small and o not in self._held}
+            lost = [o for o in object_ids if o not in small and o not in self._held]
+        if lost:  # never a task without its objects
+            raise PayloadMissingError(lost[0], f"{self!r}: neither at the site nor carried "
+                                      f"by the task ({len(lost)} object(s))")
         if small:
             job["objects"] = encode(small)
 
@@ -372,8 +395,14 @@ class GlobusTransferStore(StoreDefaults):
         rest of ``object_ids`` from the site (nothing to move when the batch or the
         result already brought them).
         """
+        wanted = set(object_ids)
         for oid, data in decode(result.get("objects") or {}).items():
-            self.local.put(oid, data)  # verified: a changed object is refused
+            if oid not in wanted:
+                continue  # only what a task said it wrote
+            try:
+                self.local.put(oid, data)  # verified: a changed object is refused
+            except PayloadIntegrityError as err:
+                log.warning("site '%s': %s; fetching it by Transfer instead", self.site, err)
         self.fetch(object_ids, label)
 
     def reply_size(self, object_id: str) -> int | None:

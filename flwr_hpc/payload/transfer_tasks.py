@@ -111,7 +111,7 @@ class TransferSettings:
     max_faults: int = 5
     requests_per_s: float = 10.0
     inline_max_bytes: int = 256 * 1024
-    prestage: bool = True
+    prestage: bool = False
     max_active_tasks: int = 3
 
     @classmethod
@@ -199,6 +199,7 @@ class TaskMonitor:
         self.budget = RequestBudget(requests_per_s)
         self.rate_chosen = False  # set by a store's transfer.requests_per_s
         self._watches: dict[str, _Watch] = {}
+        self._reserved = 0  # slots taken by optional transfers not watched yet
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -224,8 +225,26 @@ class TaskMonitor:
     def active(self) -> int:
         """Watched tasks not finished yet (ACTIVE, or not seen by a poll yet)."""
         with self._lock:
-            return sum(1 for w in self._watches.values()
-                       if w.doc is None or w.doc.get("status") == "ACTIVE")
+            return self._active()
+
+    def _active(self) -> int:
+        return sum(1 for w in self._watches.values()
+                   if w.doc is None or w.doc.get("status") == "ACTIVE")
+
+    def reserve(self, limit: int) -> bool:
+        """Take a slot for an optional transfer (a pre-stage) if fewer than ``limit``
+        tasks are active or reserved; :meth:`release` it when that transfer is over.
+        """
+        with self._lock:
+            if self._active() + self._reserved >= limit:
+                return False
+            self._reserved += 1
+            return True
+
+    def release(self) -> None:
+        """Give back a slot taken with :meth:`reserve`."""
+        with self._lock:
+            self._reserved = max(0, self._reserved - 1)
 
     def _run(self) -> None:
         while True:

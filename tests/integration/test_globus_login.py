@@ -151,6 +151,35 @@ def test_an_expired_token_is_refreshed_and_a_revoked_login_names_flwr_hpc_login(
     assert auth.tokens_in(str(err.value)) == []
 
 
+def test_the_login_is_used_and_refreshed_from_any_thread(auth, browser, tcloud):
+    """The app is shared by the Compute client, the staging threads and the Transfer
+    poller: a token read and a refresh on another thread than the one that opened the
+    token store must work."""
+    import threading
+
+    globus_auth.login([])
+    app = globus_auth.shared_user_app()  # opened on this thread
+    headers: list[str] = []
+    errors: list[BaseException] = []
+
+    def use() -> None:
+        try:
+            authorizer = app.get_authorizer("transfer.api.globus.org")
+            headers.append(authorizer.get_authorization_header())
+            authorizer.handle_missing_authorization()  # as after a 401: refresh
+            headers.append(authorizer.get_authorization_header())
+        except BaseException as err:  # noqa: BLE001
+            errors.append(err)
+
+    t = threading.Thread(target=use)
+    t.start()
+    t.join(30)
+    assert not errors, errors
+    assert len(headers) == 2 and headers[0] != headers[1]  # a new token after the refresh
+    assert auth.grants.count("refresh_token") == 1
+    assert auth.check(headers[1], "transfer.api.globus.org")
+
+
 def test_a_run_never_prompts_for_a_scope_the_login_lacks(auth, browser, tcloud, tmp_path):
     from helpers import transfer_store
 
@@ -171,13 +200,19 @@ def test_logout_revokes_and_removes_the_tokens(auth, browser, tcloud, capsys):
     globus_auth.login([])
     issued = set(auth.refresh)
     assert main(["logout"]) == 0
-    assert "tokens for 3 service(s) revoked" in capsys.readouterr().out
+    assert "tokens for 3 service(s) removed" in capsys.readouterr().out
     assert all(auth.refresh[t]["revoked"] for t in issued)  # revoked at Auth
     assert not globus_auth.has_user_login()
     gt.set_transfer_client(None)
     with pytest.raises(gt.GlobusServiceError, match="flwr-hpc login"):
         gt.transfer_client([])
     assert main(["logout"]) == 0 and "No Globus login" in capsys.readouterr().out
+    # Auth unreachable: the tokens are still removed here, and the user is told
+    globus_auth.login([])
+    auth.revoke_fails = True
+    assert main(["logout"]) == 1
+    out = capsys.readouterr().out
+    assert "6 could not be revoked" in out and not globus_auth.has_user_login()
 
 
 def test_no_login_and_no_client_is_an_error_naming_both(auth, tcloud):

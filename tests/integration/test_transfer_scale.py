@@ -197,3 +197,39 @@ def test_small_replies_come_back_inside_the_result_and_large_ones_by_transfer(
                           for s in ("perlmutter", "polaris")), labels
     assert all(t["bytes_from_site"] > 500_000 for t in tasks if t["phase"] == "train")
     assert all(0 < t["bytes_from_site"] < 100_000 for t in tasks if t["phase"] == "evaluate")
+
+
+def test_small_objects_put_from_many_threads_are_counted_once_and_never_lost(
+        tcloud, tmp_path):
+    from flwr_hpc.errors import PayloadMissingError
+
+    store = transfer_store(tcloud, tmp_path, inline_max_bytes=4096)
+    blobs = [bytes([i]) * 1000 for i in range(50)]
+    ids = [sha256_hex(b) for b in blobs]
+
+    def put_all() -> None:
+        for oid, b in zip(ids, blobs, strict=True):
+            store.put(oid, b)
+
+    threads = [threading.Thread(target=put_all) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert store._small_bytes == 50 * 1000  # each object once, however many threads put it
+    store.flush("r1")
+    job: dict = {}
+    store.attach(job, ids)
+    assert len(job["objects"]) == 50
+    with pytest.raises(PayloadMissingError, match="neither at the site nor carried"):
+        store.attach({}, [*ids, sha256_hex(b"never put")])
+
+
+def test_pre_stage_slots_are_taken_atomically(tcloud):
+    from fake_transfer import make_transfer_client
+
+    monitor = gt.task_monitor(make_transfer_client(), 10.0)
+    assert monitor.reserve(2) and monitor.reserve(2)
+    assert not monitor.reserve(2)  # both slots taken before any task is submitted
+    monitor.release()
+    assert monitor.reserve(2)
