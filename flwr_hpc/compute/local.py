@@ -202,7 +202,7 @@ class LocalEngineBackend(ComputeBackend):
             log.warning("site '%s': a worker process died; restarting the engine", self.site)
             # The broken pool terminates the workers it knows; one it started while the
             # first died may not be among them and would wait for tasks for ever.
-            _stop_processes(self._worker_pids(self._engine))
+            _stop_processes(self._worker_pids())
             try:
                 self._engine.shutdown(block=False)
             except Exception:  # noqa: BLE001
@@ -211,13 +211,13 @@ class LocalEngineBackend(ComputeBackend):
                                         self.preload)
             self._engine.start(endpoint_id=uuid.uuid4(), run_dir=str(self.run_dir))
 
-    def _worker_pids(self, engine: Any = None) -> list[int]:
-        """The live workers of ``engine`` (default: the current one). Asked of the
+    def _worker_pids(self) -> list[int]:
+        """The live workers of the current engine. Asked of the
         ``multiprocessing`` process objects, so a pid the system gave to another process
         since its worker exited is never returned (HTEX: none; its processes are this
         process's descendants started for the engine and end with it).
         """
-        executor = getattr(self._engine if engine is None else engine, "executor", None)
+        executor = getattr(self._engine, "executor", None)
         procs = getattr(executor, "_processes", None) or {}
         return [int(pid) for pid, proc in list(procs.items()) if proc.exitcode is None]
 

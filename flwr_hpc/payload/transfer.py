@@ -108,8 +108,7 @@ def transfer_client(collections: Iterable[str] = ()) -> Any:
                 doc = budgeted_call(task_monitor(tc).budget, tc.get_endpoint, coll)
             except Exception as err:  # noqa: BLE001
                 raise TransferError(None, f"collection {coll}: {explain(err)}") from None
-            needs = (doc.get("entity_type") == "GCSv5_mapped_collection"
-                     and not doc.get("high_assurance"))
+            needs = globus_auth.needs_data_access(doc)
             _checked_collections[coll] = needs
             if needs:
                 mapped.append(coll)

@@ -203,7 +203,6 @@ class TaskMonitor:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self.polls = 0
 
     def watch(self, task_id: str, poll_s: float) -> _Watch:
         """Start following ``task_id``; its :class:`_Watch` is updated after every poll."""
@@ -268,7 +267,6 @@ class TaskMonitor:
                     # a login that cannot be used any more does not heal by waiting
                     fatal = (isinstance(err, GlobusServiceError)
                              or globus_auth.is_revoked_login(err))
-                self.polls += 1
                 for tid in chunk:
                     w = watches[tid]
                     if tid in docs:
