@@ -2,14 +2,17 @@
 forever.
 
 Payload stores are content-addressed and never delete by themselves: every round adds the
-new global model at every site and every client's update. What can go:
+new global model at every site. (A client's update is written apart, under
+``replies/``, and removed by the run once the strategy has used it.) What
+can go:
 
 * **store objects no live run can need.** An object is *used* whenever a run stages it or
   finds it already there (:meth:`FilesystemStore.has` and ``put`` refresh its mtime), so an
   object untouched since before the oldest live run started (a run whose runner holds its
   lock, on any node) and older than ``min_age_s`` is needed by no live run. A stopped or
   failed run needs none either: a resume restages from its checkpoint, which lives in
-  the run directory. Temporary files of killed writers and quarantined objects older than
+  the run directory. Temporary files of killed writers, quarantined objects and the
+  updates of replies never collected (a run killed mid-round, a late result) older than
   ``min_age_s`` go too;
 * **run directories** beyond the ``keep_runs`` most recently finished ones (only with
   ``--keep-runs``). Unfinished runs are never removed: they stay resumable.
@@ -148,7 +151,8 @@ def collect(home: Path, *, keep_runs: int | None = None, dry_run: bool = False,
 def _collect_store(root: Path, cutoff: float, dry_run: bool,
                    files: list[Path] | None) -> tuple[int, int]:
     n = nbytes = 0
-    for sub in ("objects", "quarantine"):
+    # replies/: the objects of replies never collected (payload.store.ReplyScope)
+    for sub in ("objects", "quarantine", "replies"):
         base = root / sub
         if not base.is_dir():
             continue

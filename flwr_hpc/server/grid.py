@@ -61,7 +61,7 @@ from flwr_hpc.errors import FlwrHpcError
 from flwr_hpc.payload.objects import Parts, fast_object_ids, object_parts
 from flwr_hpc.protocol import context_from_bytes, context_to_bytes
 from flwr_hpc.server.delivery import Delivery, WallDelivery
-from flwr_hpc.server.replies import collect, returned_context
+from flwr_hpc.server.replies import collect, discard, returned_context
 from flwr_hpc.server.sites import SiteRuntime, build_sites
 from flwr_hpc.server.staging import Staging
 from flwr_hpc.server.tasks import Task, task_record
@@ -631,6 +631,8 @@ class HPCGrid(Grid):
             log.info("discarded late result of node %s (site %s, round %s, %s)",
                      task.node.node_id, task.node.site, task.round, task.phase)
             self._record(task, "late-discarded", result=task.safe_result())
+            rt = self.sites.get(task.node.site)
+            discard(task, rt.store if rt else None)  # its reply's files, never to be read
             return
         if task is not None:
             self._update_context(task)

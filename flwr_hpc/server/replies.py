@@ -13,15 +13,22 @@ from __future__ import annotations
 import base64
 import logging
 import time
+import weakref
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Error, Message
 from flwr.common.constant import ErrorCode
 
-from flwr_hpc.errors import FlwrHpcError, RemoteTaskError, WorkerLostError
+from flwr_hpc.errors import (
+    FlwrHpcError,
+    InvalidObjectIdError,
+    RemoteTaskError,
+    WorkerLostError,
+)
 from flwr_hpc.payload.objects import inflate_message, sha256_hex, stored_bytes
-from flwr_hpc.payload.store import PayloadStore
+from flwr_hpc.payload.store import PayloadStore, ReplyScope, drop_reply_files
 from flwr_hpc.protocol import context_from_bytes
 from flwr_hpc.server.tasks import Task, error_outcome
 
@@ -72,23 +79,20 @@ def collect(task: Task, store: PayloadStore | None, label: str, record: Record, 
 
     assert store is not None
     t0 = time.monotonic()
-    read_bytes = 0
-
-    def read(oid: str) -> bytes:
-        nonlocal read_bytes
-        data = store.get(oid)
-        read_bytes += len(data)
-        return data
-
+    own: list[Path] = []
     try:
         if task.fetch_error:
             raise FlwrHpcError(task.fetch_error)
+        reader = _ReplyReader(store.for_reply(result.get("reply_scope")))
+        # what to remove once the reply is used: its own files (ids validated here)
+        own = (reader.source.paths(list(result.get("object_ids") or []))
+               if isinstance(reader.source, ReplyScope) else [])
         # inline: the objects the result carries (or its file reply); Transfer: a no-op
         # when the grid fetched the site's batch already
         store.receive(result, result.get("object_ids") or [result["reply_id"]], label)
-        reply = inflate_message(result["reply_id"], read,
-                                stored=store.reply_size if lazy else None)
-        read_bytes += stored_bytes(reply)  # read when the strategy asks for them
+        reply = inflate_message(result["reply_id"], reader,
+                                stored=reader.source.reply_size if lazy else None)
+        left = stored_bytes(reply)  # read when the strategy asks for them
         md = reply.metadata
         if md.reply_to_message_id != task.message_id or md.src_node_id != task.node.node_id:
             raise FlwrHpcError(
@@ -99,8 +103,15 @@ def collect(task: Task, store: PayloadStore | None, label: str, record: Record, 
     except Exception as err:  # noqa: BLE001 - corrupted/mismatched replies are never used
         log.error("rejected reply of node %s (site %s): %s",
                   task.node.node_id, task.node.site, err)
+        if own:
+            drop_reply_files(own)
         record(task, "error:REPLY_MESSAGE_UNAVAILABLE", result=result, error=str(err))
         return error_reply(task, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, str(err))
+    read_bytes = reader.read_bytes + left
+    if own and left == 0:  # read whole: its files are of no further use
+        drop_reply_files(own)
+    elif own:  # once the last of its stored arrays is let go
+        weakref.finalize(reader, drop_reply_files, own)
     fetch_s = time.monotonic() - t0
     outcome, err_text = "ok", None
     if reply.has_error():
@@ -108,6 +119,39 @@ def collect(task: Task, store: PayloadStore | None, label: str, record: Record, 
     record(task, outcome, result=result, bytes_from_site=read_bytes, fetch_s=fetch_s,
            error=err_text)
     return reply
+
+
+class _ReplyReader:
+    """Reads one reply's objects (counting the bytes); the reply's stored arrays keep it
+    (their ``_read``), so it lives exactly as long as something can still read the reply.
+    """
+
+    __slots__ = ("source", "read_bytes", "__weakref__")
+
+    def __init__(self, source: PayloadStore) -> None:
+        self.source = source
+        self.read_bytes = 0
+
+    def __call__(self, object_id: str) -> bytes:
+        data = self.source.get(object_id)
+        self.read_bytes += len(data)
+        return data
+
+
+def discard(task: Task, store: PayloadStore | None) -> None:
+    """Remove the reply objects of a result nobody will read (a late result discarded):
+    a filesystem store's :class:`~flwr_hpc.payload.store.ReplyScope`; nothing elsewhere.
+    """
+    result: Any = task.safe_result()
+    scope = result.get("reply_scope") if isinstance(result, dict) else None
+    if store is None or not scope:
+        return
+    try:
+        source = store.for_reply(scope)
+        if isinstance(source, ReplyScope):
+            drop_reply_files(source.paths(list(result.get("object_ids") or [])))
+    except InvalidObjectIdError:  # not a scope or id this store would ever have written
+        pass
 
 
 def returned_context(task: Task, store: PayloadStore, label: str) -> Context | None:

@@ -210,8 +210,13 @@ def execute(job: dict[str, Any], started_at: float, *, primary: bool) -> dict[st
         result["finished_at"] = time.time()
         return result
     written = []
+    # a filesystem store keeps the reply's objects apart, so the server can remove them
+    # once used (payload.store.ReplyScope); elsewhere the store itself
+    writer = store.reply_scope(message_id)
+    if writer is not store:
+        result["reply_scope"] = message_id
     for oid, data in parts.items():  # ids just computed from the bytes
-        result["reply_bytes"] += store.put(oid, data, trusted=True)
+        result["reply_bytes"] += writer.put(oid, data, trusted=True)
         written.append(oid)
     if context_out is not None:
         ctx_bytes = context_to_bytes(context_out)
