@@ -1,6 +1,7 @@
 """The exascale study, reproduced in miniature.
 
     python benchmarks/exascale.py [--part comm accuracy tables] [--quick] [--out DIR]
+    python benchmarks/exascale.py --part comm --only BERT-base/full/96   # one point, merged
 
 Reproduces, on this machine's local federation, the findings of "Scalable Federated
 Learning for Scientific Foundation Models on Leadership-Class Systems" (EuroMLSys 2026:
@@ -15,7 +16,8 @@ DP):
   ``flwr-hpc bench transport`` (no training: the round is pure communication) with that
   model's tensor layout, median round after the warm-up round; a linear fit (slope,
   intercept, R^2) per model and exchange. A point whose round would need more scratch
-  disk than is free (every reply is distinct bytes on disk) is not run and says so.
+  disk than is free (each round's model at 4 sites, and at most a round's replies: a
+  reply leaves the store once added) is not run and says so.
 * ``accuracy`` -- Figure 1b: central test accuracy after training vs clients (2, 4, 8,
   16) on the chemistry classification task (molecular weight >= 200 Da), for the real
   MiniLM weights and the tiny ALBERT/BERT/DeBERTa configs, each point the mean over
@@ -117,11 +119,19 @@ def linear_fit(xs: list[float], ys: list[float]) -> dict[str, float]:
             "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0}
 
 
-def comm_study(clients: list[int], archs: list[str], rounds: int, workdir: Path
-               ) -> dict[str, Any]:
+def comm_study(clients: list[int], archs: list[str], rounds: int, workdir: Path,
+               only: set[tuple[str, str, int]] | None = None,
+               earlier: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Part (a); ``only``: run just these (model, exchange, clients) points and keep the
+    other points of ``earlier`` (a previous result's ``comm``), refitting every line.
+    """
     from flwr_hpc.bench.transport import bench_transport
 
-    points, fits, sizes = [], {}, {}
+    points: list[dict[str, Any]] = []
+    fits: dict[str, Any] = {}
+    sizes: dict[str, Any] = {}
+    kept = {(p["model"], p["exchange"], p["clients"]): p
+            for p in (earlier or {}).get("points", [])} if only else {}
     for arch in archs:
         for exchange in ("full", "lora"):
             tensors = layout(arch, exchange)
@@ -129,10 +139,15 @@ def comm_study(clients: list[int], archs: list[str], rounds: int, workdir: Path
             sizes[f"{arch}/{exchange}"] = {"params": sum(tensors), "tensors": len(tensors),
                                            "mb": round(nbytes / MiB, 3)}
             for n in clients:
+                if only and (arch, exchange, n) not in only:
+                    if (arch, exchange, n) in kept:
+                        points.append(kept[(arch, exchange, n)])
+                    continue
                 point: dict[str, Any] = {"model": arch, "exchange": exchange, "clients": n,
                                          "mb_per_client": round(nbytes / MiB, 3)}
-                # every reply is distinct bytes kept on disk for the run, plus the model
-                need = int(1.15 * nbytes * (n * rounds + 4))
+                # a site store keeps each round's model (4 sites) and the replies not
+                # yet added (removed once used: at most a round's, if the server lags)
+                need = int(1.15 * nbytes * (n + 4 * (rounds + 1)))
                 free = shutil.disk_usage(workdir).free
                 if need > free:
                     point["skipped"] = (f"needs ~{need / 2**30:.0f} GiB of scratch disk, "
@@ -493,6 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="the 2-point miniature the tests run: 2 and 4 clients, "
                              "ALBERT-base and tiny_bert, FedAvg, 1 round")
+    parser.add_argument("--only", nargs="+", default=None, metavar="MODEL/EXCHANGE/N",
+                        help="comm part: run just these points (e.g. BERT-base/full/96) "
+                             "and keep the others of exascale.json")
     parser.add_argument("--rounds", type=int, default=None, help="training rounds")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--render", action="store_true",
@@ -524,7 +542,10 @@ def main(argv: list[str] | None = None) -> int:
     result.setdefault("wall_s", {})
     t0 = time.monotonic()
     if "comm" in args.part:
-        result["comm"] = comm_study(comm_clients, archs, 2, workdir)
+        only = {(m, e, int(n)) for m, e, n in (x.split("/") for x in args.only)} \
+            if args.only else None
+        result["comm"] = comm_study(comm_clients, archs, 2, workdir, only,
+                                    result.get("comm"))
         result["wall_s"]["comm"] = round(time.monotonic() - t0, 1)
     t0 = time.monotonic()
     if "accuracy" in args.part:
