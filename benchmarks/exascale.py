@@ -546,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.only else None
         result["comm"] = comm_study(comm_clients, archs, 2, workdir, only,
                                     result.get("comm"))
-        result["wall_s"]["comm"] = round(time.monotonic() - t0, 1)
+        key = "comm --only " + " ".join(args.only) if args.only else "comm"
+        result["wall_s"][key] = round(time.monotonic() - t0, 1)
     t0 = time.monotonic()
     if "accuracy" in args.part:
         result["accuracy"] = accuracy_study(models, acc_clients, rounds, args.batch, workdir,
