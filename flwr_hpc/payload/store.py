@@ -151,10 +151,14 @@ class StoreDefaults:
 class FilesystemStore(StoreDefaults):
     """Objects as files under ``<root>/objects/<id[:2]>/<id>``."""
 
-    def __init__(self, root: str | Path, site: str = "", *, fsync: bool = False) -> None:
+    def __init__(self, root: str | Path, site: str = "", *, fsync: bool = False,
+                 scoped_replies: bool = True) -> None:
         self.root = Path(root)
         self.site = site or self.root.name
         self.fsync = bool(fsync)
+        # replies written apart (ReplyScope) -- the server's choice, passed to the site in
+        # the spec, so a server and a site worker of different versions still agree
+        self.scoped_replies = bool(scoped_replies)
         self.objects_dir = self.root / "objects"
         self.objects_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -166,9 +170,11 @@ class FilesystemStore(StoreDefaults):
         return f"FilesystemStore(site={self.site!r}, root={str(self.root)!r})"
 
     def spec(self) -> dict[str, Any]:
-        """``{"type": "filesystem", "path", "site", "fsync"}``, for :func:`open_store`."""
+        """``{"type": "filesystem", "path", "site", "fsync", "scoped_replies"}``, for
+        :func:`open_store`.
+        """
         return {"type": "filesystem", "path": str(self.root), "site": self.site,
-                "fsync": self.fsync}
+                "fsync": self.fsync, "scoped_replies": self.scoped_replies}
 
     def _path(self, object_id: str) -> Path:
         oid = check_object_id(object_id)
@@ -212,9 +218,12 @@ class FilesystemStore(StoreDefaults):
             self.objects_written += 1
         return nbytes
 
-    def reply_scope(self, scope: str) -> ReplyScope:
-        """Site side: where one reply's objects are written (see :class:`ReplyScope`)."""
-        return ReplyScope(self, scope)
+    def reply_scope(self, scope: str) -> Any:
+        """Site side: where one reply's objects are written (see :class:`ReplyScope`); the
+        store itself unless the server asked for scoped replies (an older server reads
+        every reply from ``objects/``).
+        """
+        return ReplyScope(self, scope) if self.scoped_replies else self
 
     def for_reply(self, scope: str | None) -> Any:
         """Server side: the :class:`ReplyScope` a result names (``reply_scope``), else
@@ -344,19 +353,23 @@ def drop_reply_files(paths: list[Path]) -> None:
     aggregation's path; gone already is fine. What is queued when the process exits is
     removed then (and by ``flwr-hpc gc`` if the process is killed).
     """
-    with _DROP_LOCK:
+    if _EXITING:  # the queue was drained already (finalizers run after it): now
+        _unlink_all(paths)
+        return
+    with _DROP_LOCK:  # reentrant: a finalizer may run here, on this thread
         if not _DROP_THREAD:
             thread = threading.Thread(target=_drop_loop, name="flwr-hpc-reply-drop",
                                       daemon=True)
-            thread.start()
             _DROP_THREAD.append(thread)
             atexit.register(_drain_drops)
+            thread.start()
     _DROPS.put(paths)
 
 
-_DROPS: queue.SimpleQueue[list[Path]] = queue.SimpleQueue()
-_DROP_LOCK = threading.Lock()
+_DROPS: queue.SimpleQueue[list[Path] | threading.Event] = queue.SimpleQueue()
+_DROP_LOCK = threading.RLock()
 _DROP_THREAD: list[threading.Thread] = []
+_EXITING = False
 
 
 def _unlink_all(paths: list[Path]) -> None:
@@ -369,16 +382,34 @@ def _unlink_all(paths: list[Path]) -> None:
 
 def _drop_loop() -> None:
     while True:
-        _unlink_all(_DROPS.get())
+        item = _DROPS.get()
+        if isinstance(item, threading.Event):
+            item.set()
+        else:
+            _unlink_all(item)
+
+
+def settle_reply_drops(timeout: float = 30.0) -> bool:
+    """Wait until every removal queued so far is done (True), or ``timeout`` passes."""
+    if not _DROP_THREAD or _EXITING:
+        return True
+    done = threading.Event()
+    _DROPS.put(done)
+    return done.wait(timeout)
 
 
 def _drain_drops() -> None:
+    global _EXITING
+    _EXITING = True
     while True:
         try:
-            paths = _DROPS.get_nowait()
+            item = _DROPS.get_nowait()
         except queue.Empty:
             return
-        _unlink_all(paths)
+        if isinstance(item, threading.Event):
+            item.set()
+        else:
+            _unlink_all(item)
 
 
 def _touch(path: Path) -> bool:
@@ -437,7 +468,8 @@ def open_store(spec: dict[str, Any]) -> PayloadStore:
     kind = spec.get("type")
     if kind in ("filesystem", "shared-fs"):
         return FilesystemStore(spec["path"], site=spec.get("site", ""),
-                               fsync=bool(spec.get("fsync", False)))
+                               fsync=bool(spec.get("fsync", False)),
+                               scoped_replies=bool(spec.get("scoped_replies", False)))
     if kind == "globus-transfer":  # plain files at the site; the server moves them
         return TransferSiteStore(spec["path"], site=spec.get("site", ""),
                                  fsync=bool(spec.get("fsync", False)),

@@ -656,6 +656,10 @@ class HPCGrid(Grid):
                 return
             task.abandoned = True
         self._release_node(task)  # a dropped message no longer holds its node
+        if task.ready:  # finished already: its reply's files will never be read (a task
+            # finishing from now on is discarded as late, in _on_done)
+            rt = self.sites.get(task.node.site)
+            discard(task, rt.store if rt else None)
         if timeout is None and task.ready:  # finished, never pulled by the app
             self._record(task, "not-pulled", result=task.safe_result())
             return

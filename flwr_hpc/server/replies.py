@@ -83,7 +83,11 @@ def collect(task: Task, store: PayloadStore | None, label: str, record: Record, 
     try:
         if task.fetch_error:
             raise FlwrHpcError(task.fetch_error)
-        reader = _ReplyReader(store.for_reply(result.get("reply_scope")))
+        scope = result.get("reply_scope")
+        if scope is not None and scope != task.message_id:
+            raise FlwrHpcError(f"the result names reply scope {str(scope)[:16]}…, not its "
+                               f"message {task.message_id[:16]}…")
+        reader = _ReplyReader(store.for_reply(scope))
         # what to remove once the reply is used: its own files (ids validated here)
         own = (reader.source.paths(list(result.get("object_ids") or []))
                if isinstance(reader.source, ReplyScope) else [])
@@ -144,7 +148,7 @@ def discard(task: Task, store: PayloadStore | None) -> None:
     """
     result: Any = task.safe_result()
     scope = result.get("reply_scope") if isinstance(result, dict) else None
-    if store is None or not scope:
+    if store is None or not scope or scope != task.message_id:  # only this message's files
         return
     try:
         source = store.for_reply(scope)

@@ -60,9 +60,9 @@ def test_replies_are_removed_once_used_and_the_rounds_are_right(tmp_path, monkey
     # ... and removed once used: never more than about one round's replies at once (all
     # four of a round may arrive before the first is added), and none left at the end
     assert 0 < peak[0] <= 2 * CLIENTS * per_reply, peak
-    from flwr_hpc.payload.store import _drain_drops
+    from flwr_hpc.payload.store import settle_reply_drops
 
-    _drain_drops()  # queued removals (the process would drain them at exit)
+    assert settle_reply_drops()  # the removals queued so far are done
     assert list(sites.glob("*/store/replies/*/*")) == []
     # what stays: each round's global model at each site (8 chunk files), no update
     for site in ("site0", "site1"):

@@ -15,8 +15,8 @@ from flwr_hpc.payload.store import (
     SCOPED_MIN_BYTES,
     FilesystemStore,
     ReplyScope,
-    _drain_drops,
     drop_reply_files,
+    settle_reply_drops,
 )
 
 SCOPE = "ab" * 32
@@ -58,7 +58,7 @@ def test_large_objects_go_apart_small_and_shared_ones_stay_in_objects(tmp_path):
 
     # dropping removes the reply's own files and nothing shared
     reader.drop([big_id, small_id, shared_id])
-    _drain_drops()
+    assert settle_reply_drops()
     deadline = time.monotonic() + 5
     while (tmp_path / "s" / "replies" / big_id[:2] / f"{big_id}.{SCOPE}").exists():
         assert time.monotonic() < deadline
@@ -120,3 +120,51 @@ def test_gc_removes_reply_files_never_collected(tmp_path):
     n, nbytes = _collect_store(tmp_path / "s", time.time() - 3600, False, removed)
     assert (n, nbytes, removed) == (1, len(old), [old_path])
     assert store.for_reply("cd" * 32).get(new_id) == new  # a live run's reply stays
+
+
+def test_the_server_chooses_and_an_older_server_gets_every_reply_in_objects(tmp_path):
+    from flwr_hpc.payload.store import open_store
+
+    server = FilesystemStore(tmp_path / "s")
+    assert server.spec()["scoped_replies"] is True
+    site = open_store(server.spec())
+    assert isinstance(site.reply_scope(SCOPE), ReplyScope)
+    older = {k: v for k, v in server.spec().items() if k != "scoped_replies"}
+    site = open_store(older)  # a spec without the key: a server that reads objects/ only
+    assert site.reply_scope(SCOPE) is site
+
+
+def _finished_task(result_for):
+    from concurrent.futures import Future
+
+    from flwr.app import Message, RecordDict
+
+    from flwr_hpc.config import ClientSlot
+    from flwr_hpc.server.tasks import Task
+
+    message = Message(RecordDict(), dst_node_id=1, message_type="train")
+    mid = "ef" * 32
+    future: Future = Future()
+    future.set_result(result_for(mid))
+    return Task(message=message, message_id=mid,
+                node=ClientSlot(node_id=1, site="s", slot=0, partition_id=0, node_config={}),
+                future=future)
+
+
+def test_a_result_naming_another_messages_scope_is_rejected_and_removes_nothing(tmp_path):
+    from flwr.common.constant import ErrorCode
+
+    from flwr_hpc.server.replies import collect, discard
+
+    store = FilesystemStore(tmp_path / "s")
+    other_id, other = _blob(SCOPED_MIN_BYTES, 6)
+    store.reply_scope(SCOPE).put(other_id, other)  # another message's reply, still in use
+    outcomes = []
+    task = _finished_task(lambda mid: {"ok": True, "message_id": mid, "reply_id": other_id,
+                                       "reply_scope": SCOPE, "object_ids": [other_id]})
+    reply = collect(task, store, "round 1", lambda t, outcome, **kw: outcomes.append(outcome))
+    assert reply.has_error() and reply.error.code == ErrorCode.REPLY_MESSAGE_UNAVAILABLE
+    assert "reply scope" in reply.error.reason and outcomes == ["error:REPLY_MESSAGE_UNAVAILABLE"]
+    discard(task, store)  # e.g. the same result arriving late
+    assert settle_reply_drops()
+    assert store.for_reply(SCOPE).get(other_id) == other
