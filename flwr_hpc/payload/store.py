@@ -321,10 +321,6 @@ class ReplyScope:
             return 0
         return self.store._write(path, object_id, data, trusted)
 
-    def has(self, object_id: str) -> bool:
-        """Whether the object is here or in the store."""
-        return self.path(object_id).is_file() or self.store.has(object_id)
-
     def get(self, object_id: str) -> bytes:
         """The object's verified bytes, from the reply's files, else the store."""
         path = self.path(object_id)
@@ -380,13 +376,16 @@ def _unlink_all(paths: list[Path]) -> None:
             pass
 
 
+def _handle(item: list[Path] | threading.Event) -> None:
+    if isinstance(item, threading.Event):  # settle_reply_drops: everything before is done
+        item.set()
+    else:
+        _unlink_all(item)
+
+
 def _drop_loop() -> None:
     while True:
-        item = _DROPS.get()
-        if isinstance(item, threading.Event):
-            item.set()
-        else:
-            _unlink_all(item)
+        _handle(_DROPS.get())
 
 
 def settle_reply_drops(timeout: float = 30.0) -> bool:
@@ -403,13 +402,9 @@ def _drain_drops() -> None:
     _EXITING = True
     while True:
         try:
-            item = _DROPS.get_nowait()
+            _handle(_DROPS.get_nowait())
         except queue.Empty:
             return
-        if isinstance(item, threading.Event):
-            item.set()
-        else:
-            _unlink_all(item)
 
 
 def _touch(path: Path) -> bool:

@@ -153,7 +153,7 @@ def discard(task: Task, store: PayloadStore | None) -> None:
     try:
         source = store.for_reply(scope)
         if isinstance(source, ReplyScope):
-            drop_reply_files(source.paths(list(result.get("object_ids") or [])))
+            source.drop(list(result.get("object_ids") or []))
     except InvalidObjectIdError:  # not a scope or id this store would ever have written
         pass
 
