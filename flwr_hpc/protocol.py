@@ -72,6 +72,7 @@ class Result(TypedDict, total=False):
     reply_id: str         # sha256 object id of the reply message, in the store
     reply_bytes: int
     reply_scope: str      # filesystem stores: the reply's objects are under replies/<this>
+    reply_pack: dict[str, list[int]]  # ... in one file: {object id: [offset, length]}
     context_id: str | None  # the node's Context after the ClientApp ran (None: unchanged)
     context: str          # ... inline (base64), when small
     object_ids: list[str]  # every object the server must read

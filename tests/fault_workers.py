@@ -17,7 +17,15 @@ def corrupt_reply(job: dict) -> dict:
     """Run normally, then flip a byte of the reply's root object at the site."""
     result = run_task(job)
     if result.get("ok"):
-        _corrupt(open_store(job["store"]), result["reply_id"])
+        store, pack = open_store(job["store"]), result.get("reply_pack") or {}
+        if result["reply_id"] in pack:  # a packed reply (payload.store.ReplyScope)
+            offset, length = pack[result["reply_id"]]
+            path = store.for_reply(result["reply_scope"], pack).pack_path
+            data = bytearray(path.read_bytes())
+            data[offset + length - 1] ^= 0xFF
+            path.write_bytes(bytes(data))
+        else:
+            _corrupt(store, result["reply_id"])
     return result
 
 

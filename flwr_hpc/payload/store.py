@@ -19,10 +19,8 @@ Guarantees of every store:
 
 from __future__ import annotations
 
-import atexit
 import base64
 import os
-import queue
 import threading
 import uuid
 from collections.abc import Mapping
@@ -93,10 +91,11 @@ class PayloadStore(Protocol):
         now; None where the store cannot promise that (the reply is then read at once).
         """
 
-    def for_reply(self, scope: str | None) -> PayloadStore:
+    def for_reply(self, scope: str | None, pack: Any = None) -> PayloadStore:
         """Server side: where the objects of the reply a task's result names by
-        ``reply_scope`` are read (:class:`ReplyScope` of a filesystem store; the store
-        itself elsewhere, and for ``None``).
+        ``reply_scope`` (and, for a packed reply, its ``reply_pack`` index) are read
+        (:class:`ReplyScope` of a filesystem store; the store itself elsewhere, and for
+        ``None``).
         """
         ...
 
@@ -143,22 +142,30 @@ class StoreDefaults:
         """
         return self
 
-    def for_reply(self, scope: str | None) -> Any:
+    def for_reply(self, scope: str | None, pack: Any = None) -> Any:
         """Replies are not kept apart here: the store itself (see :class:`ReplyScope`)."""
         return self
+
+    def close_reply(self) -> dict[str, list[int]] | None:
+        """Site side, after a reply's objects are put: nothing to close here (a packed
+        :class:`ReplyScope` returns its index).
+        """
+        return None
 
 
 class FilesystemStore(StoreDefaults):
     """Objects as files under ``<root>/objects/<id[:2]>/<id>``."""
 
     def __init__(self, root: str | Path, site: str = "", *, fsync: bool = False,
-                 scoped_replies: bool = True) -> None:
+                 scoped_replies: bool = True, reply_packs: bool = True) -> None:
         self.root = Path(root)
         self.site = site or self.root.name
         self.fsync = bool(fsync)
         # replies written apart (ReplyScope) -- the server's choice, passed to the site in
         # the spec, so a server and a site worker of different versions still agree
         self.scoped_replies = bool(scoped_replies)
+        # ... and each reply's objects in one file (a pack) rather than a file each
+        self.reply_packs = bool(reply_packs)
         self.objects_dir = self.root / "objects"
         self.objects_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
@@ -170,11 +177,12 @@ class FilesystemStore(StoreDefaults):
         return f"FilesystemStore(site={self.site!r}, root={str(self.root)!r})"
 
     def spec(self) -> dict[str, Any]:
-        """``{"type": "filesystem", "path", "site", "fsync", "scoped_replies"}``, for
-        :func:`open_store`.
+        """``{"type": "filesystem", "path", "site", "fsync", "scoped_replies",
+        "reply_packs"}``, for :func:`open_store`.
         """
         return {"type": "filesystem", "path": str(self.root), "site": self.site,
-                "fsync": self.fsync, "scoped_replies": self.scoped_replies}
+                "fsync": self.fsync, "scoped_replies": self.scoped_replies,
+                "reply_packs": self.reply_packs}
 
     def _path(self, object_id: str) -> Path:
         oid = check_object_id(object_id)
@@ -223,13 +231,19 @@ class FilesystemStore(StoreDefaults):
         store itself unless the server asked for scoped replies (an older server reads
         every reply from ``objects/``).
         """
-        return ReplyScope(self, scope) if self.scoped_replies else self
+        from flwr_hpc.payload.reply_files import ReplyScope
 
-    def for_reply(self, scope: str | None) -> Any:
+        if not self.scoped_replies:
+            return self
+        return ReplyScope(self, scope, packing=self.reply_packs)
+
+    def for_reply(self, scope: str | None, pack: Any = None) -> Any:
         """Server side: the :class:`ReplyScope` a result names (``reply_scope``), else
         the store itself (a reply written by an older worker, all in ``objects/``).
         """
-        return self if scope is None else ReplyScope(self, scope)
+        from flwr_hpc.payload.reply_files import ReplyScope
+
+        return self if scope is None else ReplyScope(self, scope, index=pack)
 
     def reply_size(self, object_id: str) -> int | None:
         """The object file's size, or None if there is no such file."""
@@ -263,148 +277,6 @@ class FilesystemStore(StoreDefaults):
             os.replace(path, dest / f"{path.name}.{uuid.uuid4().hex[:8]}")
         except FileNotFoundError:
             pass
-
-
-REPLIES_DIR = "replies"
-# a reply's objects from this size on are kept apart and removed once used: the array
-# chunks, i.e. nearly all of its bytes. Smaller ones (message heads, small arrays) stay in
-# objects/ like every other object: removing them saves no page cache, and creating and
-# removing a file per small object cost 10-20 % of a round of 4 MB replies.
-SCOPED_MIN_BYTES = 1 << 20
-
-
-class ReplyScope:
-    """One reply's objects in a :class:`FilesystemStore`, kept apart so they can go as
-    soon as the server has used them.
-
-    The site worker writes each object of the reply to the message ``scope`` (its Flower
-    message id) as ``<root>/replies/<id[:2]>/<id>.<scope>`` -- a name no other reply or
-    message uses -- except objects the store holds already (an array the ClientApp
-    returned unchanged: a chunk of the model it was sent), which stay shared in
-    ``objects/``; its result names the scope. The server reads the reply from there (then
-    from ``objects/``) and, once nothing can read the reply any more (every array of it
-    folded into the aggregate and let go; at once for a reply read whole), removes those
-    files (:meth:`drop`): nothing else refers to them, so that never takes an object from
-    another reply. Every reply kept for the whole run instead filled the page cache with
-    dirty pages the kernel then made every writer wait for (``flwr-hpc bench transport``,
-    N=32, S=64 MB: 5.2-6.9 s per round before, 3.9-4.1 s after). Only objects of
-    :data:`SCOPED_MIN_BYTES` or more are kept apart; one directory per reply was tried
-    first and made every file creation slow: the 256 prefix directories are made once.
-    ``flwr-hpc gc`` removes the files of replies never collected (a run killed mid-round,
-    a late result discarded) with the store's other unused objects.
-    """
-
-    def __init__(self, store: FilesystemStore, scope: str) -> None:
-        self.store = store
-        self.site = store.site
-        self.scope = check_object_id(scope)  # hex only: never a path
-        self.root = store.root / REPLIES_DIR
-
-    def __repr__(self) -> str:
-        """The store and the scope."""
-        return f"ReplyScope({self.store!r}, {self.scope[:16]}…)"
-
-    def path(self, object_id: str) -> Path:
-        """Where this reply's copy of ``object_id`` is (or would be) written."""
-        oid = check_object_id(object_id)
-        return self.root / oid[:2] / f"{oid}.{self.scope}"
-
-    def put(self, object_id: str, data: ObjectData, *, trusted: bool = False) -> int:
-        """Write one object of the reply, unless the store holds it already (then it is
-        shared, and 0 is returned); bytes written otherwise. Objects under
-        :data:`SCOPED_MIN_BYTES` go to ``objects/`` as any other.
-        """
-        if data_len(data) < SCOPED_MIN_BYTES:  # small: in objects/, as every object
-            return self.store.put(object_id, data, trusted=trusted)
-        path = self.path(object_id)
-        if self.store.has(object_id) or path.is_file():
-            return 0
-        return self.store._write(path, object_id, data, trusted)
-
-    def get(self, object_id: str) -> bytes:
-        """The object's verified bytes, from the reply's files, else the store."""
-        path = self.path(object_id)
-        if path.is_file():
-            return self.store._read(path, object_id)
-        return self.store.get(object_id)
-
-    def reply_size(self, object_id: str) -> int | None:
-        """The object file's size (here, else in the store), or None if neither has it."""
-        try:
-            return self.path(object_id).stat().st_size
-        except FileNotFoundError:
-            return self.store.reply_size(object_id)
-
-    def paths(self, object_ids: list[str]) -> list[Path]:
-        """The reply's own files of ``object_ids`` (ids validated: never another path)."""
-        return [self.path(oid) for oid in object_ids]
-
-    def drop(self, object_ids: list[str]) -> None:
-        """Remove the reply's own copies of ``object_ids`` (the shared ones stay)."""
-        drop_reply_files(self.paths(object_ids))
-
-
-def drop_reply_files(paths: list[Path]) -> None:
-    """Remove one reply's files (see :class:`ReplyScope`) on a thread of its own, off the
-    aggregation's path; gone already is fine. What is queued when the process exits is
-    removed then (and by ``flwr-hpc gc`` if the process is killed).
-    """
-    if _EXITING:  # the queue was drained already (finalizers run after it): now
-        _unlink_all(paths)
-        return
-    with _DROP_LOCK:  # reentrant: a finalizer may run here, on this thread
-        if not _DROP_THREAD:
-            thread = threading.Thread(target=_drop_loop, name="flwr-hpc-reply-drop",
-                                      daemon=True)
-            _DROP_THREAD.append(thread)
-            atexit.register(_drain_drops)
-            thread.start()
-    _DROPS.put(paths)
-
-
-_DROPS: queue.SimpleQueue[list[Path] | threading.Event] = queue.SimpleQueue()
-_DROP_LOCK = threading.RLock()
-_DROP_THREAD: list[threading.Thread] = []
-_EXITING = False
-
-
-def _unlink_all(paths: list[Path]) -> None:
-    for path in paths:
-        try:
-            path.unlink(missing_ok=True)
-        except OSError:  # not ours to remove after all: flwr-hpc gc reports it
-            pass
-
-
-def _handle(item: list[Path] | threading.Event) -> None:
-    if isinstance(item, threading.Event):  # settle_reply_drops: everything before is done
-        item.set()
-    else:
-        _unlink_all(item)
-
-
-def _drop_loop() -> None:
-    while True:
-        _handle(_DROPS.get())
-
-
-def settle_reply_drops(timeout: float = 30.0) -> bool:
-    """Wait until every removal queued so far is done (True), or ``timeout`` passes."""
-    if not _DROP_THREAD or _EXITING:
-        return True
-    done = threading.Event()
-    _DROPS.put(done)
-    return done.wait(timeout)
-
-
-def _drain_drops() -> None:
-    global _EXITING
-    _EXITING = True
-    while True:
-        try:
-            _handle(_DROPS.get_nowait())
-        except queue.Empty:
-            return
 
 
 def _touch(path: Path) -> bool:
@@ -464,7 +336,8 @@ def open_store(spec: dict[str, Any]) -> PayloadStore:
     if kind in ("filesystem", "shared-fs"):
         return FilesystemStore(spec["path"], site=spec.get("site", ""),
                                fsync=bool(spec.get("fsync", False)),
-                               scoped_replies=bool(spec.get("scoped_replies", False)))
+                               scoped_replies=bool(spec.get("scoped_replies", False)),
+                               reply_packs=bool(spec.get("reply_packs", False)))
     if kind == "globus-transfer":  # plain files at the site; the server moves them
         return TransferSiteStore(spec["path"], site=spec.get("site", ""),
                                  fsync=bool(spec.get("fsync", False)),

@@ -28,7 +28,8 @@ from flwr_hpc.errors import (
     WorkerLostError,
 )
 from flwr_hpc.payload.objects import inflate_message, sha256_hex, stored_bytes
-from flwr_hpc.payload.store import PayloadStore, ReplyScope, drop_reply_files
+from flwr_hpc.payload.reply_files import ReplyScope, drop_reply_files
+from flwr_hpc.payload.store import PayloadStore
 from flwr_hpc.protocol import context_from_bytes
 from flwr_hpc.server.tasks import Task, error_outcome
 
@@ -87,7 +88,7 @@ def collect(task: Task, store: PayloadStore | None, label: str, record: Record, 
         if scope is not None and scope != task.message_id:
             raise FlwrHpcError(f"the result names reply scope {str(scope)[:16]}…, not its "
                                f"message {task.message_id[:16]}…")
-        reader = _ReplyReader(store.for_reply(scope))
+        reader = _ReplyReader(store.for_reply(scope, result.get("reply_pack")))
         # what to remove once the reply is used: its own files (ids validated here)
         own = (reader.source.paths(list(result.get("object_ids") or []))
                if isinstance(reader.source, ReplyScope) else [])
@@ -151,7 +152,7 @@ def discard(task: Task, store: PayloadStore | None) -> None:
     if store is None or not scope or scope != task.message_id:  # only this message's files
         return
     try:
-        source = store.for_reply(scope)
+        source = store.for_reply(scope, result.get("reply_pack"))
         if isinstance(source, ReplyScope):
             source.drop(list(result.get("object_ids") or []))
     except InvalidObjectIdError:  # not a scope or id this store would ever have written

@@ -218,6 +218,9 @@ def execute(job: dict[str, Any], started_at: float, *, primary: bool) -> dict[st
     for oid, data in parts.items():  # ids just computed from the bytes
         result["reply_bytes"] += writer.put(oid, data, trusted=True)
         written.append(oid)
+    pack = writer.close_reply()  # a packed reply: one file, its index in the result
+    if pack is not None:
+        result["reply_pack"] = pack
     if context_out is not None:
         ctx_bytes = context_to_bytes(context_out)
         ctx_id = sha256_hex(ctx_bytes)

@@ -10,7 +10,7 @@ import threading
 import pytest
 from helpers import read_tasks
 
-from flwr_hpc.payload.store import SCOPED_MIN_BYTES
+from flwr_hpc.payload.reply_files import SCOPED_MIN_BYTES
 
 CLIENTS, SITES, ROUNDS, SIZE_MB = 4, 2, 4, 16  # 8 arrays of 2 MiB: one chunk object each
 
@@ -55,12 +55,13 @@ def test_replies_are_removed_once_used_and_the_rounds_are_right(tmp_path, monkey
     assert len(train) == CLIENTS * ROUNDS and {t["outcome"] for t in train} == {"ok"}
     reply_bytes = SIZE_MB * 2**20
     assert all(reply_bytes <= t["bytes_from_site"] < 1.01 * reply_bytes for t in train)
-    # every reply was written apart: 8 chunk files per reply, none of them in objects/
+    # every reply was written apart (none of its 8 chunks in objects/), as one pack file
     per_reply = 8
     # ... and removed once used: never more than about one round's replies at once (all
     # four of a round may arrive before the first is added), and none left at the end
     assert 0 < peak[0] <= 2 * CLIENTS * per_reply, peak
-    from flwr_hpc.payload.store import settle_reply_drops
+    assert peak[0] <= 2 * CLIENTS, peak  # one file per reply (payload.store.ReplyScope)
+    from flwr_hpc.payload.reply_files import settle_reply_drops
 
     assert settle_reply_drops()  # the removals queued so far are done
     assert list(sites.glob("*/store/replies/*/*")) == []
