@@ -54,14 +54,28 @@ def crash_first_task(job: dict) -> dict:
 _PREVIOUS: dict[int, dict] = {}
 
 
+def _reply_reader(store, result: dict):
+    """Read a result's reply as the server does: through its scope and pack, if any."""
+    if result.get("reply_scope"):
+        return store.for_reply(result["reply_scope"], result.get("reply_pack")).get
+    return store.get
+
+
 def stale_reply(job: dict) -> dict:
     """From the second task on, answer with the reply this node sent to the previous one
-    (a stale reply arriving for a newer message)."""
+    (a stale reply arriving for a newer message): its objects written again, as a site
+    replaying an old reply would (the server has removed the old reply's own files)."""
     result = run_task(job)
+    store = open_store(job["store"])
     previous = _PREVIOUS.get(job["node_id"])
-    _PREVIOUS[job["node_id"]] = dict(result)
+    if result.get("ok"):
+        read = _reply_reader(store, result)
+        _PREVIOUS[job["node_id"]] = {"reply_id": result["reply_id"], "objects": {
+            oid: read(oid) for oid in result["object_ids"] if oid != result.get("context_id")}}
     if previous is not None and result.get("ok"):
-        result.update(reply_id=previous["reply_id"], object_ids=previous.get("object_ids"))
+        for oid, data in previous["objects"].items():
+            store.put(oid, data)
+        result.update(reply_id=previous["reply_id"], object_ids=list(previous["objects"]))
     return result
 
 
@@ -80,7 +94,8 @@ def bad_reply(job: dict) -> dict:
     store = open_store(job["store"])
     request = inflate_message(job["message_id"], store.get)
     pid = None
-    reply = inflate_message(result["reply_id"], store.get) if result.get("ok") else None
+    reply = (inflate_message(result["reply_id"], _reply_reader(store, result))
+             if result.get("ok") else None)
     if reply is None or reply.has_error() or request.metadata.message_type != "train":
         return result
     metrics = dict(reply.content["metrics"])
