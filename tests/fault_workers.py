@@ -18,7 +18,7 @@ def corrupt_reply(job: dict) -> dict:
     result = run_task(job)
     if result.get("ok"):
         store, pack = open_store(job["store"]), result.get("reply_pack") or {}
-        if result["reply_id"] in pack:  # a packed reply (payload.store.ReplyScope)
+        if result["reply_id"] in pack:  # a packed reply (payload.reply_files.ReplyScope)
             offset, length = pack[result["reply_id"]]
             path = store.for_reply(result["reply_scope"], pack).pack_path
             data = bytearray(path.read_bytes())

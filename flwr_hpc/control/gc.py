@@ -151,7 +151,7 @@ def collect(home: Path, *, keep_runs: int | None = None, dry_run: bool = False,
 def _collect_store(root: Path, cutoff: float, dry_run: bool,
                    files: list[Path] | None) -> tuple[int, int]:
     n = nbytes = 0
-    # replies/: the objects of replies never collected (payload.store.ReplyScope)
+    # replies/: the objects of replies never collected (payload.reply_files.ReplyScope)
     for sub in ("objects", "quarantine", "replies"):
         base = root / sub
         if not base.is_dir():

@@ -145,7 +145,7 @@ class _ReplyReader:
 
 def discard(task: Task, store: PayloadStore | None) -> None:
     """Remove the reply objects of a result nobody will read (a late result discarded):
-    a filesystem store's :class:`~flwr_hpc.payload.store.ReplyScope`; nothing elsewhere.
+    a filesystem store's :class:`~flwr_hpc.payload.reply_files.ReplyScope`; nothing elsewhere.
     """
     result: Any = task.safe_result()
     scope = result.get("reply_scope") if isinstance(result, dict) else None

@@ -211,7 +211,7 @@ def execute(job: dict[str, Any], started_at: float, *, primary: bool) -> dict[st
         return result
     written = []
     # a filesystem store keeps the reply's objects apart, so the server can remove them
-    # once used (payload.store.ReplyScope); elsewhere the store itself
+    # once used (payload.reply_files.ReplyScope); elsewhere the store itself
     writer = store.reply_scope(message_id)
     if writer is not store:
         result["reply_scope"] = message_id
