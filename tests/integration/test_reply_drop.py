@@ -60,7 +60,7 @@ def test_replies_are_removed_once_used_and_the_rounds_are_right(tmp_path, monkey
     # ... and removed once used: never more than about one round's replies at once (all
     # four of a round may arrive before the first is added), and none left at the end
     assert 0 < peak[0] <= 2 * CLIENTS * per_reply, peak
-    assert peak[0] <= 2 * CLIENTS, peak  # one file per reply (payload.store.ReplyScope)
+    assert peak[0] <= 2 * CLIENTS, peak  # one file per reply (payload.reply_files.ReplyScope)
     from flwr_hpc.payload.reply_files import settle_reply_drops
 
     assert settle_reply_drops()  # the removals queued so far are done
