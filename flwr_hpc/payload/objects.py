@@ -32,7 +32,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from flwr.app import Array, ArrayRecord, Message
 from flwr.app.message import array as _flwr_array
@@ -76,6 +76,16 @@ def sha256_hex(data: ObjectData) -> str:
 def as_parts(data: ObjectData) -> Parts:
     """The object's bytes as a tuple of buffers (one buffer: a 1-tuple)."""
     return data if isinstance(data, tuple) else (data,)
+
+
+def write_data(fh: Any, data: ObjectData) -> None:
+    """Write the object's bytes, part by part and without joining them, to the unbuffered
+    binary file ``fh`` (``open(..., "wb", buffering=0)``: a write may take only part).
+    """
+    for part in as_parts(data):
+        view = memoryview(part).cast("B")
+        while view:
+            view = view[fh.write(view):]
 
 
 def data_len(data: ObjectData) -> int:

@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from flwr_hpc.errors import FlwrHpcError, PayloadIntegrityError, PayloadMissingError
-from flwr_hpc.payload.objects import ObjectData, as_parts, check_object_id, data_len, verify_object
+from flwr_hpc.payload.objects import (
+    ObjectData,
+    check_object_id,
+    data_len,
+    verify_object,
+    write_data,
+)
 
 REPLIES_DIR = "replies"
 # a reply's objects from this size on are kept apart and removed once used: the array
@@ -116,10 +122,7 @@ class ReplyScope:
                 self._tmp = self.pack_path.parent / f".tmp-{self.scope[:16]}-{uuid.uuid4().hex}"
                 self._fh = open(self._tmp, "wb", buffering=0)  # noqa: SIM115 - closed in close_reply
             start = self._offset
-            for part in as_parts(data):
-                view = memoryview(part).cast("B")
-                while view:
-                    view = view[self._fh.write(view):]
+            write_data(self._fh, data)
         except BaseException:
             self._abort()
             raise

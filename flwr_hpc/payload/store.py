@@ -30,10 +30,10 @@ from typing import Any, Protocol
 from flwr_hpc.errors import PayloadIntegrityError, PayloadMissingError
 from flwr_hpc.payload.objects import (
     ObjectData,
-    as_parts,
     check_object_id,
     data_len,
     verify_object,
+    write_data,
 )
 
 
@@ -210,10 +210,7 @@ class FilesystemStore(StoreDefaults):
         tmp = path.parent / f".tmp-{object_id[:16]}-{uuid.uuid4().hex}"
         try:
             with open(tmp, "wb", buffering=0) as fh:  # parts go straight to the kernel
-                for part in as_parts(data):
-                    view = memoryview(part).cast("B")
-                    while view:
-                        view = view[fh.write(view):]
+                write_data(fh, data)
                 if self.fsync:
                     os.fsync(fh.fileno())
             os.replace(tmp, path)
