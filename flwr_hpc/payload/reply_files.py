@@ -26,7 +26,8 @@ from flwr_hpc.payload.objects import (
 )
 
 REPLIES_DIR = "replies"
-# a reply's objects from this size on are kept apart and removed once used: the array
+# per-object layout (an older server): a reply's objects from this size on are kept
+# apart and removed once used: the array
 # chunks, i.e. nearly all of its bytes. Smaller ones (message heads, small arrays) stay in
 # objects/ like every other object: removing them saves no page cache, and creating and
 # removing a file per small object cost 10-20 % of a round of 4 MB replies.
