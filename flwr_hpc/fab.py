@@ -19,6 +19,7 @@ marker holding the FAB's hash. An install without the marker is half-written and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -154,6 +155,20 @@ def _verify_content(root: Path) -> None:
             raise FabError(f"the FAB's file {rel!r} does not match its manifest's sha256")
 
 
+def _byte_compile(tmp: Path, final: Path) -> None:
+    """Byte-compile the app's Python files once, at install (``__pycache__`` beside them,
+    named as if compiled at ``final``): the runner and every site worker then load them
+    instead of compiling each module again -- always so where ``PYTHONDONTWRITEBYTECODE``
+    is set (as on many shared login nodes and in CI), where no process writes them.
+    Compiling runs no code; a file that does not compile is left to fail, as before, where
+    it is imported.
+    """
+    import compileall
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        compileall.compile_dir(str(tmp), ddir=str(final), quiet=2, workers=1)
+
+
 def install_fab(fab_bytes: bytes, fab_hash: str, install_dir: Path) -> Path:
     """Install the FAB under ``install_dir/apps/`` (Flower's layout:
     ``publisher.name.version.hash8``) and return the app's directory. Idempotent and safe
@@ -178,6 +193,7 @@ def install_fab(fab_bytes: bytes, fab_hash: str, install_dir: Path) -> Path:
                 raise FabError(f"the FAB's archive is corrupted: {err}") from None
             _verify_content(tmp)
             shutil.rmtree(tmp / ".info")
+            _byte_compile(tmp, final)
             (tmp / INSTALLED_MARKER).write_text(fab_hash)
             if final.exists():  # a half-written install (no marker), or another FAB's
                 shutil.rmtree(final)

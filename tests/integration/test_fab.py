@@ -4,8 +4,10 @@ half-written installs (issue #16, item 3). Each fault is shown first, then refus
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import zipfile
+from pathlib import Path
 
 import pytest
 from flwr.common.constant import ErrorCode
@@ -181,3 +183,34 @@ def test_build_fab_is_flowers_fab_without_walking_what_flower_drops(tmp_path):
     # a .gitignore that re-includes (!) something: directories are walked as Flower does
     (app / ".gitignore").write_text("out/\n!out/x.py\n")
     assert build_fab(app) == build_fab_from_disk(app)
+
+
+def test_an_installed_fab_is_byte_compiled_once_and_imports_from_its_cache(
+        quickstart_fab, tmp_path):
+    import importlib.util
+    import subprocess
+    import sys
+
+    fab_hash = sha256_hex(quickstart_fab)
+    final = install_fab(quickstart_fab, fab_hash, tmp_path)
+    sources = sorted(final.rglob("*.py"))
+    assert len(sources) >= 3
+    for src in sources:
+        pyc = Path(importlib.util.cache_from_source(str(src)))
+        assert pyc.is_file(), src
+        # compiled under the installed path, not the temporary one it was extracted to
+        code = pyc.read_bytes()
+        assert str(src).encode() in code and b".installing-" not in code
+    # a process that may not write bytecode (PYTHONDONTWRITEBYTECODE) loads the cache:
+    # importlib's verbose log says it matched the .pyc, and nothing new is written
+    before = {p: p.stat().st_mtime_ns for p in final.rglob("*.pyc")}
+    run = subprocess.run([sys.executable, "-v", "-c", "import quickstart_numpy.client_app"],
+                         cwd=final, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1",
+                              "PYTHONPATH": str(final)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    client_pyc = importlib.util.cache_from_source(str(final / "quickstart_numpy" /
+                                                      "client_app.py"))
+    assert f"matches {final / 'quickstart_numpy' / 'client_app.py'}" in run.stderr
+    assert f"code object from '{client_pyc}'" in run.stderr
+    assert {p: p.stat().st_mtime_ns for p in final.rglob("*.pyc")} == before
