@@ -31,6 +31,32 @@ def test_local_steps_keep_about_one_epoch_per_round():
     assert [exascale.local_steps(n, 16) for n in (2, 4, 8, 16)] == [12, 6, 3, 2]
 
 
+def test_convergence_compares_plateaus_not_one_noisy_round():
+    early = [0.5] * 10 + [0.8, 0.9] * 5  # last 10 rounds: mean 0.85, last round 0.9
+    late = [0.475] * 14 + [0.8, 0.85, 0.85, 0.8, 0.85, 0.8]
+    assert exascale.plateau(early) == 0.85
+    assert exascale.plateau(late) == 0.685
+    assert exascale.plateau([0.7, 0.8]) == 0.75  # shorter than the tail: all of it
+    acc = {"rounds": 5, "clients": [2, 16],
+           "summary": {"m": {"2": {"mean": 0.8}, "16": {"mean": 0.5}, "range_of_means": 0.3,
+                             "mean_within_std": 0.01}}}
+
+    def claim(runs):
+        conv = {"model": "m", "rounds": 20, "runs": runs}
+        return exascale.claims({"accuracy": acc, "convergence": conv})[0]
+
+    text = claim([{"clients": 2, "accuracy": 0.9, "accuracy_by_round": early},
+                  {"clients": 16, "accuracy": 0.8, "accuracy_by_round": late}])
+    assert "2 clients 0.850, 16 clients 0.685 (gap 0.165: NOT stable" in text
+    text = claim([{"clients": 2, "accuracy": 0.9, "accuracy_by_round": early},
+                  {"clients": 16, "accuracy": 0.8, "accuracy_by_round": list(early)}])
+    assert "(gap 0.000: stable once trained to convergence" in text
+    md = exascale.format_markdown({"convergence": {
+        "model": "m", "rounds": 20, "batch": 16,
+        "runs": [{"clients": 2, "local_steps": 12, "accuracy_by_round": [0.0] + early}]}})
+    assert "| 2 | 12 | 0.500 | 0.500 | 0.500 | 0.500 | 0.800 | 0.900 | 0.850 |" in md
+
+
 def test_base_sized_layouts_are_the_published_sizes():
     full = {a: sum(exascale.layout(a, "full")) for a in exascale.ARCHS}
     # albert-base-v2 11.7M, bert-base-uncased 109.5M, deberta-v3-base 184.4M (+ a 2-way head)
