@@ -516,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", nargs="+", default=["comm", "accuracy", "tables"],
                         choices=["comm", "accuracy", "tables", "convergence"])
-    parser.add_argument("--long-rounds", type=int, default=20,
+    parser.add_argument("--long-rounds", type=int, default=80,
                         help="rounds of the convergence part")
     parser.add_argument("--tables-clients", type=int, default=4,
                         help="clients of the tables part")
