@@ -73,6 +73,12 @@ def _check_member(info: zipfile.ZipInfo) -> None:
     if mode and mode not in (stat.S_IFREG, stat.S_IFDIR):
         raise FabError(f"FAB member {info.filename!r} is not a regular file (links and "
                        "devices are refused)")
+    if "__pycache__" in path.parts or path.suffix in (".pyc", ".pyo"):
+        # Python runs a cached .pyc instead of its source (an unchecked-hash one without
+        # even looking at the source), so shipped bytecode could run other code than the
+        # sources the manifest and the allow-list vouch for; `flwr build` never packs it
+        raise FabError(f"FAB member {info.filename!r} is compiled bytecode: a FAB carries "
+                       "sources only (they are byte-compiled at install)")
 
 
 def check_fab(fab_bytes: bytes) -> FabInfo:
@@ -166,7 +172,7 @@ def _byte_compile(tmp: Path, final: Path) -> None:
     import compileall
 
     with contextlib.redirect_stdout(io.StringIO()):
-        compileall.compile_dir(str(tmp), ddir=str(final), quiet=2, workers=1)
+        compileall.compile_dir(str(tmp), ddir=str(final), quiet=2, workers=1, force=True)
 
 
 def install_fab(fab_bytes: bytes, fab_hash: str, install_dir: Path) -> Path:

@@ -44,22 +44,19 @@ def pytest_configure(config) -> None:
 
 
 # Seconds each file took in a parallel run on 2 cores (the sum of its tests' durations,
-# from `pytest --durations=60`, 2026-12-07): the order in which files are handed out.
-# Refresh when a file grows a lot; a file not listed counts the sum of its tests'
-# slow(seconds) marks, else 2 s per test.
+# from `pytest --durations=0`): the order in which files are handed out. Refresh when a
+# file grows a lot; a file not listed counts the sum of its tests' slow(seconds) marks,
+# else 2 s per test.
 FILE_SECONDS = {
-    "tests/integration/test_compat.py": 414, "tests/integration/test_lora_job.py": 287,
-    "tests/integration/test_exascale_study.py": 275,
-    "tests/integration/test_scheduler_runs.py": 251,
-    "tests/integration/test_rank_groups.py": 219, "tests/faults/test_resume.py": 195,
-    "tests/integration/test_real_model.py": 184, "tests/unit/test_models.py": 178,
-    "tests/integration/test_lora_ranks.py": 158,
-    "tests/integration/test_bench_schedulers.py": 150, "tests/faults/test_lifecycle.py": 128,
-    "tests/integration/test_flwr_verbs.py": 102, "tests/integration/test_access.py": 94,
-    "tests/integration/test_lean_server.py": 85, "tests/integration/test_run_report.py": 64,
-    "tests/integration/test_bench.py": 63, "tests/integration/test_gc.py": 62,
-    "tests/integration/test_streaming.py": 51, "tests/integration/test_grid.py": 45,
-    "tests/integration/test_cli_e2e.py": 43,
+    "tests/integration/test_exascale_study.py": 380,
+    "tests/integration/test_scheduler_runs.py": 230,
+    "tests/integration/test_lora_job.py": 290, "tests/integration/test_compat.py": 220,
+    "tests/faults/test_resume.py": 158, "tests/faults/test_lifecycle.py": 157,
+    "tests/integration/test_bench_schedulers.py": 160, "tests/unit/test_models.py": 137,
+    "tests/integration/test_access.py": 122, "tests/integration/test_lora_ranks.py": 89,
+    "tests/integration/test_bench.py": 81, "tests/integration/test_grid.py": 68,
+    "tests/integration/test_flwr_verbs.py": 60, "tests/integration/test_globus_compute.py": 35,
+    "tests/faults/test_faults.py": 33, "tests/integration/test_cli_e2e.py": 33,
 }
 
 

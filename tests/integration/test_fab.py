@@ -214,3 +214,38 @@ def test_an_installed_fab_is_byte_compiled_once_and_imports_from_its_cache(
     assert f"matches {final / 'quickstart_numpy' / 'client_app.py'}" in run.stderr
     assert f"code object from '{client_pyc}'" in run.stderr
     assert {p: p.stat().st_mtime_ns for p in final.rglob("*.pyc")} == before
+
+
+def test_a_fab_shipping_bytecode_is_refused(quickstart_fab, tmp_path):
+    import importlib.util
+    import py_compile
+    import subprocess
+    import sys
+
+    # the threat: an unchecked-hash .pyc beside a benign source is what Python runs
+    demo = tmp_path / "demo" / "pkg"
+    demo.mkdir(parents=True)
+    (demo / "__init__.py").write_text("")
+    (demo / "mod.py").write_text("WHO = 'source'\n")
+    evil = tmp_path / "evil.py"
+    evil.write_text("WHO = 'bytecode'\n")
+    cached = Path(importlib.util.cache_from_source(str(demo / "mod.py")))
+    py_compile.compile(str(evil), cfile=str(cached), dfile=str(demo / "mod.py"),
+                       invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+    who = subprocess.run([sys.executable, "-c", "import pkg.mod; print(pkg.mod.WHO)"],
+                         cwd=demo.parent, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert who.stdout.strip() == "bytecode", who.stderr
+
+    # a FAB carrying that .pyc for its ClientApp is refused before anything is written
+    member = (f"quickstart_numpy/__pycache__/client_app.{sys.implementation.cache_tag}"
+              ".pyc")
+    hostile = rebuild(quickstart_fab, {member: cached.read_bytes()})
+    with pytest.raises(FabError, match=f"FAB member '{member}' is compiled bytecode"):
+        check_fab(hostile)
+    with pytest.raises(FabError, match="compiled bytecode"):
+        install_fab(hostile, sha256_hex(hostile), tmp_path / "site")
+    assert not (tmp_path / "site").exists()
+    # so is a sourceless module outside __pycache__
+    with pytest.raises(FabError, match="'quickstart_numpy/extra.pyc' is compiled bytecode"):
+        check_fab(rebuild(quickstart_fab, {"quickstart_numpy/extra.pyc": b"x"}))
