@@ -19,7 +19,6 @@ marker holding the FAB's hash. An install without the marker is half-written and
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import os
@@ -171,8 +170,9 @@ def _byte_compile(tmp: Path, final: Path) -> None:
     """
     import compileall
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        compileall.compile_dir(str(tmp), ddir=str(final), quiet=2, workers=1, force=True)
+    # quiet=2 prints nothing (not even errors); no stdout swap, which would hide other
+    # threads' output in a runner
+    compileall.compile_dir(str(tmp), ddir=str(final), quiet=2, workers=1, force=True)
 
 
 def install_fab(fab_bytes: bytes, fab_hash: str, install_dir: Path) -> Path:

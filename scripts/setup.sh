@@ -26,7 +26,7 @@ PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check --no-compile
   >/dev/null 2>&1 || true
 # ... and this repository's own code (editable: pip compiles none of it). Where
 # PYTHONDONTWRITEBYTECODE is set (shared login nodes, CI), no process writes a cache and
-# every process that imports flwr_hpc compiles it again: ~0.4 s of CPU each.
+# every process that imports flwr_hpc compiles it again: 0.1-0.35 s of CPU each.
 .venv/bin/python -m compileall -q -q -j0 flwr_hpc strategies client_apps tests benchmarks \
   scripts >/dev/null 2>&1 || true
 # Open MPI for the mpirun launcher (sites bring their own MPI; this is for the local federation).
